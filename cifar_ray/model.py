@@ -1,0 +1,63 @@
+"""The classic CIFAR ResNet-9 ("DAWNBench" layout) with custom residual blocks.
+
+    prep      conv 3->w, BN, ReLU                                  (B, w, 32, 32)
+    layer1_X  conv w->2w, maxpool, BN, ReLU                        (B, 2w, 16, 16)
+    layer1_R  ResBlock(2w), added to layer1_X
+    layer2_X  conv 2w->4w, maxpool, BN, ReLU                       (B, 4w, 8, 8)
+    layer3_X  conv 4w->8w, maxpool, BN, ReLU                       (B, 8w, 4, 4)
+    layer3_R  ResBlock(8w), added to layer3_X
+    pool      MaxPool(4)                                           (B, 8w, 1, 1)
+    fc        Linear 8w->classes, log-softmax                      (B, classes)
+
+With w = 64 and 10 classes: 6,573,130 parameters. Convolutions carry no bias (BN follows).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def conv_bn(in_ch: int, out_ch: int, pool: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class ResBlock(nn.Module):
+    """Two (conv 3x3 -> BN -> ReLU); the caller adds the result to the block's input."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv1 = conv_bn(in_ch, out_ch)
+        self.conv2 = conv_bn(out_ch, out_ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x))
+
+
+class ResNet9(nn.Module):
+    def __init__(self, num_classes: int = 10, width: int = 64):
+        super().__init__()
+        w = width
+        self.prep = conv_bn(3, w)
+        self.layer1_X = conv_bn(w, 2 * w, pool=True)
+        self.layer1_R = ResBlock(2 * w, 2 * w)
+        self.layer2_X = conv_bn(2 * w, 4 * w, pool=True)
+        self.layer3_X = conv_bn(4 * w, 8 * w, pool=True)
+        self.layer3_R = ResBlock(8 * w, 8 * w)
+        self.pool = nn.MaxPool2d(4)
+        self.fc = nn.Linear(8 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, 32, 32)
+        x = self.prep(x)
+        x = self.layer1_X(x)
+        x = x + self.layer1_R(x)
+        x = self.layer2_X(x)
+        x = self.layer3_X(x)
+        x = x + self.layer3_R(x)
+        x = self.pool(x).flatten(1)  # (B, 8w)
+        return F.log_softmax(self.fc(x), dim=1)  # (B, classes) log-probabilities

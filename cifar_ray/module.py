@@ -1,0 +1,124 @@
+"""The LightningModule: ResNet-9 + NLL loss, Adam with weight decay, OneCycleLR, torchmetrics.
+
+Metric names are `train/loss`, `train/acc`, `val/loss`, `val/acc`, `test/loss`, `test/acc`, each
+stage with its own metric objects so their states never mix. The test stage also keeps per-class
+accuracy and the confusion matrix in `test_report`.
+
+`load_module` is the only way the project reads a checkpoint back: `torch.load(weights_only=True)`
+(no code in a checkpoint ever runs), then the model is rebuilt from the saved hyperparameters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from cifar_ray.config import Config
+from cifar_ray.errors import CheckpointError
+from cifar_ray.model import ResNet9
+from cifar_ray.pl import pl
+
+
+class LitResNet9(pl.LightningModule):
+    def __init__(self, num_classes: int = 10, width: int = 64, lr: float = 0.01,
+                 weight_decay: float = 1e-4, pct_start: float = 5 / 24, div_factor: float = 100.0,
+                 final_div_factor: float = 100.0, class_names: list[str] | None = None,
+                 dataset: str = "cifar10"):
+        super().__init__()
+        # Plain values only: the checkpoint must load under weights_only=True and rebuild alone.
+        self.save_hyperparameters()
+        self.model = ResNet9(num_classes, width)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_class_acc = MulticlassAccuracy(num_classes, average="none")
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_report: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Config, class_names: list[str]) -> "LitResNet9":
+        o = cfg.optim
+        return cls(num_classes=len(class_names), width=cfg.model.width, lr=o.lr,
+                   weight_decay=o.weight_decay, pct_start=o.pct_start, div_factor=o.div_factor,
+                   final_div_factor=o.final_div_factor, class_names=list(class_names),
+                   dataset=cfg.data.dataset)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch, stage: str, accuracy: MulticlassAccuracy) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        log_probs = self(x)
+        loss = F.nll_loss(log_probs, y)
+        accuracy(log_probs, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test")
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss, log_probs
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.train_acc)[0]
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        _, log_probs = self._step(batch, "test", self.test_acc)
+        self.test_class_acc.update(log_probs, batch[1])
+        self.test_confusion.update(log_probs, batch[1])
+
+    def on_test_epoch_end(self) -> None:
+        per_class = self.test_class_acc.compute().tolist()
+        self.test_report = {
+            "per_class_acc": dict(zip(self.class_names, per_class)),
+            "confusion_matrix": self.test_confusion.compute().tolist(),  # rows: true, cols: predicted
+        }
+        self.test_class_acc.reset()
+        self.test_confusion.reset()
+
+    def configure_optimizers(self):
+        h = self.hparams
+        optimizer = torch.optim.Adam(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+        # estimated_stepping_batches comes from the real train loader (and any batch limit).
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=h.lr, total_steps=int(self.trainer.estimated_stepping_batches),
+            pct_start=h.pct_start, div_factor=h.div_factor, final_div_factor=h.final_div_factor,
+            anneal_strategy="linear", three_phase=False)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's contents without running any code in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file missing")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        # weights_only refuses pickled code with an UnpicklingError; a torn file fails elsewhere.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            first = "it contains objects other than tensors and plain values (refused, not run)"
+        raise CheckpointError(f"{path}: not a loadable checkpoint: {first}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise CheckpointError(f"{path}: not a cifar_ray checkpoint (no state_dict/hyper_parameters)")
+    return ckpt
+
+
+def load_module(path: str | Path) -> LitResNet9:
+    """Rebuild a LitResNet9 from a checkpoint this project wrote (on CPU, in eval mode)."""
+    ckpt = read_checkpoint(path)
+    try:
+        module = LitResNet9(**dict(ckpt["hyper_parameters"]))
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except (TypeError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: does not match this project's ResNet-9: {first}") from None
+    return module.eval()

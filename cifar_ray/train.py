@@ -1,0 +1,161 @@
+"""One training run: `python -m cifar_ray.train [--config experiments/X.yaml] [--flags]`.
+
+Reads (or downloads) the data set, trains ResNet-9 with validation each epoch, reloads the best
+checkpoint safely and tests it once, then writes into the output dir:
+
+    best.ckpt        best validation accuracy (last epoch when there is no validation set)
+    last.ckpt        the latest epoch
+    tensorboard/     TensorBoard event files (`tensorboard --logdir <output-dir>`)
+    curves.png       loss and accuracy against epoch
+    results.json     test/val numbers, per-class accuracy, confusion matrix, timings, config
+
+`run(cfg)` is the same run as a function; the search's retrain stage calls it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifar_ray.config import Config, add_config_flags, resolve
+from cifar_ray.data import CifarArrays, CifarDataModule
+from cifar_ray.errors import ConfigError, cli_entry
+from cifar_ray.files import write_json
+from cifar_ray.module import LitResNet9, load_module, read_checkpoint
+from cifar_ray.pl import pl
+from cifar_ray.plots import plot_curves
+
+# We size DataLoader workers deliberately (see CifarDataModule.num_workers).
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def use_gpu(cfg: Config) -> bool:
+    return cfg.trainer.accelerator == "gpu" or (
+        cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+
+
+def precision(cfg: Config) -> str:
+    """bf16 mixed precision on a GPU, full precision on a CPU, unless the config says otherwise."""
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    return "bf16-mixed" if use_gpu(cfg) else "32-true"
+
+
+class EpochHistory(pl.Callback):
+    """Keeps each epoch's logged train/val metrics, for curves.png and results.json."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # Lightning runs validation before this hook, so both stages' metrics are here.
+        row = {"epoch": trainer.current_epoch + 1}
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(("train/", "val/")):
+                row[key] = float(value)
+        self.rows.append(row)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Never destroy a finished run by accident."""
+    if (out / "results.json").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a finished run (results.json); "
+                          "pass --overwrite or choose another --output-dir")
+
+
+def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | Path | None = None,
+        overwrite: bool = False) -> dict[str, Any]:
+    """Train, test the best checkpoint, write the outputs; return the results dict."""
+    out = Path(cfg.trainer.output_dir).expanduser().resolve()
+    check_output_dir(out, overwrite)
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    data = CifarDataModule(cfg, arrays)
+    data.prepare_data() if arrays is None else None
+    data.setup()
+    has_val = len(data.val_set) > 0
+    module = LitResNet9.from_config(cfg, data.classes)
+    if init_checkpoint is not None:
+        module.load_state_dict(read_checkpoint(init_checkpoint)["state_dict"])
+
+    history = EpochHistory()
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=out, filename="best", monitor="val/acc" if has_val else None, mode="max",
+        save_top_k=1, save_last=True, auto_insert_metric_name=False,
+        enable_version_counter=False)  # overwrite best.ckpt instead of writing best-v1.ckpt
+    batches = math.ceil(len(data.train_set) / cfg.trainer.batch_size)
+    trainer = pl.Trainer(
+        max_epochs=cfg.trainer.epochs,
+        accelerator="gpu" if use_gpu(cfg) else "cpu",
+        devices=cfg.trainer.devices,
+        precision=precision(cfg),
+        logger=pl.loggers.TensorBoardLogger(out, name="tensorboard", version="",
+                                            default_hp_metric=False),
+        callbacks=[checkpoint, history, pl.callbacks.LearningRateMonitor("step")],
+        limit_val_batches=1.0 if has_val else 0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, batches)),
+        enable_progress_bar=cfg.trainer.progress_bar,
+        enable_model_summary=False,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    train_seconds = time.perf_counter() - start
+
+    best_path = out / "best.ckpt"
+    best = load_module(best_path)
+    tested = trainer.test(best, datamodule=data, verbose=False)[0]
+    best_val = float(checkpoint.best_model_score) if has_val and checkpoint.best_model_score is not None else None
+    images_seen = len(data.train_set) * trainer.current_epoch
+    results = {
+        "test_acc": tested["test/acc"],
+        "test_loss": tested["test/loss"],
+        "val_acc": best_val,
+        "per_class_acc": best.test_report["per_class_acc"],
+        "confusion_matrix": best.test_report["confusion_matrix"],
+        "classes": data.classes,
+        "epochs": trainer.current_epoch,
+        "train_images": len(data.train_set),
+        "train_seconds": round(train_seconds, 2),
+        "train_images_per_second": round(images_seen / train_seconds, 1),
+        "device": torch.cuda.get_device_name() if use_gpu(cfg) else "cpu",
+        "checkpoint": str(best_path),
+        "history": history.rows,
+        "config": cfg.to_dict(),
+    }
+    plot_curves(history.rows, out / "curves.png")
+    write_json(out / "results.json", results)
+    return results
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flags(parser, Config())
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser("Train and test ResNet-9 once on a CIFAR data set.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished run already in the output dir")
+    args = parser.parse_args(argv)
+    cfg = resolve(Config(), args)
+    results = run(cfg, overwrite=args.overwrite)
+    val = f"{results['val_acc']:.4f}" if results["val_acc"] is not None else "n/a"
+    print(f"done: test_acc={results['test_acc']:.4f} test_loss={results['test_loss']:.4f} "
+          f"best val_acc={val} epochs={results['epochs']} "
+          f"({results['train_seconds']:.0f}s, {results['train_images_per_second']:.0f} images/s); "
+          f"results in {Path(results['checkpoint']).parent / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
