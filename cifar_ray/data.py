@@ -164,8 +164,9 @@ def _read_batch(path: Path, labels_key: str, num_classes: int) -> tuple[np.ndarr
         raise DataError(f"{path}: 'data' must be an N x 3072 uint8 array, got {got}")
     try:
         labels = np.asarray(batch[labels_key])
+        labels = labels.astype(np.int64) if labels.size == 0 else labels  # [] reads as float
     except Exception:
-        labels = np.asarray([], dtype=object)
+        labels = np.asarray([[]], dtype=object)  # ragged or odd: reported just below
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(f"{path}: '{labels_key}' must be a list of ints")
     if len(labels) != len(data):

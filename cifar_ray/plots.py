@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cifar_ray.files import save_figure  # noqa: E402
 
@@ -27,5 +28,6 @@ def plot_curves(history: list[dict[str, float]], target: str | Path) -> None:
                     transform=ax.transAxes, color="grey")
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     save_figure(fig, target, dpi=100)

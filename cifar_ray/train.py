@@ -34,6 +34,8 @@ from cifar_ray.plots import plot_curves
 
 # We size DataLoader workers deliberately (see CifarDataModule.num_workers).
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+# The TensorBoard logger creates the output dir first; checkpoints beside the logs are intended.
+warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
 
 
 def use_gpu(cfg: Config) -> bool:

@@ -1,0 +1,50 @@
+"""Learning-rate range test: `python -m cifar_ray.lr_find [--config X] [--flags]`.
+
+Runs Lightning's LR finder from 1e-7 (the reference recipe's start) upwards with exponentially
+growing rates, and writes `lr_find.png` (loss against rate, suggestion marked) and
+`lr_find.json` into the output dir. Use the suggestion as `optim.lr`, the one-cycle peak.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cifar_ray.config import Config, resolve
+from cifar_ray.data import CifarDataModule
+from cifar_ray.errors import cli_entry
+from cifar_ray.files import save_figure, write_json
+from cifar_ray.module import LitResNet9
+from cifar_ray.pl import pl
+from cifar_ray.train import build_parser, precision, use_gpu
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser("Learning-rate range test for ResNet-9.")
+    parser.add_argument("--min-lr", type=float, default=1e-7)
+    parser.add_argument("--max-lr", type=float, default=10.0)
+    parser.add_argument("--steps", type=int, default=100, help="batches to try")
+    args = parser.parse_args(argv)
+    cfg = resolve(Config(), args)
+    out = Path(cfg.trainer.output_dir).expanduser().resolve()
+    pl.seed_everything(cfg.trainer.seed, verbose=False)
+    data = CifarDataModule(cfg)
+    data.prepare_data()
+    data.setup()
+    module = LitResNet9.from_config(cfg, data.classes)
+    trainer = pl.Trainer(accelerator="gpu" if use_gpu(cfg) else "cpu", devices=1,
+                         precision=precision(cfg), logger=False, enable_checkpointing=False,
+                         max_epochs=cfg.trainer.epochs, enable_model_summary=False,
+                         default_root_dir=out)
+    finder = pl.tuner.Tuner(trainer).lr_find(module, datamodule=data, min_lr=args.min_lr,
+                                             max_lr=args.max_lr, num_training=args.steps)
+    suggestion = finder.suggestion()
+    save_figure(finder.plot(suggest=True), out / "lr_find.png", dpi=100)
+    write_json(out / "lr_find.json", {"suggested_lr": suggestion, "lrs": finder.results["lr"],
+                                      "losses": finder.results["loss"]})
+    print(f"suggested lr: {suggestion:.3g} (plot: {out / 'lr_find.png'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

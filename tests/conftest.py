@@ -1,0 +1,29 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.cifar_fixture import write_cifar10
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small and fast: width-16 ResNet-9, no DataLoader workers, no progress bars.
+FAST_FLAGS = ["--width", "16", "--num-workers", "0", "--batch-size", "64", "--no-progress-bar",
+              "--accelerator", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def cifar10(tmp_path_factory):
+    """A 1,000/300-image CIFAR-10-format set with a planted signal: (data_dir, train, test)."""
+    root = tmp_path_factory.mktemp("cifar10")
+    _, train, test = write_cifar10(root, n_train=1000, n_test=300)
+    return root, train, test
+
+
+def run_cli(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m module args` the way a user would; capture its output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,64 @@
+"""YAML configs and flags: precedence, and one clear line for each kind of mistake."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from cifar_ray.config import Config, add_config_flags, resolve
+from cifar_ray.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _resolve(*argv: str) -> Config:
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, Config())
+    return resolve(Config(), parser.parse_args(list(argv)))
+
+
+def test_every_shipped_experiment_loads():
+    for path in sorted((ROOT / "experiments").glob("*.yaml")):
+        if "search" not in path.read_text().split("\n", 1)[0]:
+            _resolve("--config", str(path))
+
+
+def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
+    cfg_file = tmp_path / "x.yaml"
+    cfg_file.write_text("optim:\n  lr: 0.05\n  weight_decay: 0\ntrainer:\n  epochs: 3\n")
+    cfg = _resolve("--config", str(cfg_file), "--epochs", "7", "--no-progress-bar")
+    assert cfg.optim.lr == 0.05 and cfg.optim.weight_decay == 0.0  # int accepted for a float
+    assert cfg.trainer.epochs == 7 and cfg.trainer.progress_bar is False
+    assert cfg.trainer.batch_size == 512  # untouched default
+
+
+def test_dict_round_trip_for_ray_trials():
+    cfg = _resolve("--lr", "0.003", "--dataset", "cifar100")
+    again = Config.from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("optim:\n  lrr: 0.1\n", "unknown key 'optim.lrr'"),
+    ("optimiser:\n  lr: 0.1\n", "unknown section 'optimiser'"),
+    ("optim:\n  lr: fast\n", "optim.lr: expected float, got 'fast'"),
+    ("trainer:\n  epochs: 2.5\n", "trainer.epochs: expected int, got 2.5"),
+    ("trainer:\n  progress_bar: 1\n", "expected bool"),
+    ("optim:\n  lr: -1\n", "optim.lr must be > 0, got -1.0"),
+    ("trainer:\n  batch_size: 0\n", "trainer.batch_size must be >= 1"),
+    ("trainer:\n  epochs: 0\n", "trainer.epochs must be >= 1"),
+    ("data:\n  dataset: mnist\n", "data.dataset must be one of"),
+    ("augment:\n  flip_p: 1.5\n", "augment.flip_p must be in [0, 1]"),
+    ("optim:\n  lr: 0.1\n\tweight_decay: 0\n", "YAML syntax error at line 3"),
+])
+def test_config_mistakes_are_one_line_errors(tmp_path, yaml_text, message):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        _resolve("--config", str(cfg_file))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_flag_values_are_validated_too():
+    with pytest.raises(ConfigError, match="data.val_size must be >= 0"):
+        _resolve("--val-size", "-1")

@@ -1,0 +1,227 @@
+"""Reading, validating and downloading CIFAR data; the split; the augmentation recipe."""
+
+import functools
+import hashlib
+import pickle
+import socket
+import tarfile
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision.datasets import CIFAR10
+
+from cifar_ray.config import AugmentConfig, Config
+from cifar_ray.data import (SPECS, CifarDataModule, ensure_dataset, eval_transform, read_cifar,
+                            split_train_val, train_transform)
+from cifar_ray.errors import DataError
+from tests.cifar_fixture import dump_py2, write_cifar10, write_cifar100
+
+SPEC = SPECS["cifar10"]
+
+
+def test_reads_python2_pickles_exactly(tmp_path):
+    folder, train, test = write_cifar10(tmp_path, n_train=50, n_test=20)
+    # The fixture really is in the Python 2 format: keys are BINSTRINGs, numpy under numpy.core.
+    raw = (folder / "data_batch_1").read_bytes()
+    assert b"U\x04data" in raw and b"numpy.core.multiarray\n_reconstruct" in raw
+    arrays = read_cifar(folder, "cifar10")
+    assert arrays.train_images.shape == (50, 32, 32, 3) and arrays.train_images.dtype == np.uint8
+    np.testing.assert_array_equal(arrays.train_images, train.images)
+    np.testing.assert_array_equal(arrays.test_labels, test.labels)
+    assert arrays.classes == [f"class_{k}" for k in range(10)]
+
+
+def test_reads_cifar100(tmp_path):
+    arrays = read_cifar(write_cifar100(tmp_path, n_train=40, n_test=10), "cifar100")
+    assert len(arrays.classes) == 100 and arrays.train_labels.max() < 100
+    assert arrays.test_images.shape == (10, 32, 32, 3)
+
+
+def _corrupt(folder: Path, name: str, **changes):
+    with open(folder / name, "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    batch = {k.encode(): v for k, v in batch.items()}
+    for key, value in changes.items():
+        if value is None:
+            del batch[key.encode()]
+        else:
+            batch[key.encode()] = value
+    dump_py2(batch, folder / name)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "data_batch_3").unlink(), "data_batch_3: file missing"),
+    (lambda f: (f / "data_batch_2").write_bytes((f / "data_batch_2").read_bytes()[:500]),
+     "data_batch_2: not a CIFAR batch file (pickle data was truncated)"),
+    (lambda f: (f / "test_batch").write_bytes(b"garbage" * 10), "test_batch: "),
+    (lambda f: _corrupt(f, "data_batch_1", data=np.zeros((10, 3071), np.uint8)),
+     "'data' must be an N x 3072 uint8 array, got (10, 3071) uint8"),
+    (lambda f: _corrupt(f, "data_batch_1", data=np.zeros((10, 3072), np.float32)),
+     "'data' must be an N x 3072 uint8 array"),
+    (lambda f: _corrupt(f, "data_batch_4", labels=[12] * 10),
+     "label 12 out of range for the 10 classes"),
+    (lambda f: _corrupt(f, "data_batch_1", labels=[1, 2]), "2 labels for 10 images"),
+    (lambda f: _corrupt(f, "data_batch_1", labels=None), "missing key 'labels'"),
+    (lambda f: _corrupt(f, "batches.meta", label_names=[b"a", b"b"]),
+     "out of range for the 2 classes in the meta file"),
+    (lambda f: _corrupt(f, "test_batch", data=np.zeros((0, 3072), np.uint8), labels=[]),
+     "the test split is empty"),
+])
+def test_each_validation_error_is_one_clear_line(tmp_path, damage, message):
+    folder, _, _ = write_cifar10(tmp_path, n_train=50, n_test=20)
+    damage(folder)
+    with pytest.raises(DataError) as err:
+        read_cifar(folder, "cifar10")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_batch_file_that_would_run_code_is_refused(tmp_path):
+    folder, _, _ = write_cifar10(tmp_path, n_train=50, n_test=20)
+    marker = tmp_path / "pwned"
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({"data": _Payload(marker), "labels": []}, f, protocol=2)
+    with pytest.raises(DataError, match="refusing to load"):
+        read_cifar(folder, "cifar10")
+    assert not marker.exists()
+
+
+@pytest.fixture
+def served_archive(tmp_path, monkeypatch):
+    """Pack a fixture set like the official archive, serve it over HTTP on 127.0.0.1, and point
+    torchvision's CIFAR10 url and md5 at it: the real download code runs, on loopback only."""
+    site = tmp_path / "site"
+    write_cifar10(tmp_path / "src", n_train=50, n_test=20)
+    site.mkdir()
+    archive = site / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(site))
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{server.server_port}/{archive.name}")
+    monkeypatch.setattr(CIFAR10, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    yield archive
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_missing_folder_is_downloaded_md5_checked_and_extracted(tmp_path, served_archive):
+    folder = ensure_dataset(tmp_path / "data", "cifar10")
+    assert folder == (tmp_path / "data" / "cifar-10-batches-py").resolve()
+    assert len(read_cifar(folder, "cifar10").train_labels) == 50
+    assert not list((tmp_path / "data").glob(".extract-*"))  # no half-extracted leftovers
+
+
+def test_download_with_a_wrong_md5_is_an_error_and_leaves_no_folder(tmp_path, served_archive,
+                                                                    monkeypatch):
+    monkeypatch.setattr(CIFAR10, "tgz_md5", "0" * 32)
+    with pytest.raises(DataError, match="download .* failed"):
+        ensure_dataset(tmp_path / "data", "cifar10")
+    assert not (tmp_path / "data" / "cifar-10-batches-py").exists()
+
+
+def test_no_network_says_where_to_put_the_files(tmp_path, monkeypatch):
+    # A closed loopback port: the connection is refused at once, as with no network.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
+    with pytest.raises(DataError) as err:
+        ensure_dataset(tmp_path / "data", "cifar10")
+    text = str(err.value)
+    assert "cifar-10-batches-py not found" in text and "extract cifar-10-python.tar.gz" in text
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    train, val = split_train_val(100, 20, seed=3)
+    assert len(val) == 20 and len(train) == 80 and not set(train) & set(val)
+    assert sorted(np.concatenate([train, val])) == list(range(100))
+    np.testing.assert_array_equal(val, split_train_val(100, 20, seed=3)[1])
+    assert not np.array_equal(val, split_train_val(100, 20, seed=4)[1])
+    with pytest.raises(DataError, match="must be smaller than the 100 training images"):
+        split_train_val(100, 100, seed=0)
+
+
+def test_datamodule_split_limit_and_no_validation(cifar10):
+    data_dir, _, _ = cifar10
+    cfg = Config()
+    cfg.data.data_dir, cfg.data.val_size, cfg.data.limit_train = str(data_dir), 200, 300
+    dm = CifarDataModule(cfg)
+    dm.setup()
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (300, 200, 300)
+    cfg2 = Config()
+    cfg2.data.data_dir, cfg2.data.val_size = str(data_dir), 0
+    dm2 = CifarDataModule(cfg2)
+    dm2.setup()
+    assert len(dm2.train_set) == 1000 and dm2.val_dataloader() == []
+
+
+def _normalised(image):
+    return eval_transform(SPEC)(image=image)["image"]
+
+
+def _image(seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def test_augmented_batches_are_normalised_float_chw():
+    out = train_transform(AugmentConfig(), SPEC, seed=0)(image=_image())["image"]
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    plain = _normalised(np.full((32, 32, 3), 128, np.uint8))
+    expected = (128 / 255 - np.array(SPEC.mean)) / np.array(SPEC.std)
+    np.testing.assert_allclose(plain[:, 0, 0].numpy(), expected, rtol=1e-4)
+
+
+def _find_shift(out, reference):
+    """The (dy, dx) such that out is reference shifted by it, zero-filled; None if none fits."""
+    for dy in range(-4, 5):
+        for dx in range(-4, 5):
+            shifted = torch.zeros_like(reference)
+            ys, yd = slice(max(0, -dy), 32 - max(0, dy)), slice(max(0, dy), 32 - max(0, -dy))
+            xs, xd = slice(max(0, -dx), 32 - max(0, dx)), slice(max(0, dx), 32 - max(0, -dx))
+            shifted[:, yd, xd] = reference[:, ys, xs]
+            if torch.allclose(out, shifted, atol=1e-5):
+                return dy, dx
+    return None
+
+
+def test_random_crop_stays_within_the_pad_and_covers_it():
+    image, reference = _image(), _normalised(_image())
+    aug = train_transform(AugmentConfig(flip_p=0, cutout_p=0), SPEC, seed=1)
+    shifts = [_find_shift(aug(image=image)["image"], reference) for _ in range(200)]
+    assert None not in shifts  # every crop is the image shifted by at most 4 pixels
+    assert {s[0] for s in shifts} == set(range(-4, 5)) == {s[1] for s in shifts}
+
+
+def test_flip_mirrors_with_the_configured_probability():
+    image, reference = _image(), _normalised(_image())
+    always = train_transform(AugmentConfig(pad_to=32, flip_p=1, cutout_p=0), SPEC, seed=0)
+    assert torch.allclose(always(image=image)["image"], reference.flip(-1))
+    half = train_transform(AugmentConfig(pad_to=32, flip_p=0.5, cutout_p=0), SPEC, seed=0)
+    flips = sum(not torch.allclose(half(image=image)["image"], reference) for _ in range(400))
+    assert 150 < flips < 250
+
+
+def test_cutout_is_one_square_hole_filled_with_the_mean():
+    image = np.full((32, 32, 3), 200, np.uint8)  # far from the mean, so the hole stands out
+    aug = train_transform(AugmentConfig(pad_to=32, flip_p=0, cutout_p=1, cutout_size=8), SPEC, seed=0)
+    for _ in range(50):
+        out = aug(image=image)["image"]
+        hole = (out == 0).all(dim=0)  # 0 after normalisation is the data set's mean
+        rows, cols = hole.any(1).nonzero().flatten(), hole.any(0).nonzero().flatten()
+        assert hole.sum() == 64 and rows.max() - rows.min() == 7 and cols.max() - cols.min() == 7

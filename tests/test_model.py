@@ -1,0 +1,78 @@
+"""The network's shape and size, and safe checkpoint loading."""
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_ray.errors import CheckpointError
+from cifar_ray.model import ResNet9
+from cifar_ray.module import LitResNet9, load_module
+
+
+def test_resnet9_has_the_reference_parameter_count():
+    assert sum(p.numel() for p in ResNet9(10).parameters()) == 6_573_130
+
+
+@pytest.mark.parametrize("classes, batch", [(10, 1), (100, 4)])
+def test_outputs_are_log_probabilities(classes, batch):
+    out = ResNet9(classes, width=8).eval()(torch.randn(batch, 3, 32, 32))
+    assert out.shape == (batch, classes)
+    torch.testing.assert_close(out.exp().sum(1), torch.ones(batch))
+
+
+def _save_lightning_style(module: LitResNet9, path: Path) -> None:
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(tmp_path):
+    module = LitResNet9(num_classes=10, width=8, class_names=list("abcdefghij"))
+    _save_lightning_style(module, tmp_path / "m.ckpt")
+    loaded = load_module(tmp_path / "m.ckpt")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), module.eval()(x))
+    assert loaded.class_names == list("abcdefghij")
+
+
+def test_missing_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint file missing"):
+        load_module(tmp_path / "nope.ckpt")
+    _save_lightning_style(LitResNet9(width=8), tmp_path / "good.ckpt")
+    (tmp_path / "torn.ckpt").write_bytes((tmp_path / "good.ckpt").read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="torn.ckpt: not a loadable checkpoint"):
+        load_module(tmp_path / "torn.ckpt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not a cifar_ray checkpoint"):
+        load_module(tmp_path / "other.ckpt")
+    # Another architecture's weights under our keys.
+    foreign = {"state_dict": {"model.fc.weight": torch.zeros(5, 5)},
+               "hyper_parameters": {"num_classes": 10, "width": 8}}
+    torch.save(foreign, tmp_path / "foreign.ckpt")
+    with pytest.raises(CheckpointError, match="does not match this project's ResNet-9"):
+        load_module(tmp_path / "foreign.ckpt")
+    # Same architecture, another class count than its hyperparameters claim.
+    module = LitResNet9(num_classes=100, width=8)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": {"num_classes": 10, "width": 8}},
+               tmp_path / "classes.ckpt")
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_module(tmp_path / "classes.ckpt")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {}, "hyper_parameters": _Payload(marker)}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match="refused, not run"):
+        load_module(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+    # The payload is live: an unsafe loader would have run it.
+    torch.load(tmp_path / "evil.ckpt", weights_only=False)
+    assert marker.exists()

@@ -1,0 +1,111 @@
+"""`python -m cifar_ray.train` end to end on a planted-signal fixture, as a user runs it."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from cifar_ray.config import Config
+from cifar_ray.data import CifarDataModule
+from cifar_ray.module import load_module
+from cifar_ray.pl import pl
+from tests.conftest import FAST_FLAGS, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(cifar10, tmp_path_factory):
+    data_dir, _, _ = cifar10
+    out = tmp_path_factory.mktemp("train")
+    proc = run_cli("cifar_ray.train", "--data-dir", str(data_dir), "--output-dir", str(out),
+                   "--epochs", "3", "--val-size", "200", "--lr", "0.01", *FAST_FLAGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_training_learns_the_planted_signal(trained):
+    out, proc = trained
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_acc"] > 0.6  # 10 classes: chance is 0.1
+    assert results["val_acc"] > 0.6
+    assert "done: test_acc=" in proc.stdout
+
+
+def test_results_json_has_every_documented_field(trained):
+    out, _ = trained
+    results = json.loads((out / "results.json").read_text())
+    for key in ("test_acc", "test_loss", "val_acc", "per_class_acc", "confusion_matrix", "epochs",
+                "train_seconds", "train_images_per_second", "checkpoint", "config", "history"):
+        assert key in results, key
+    assert results["epochs"] == 3 and len(results["history"]) == 3
+    assert set(results["per_class_acc"]) == {f"class_{k}" for k in range(10)}
+    matrix = torch.tensor(results["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 300
+    assert results["config"]["model"]["width"] == 16 and results["config"]["data"]["val_size"] == 200
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(results["history"][-1])
+
+
+def test_best_checkpoint_reloads_and_reproduces_the_test_accuracy(trained, cifar10):
+    out, _ = trained
+    results = json.loads((out / "results.json").read_text())
+    module = load_module(results["checkpoint"])
+    cfg = Config.from_dict(results["config"])
+    cfg.data.data_dir = str(cifar10[0])
+    data = CifarDataModule(cfg)
+    data.setup()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in data.test_dataloader():
+            correct += (module(x).argmax(1) == y).sum().item()
+            total += len(y)
+    assert correct / total == pytest.approx(results["test_acc"], abs=1e-6)
+
+
+def test_outputs_are_real_files(trained):
+    out, _ = trained
+    with Image.open(out / "curves.png") as image:
+        image.verify()
+        assert image.format == "PNG" and image.size[0] >= 800 and image.size[1] >= 600
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "last.ckpt").is_file()
+
+
+def test_a_finished_run_is_not_overwritten_by_accident(trained, cifar10):
+    out, _ = trained
+    before = (out / "results.json").read_bytes()
+    proc = run_cli("cifar_ray.train", "--data-dir", str(cifar10[0]), "--output-dir", str(out),
+                   *FAST_FLAGS)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {out} already holds a finished run (results.json); "
+        "pass --overwrite or choose another --output-dir"]
+    assert (out / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "0"], "error: optim.lr must be > 0, got 0.0"),
+    (["--val-size", "5000"], "must be smaller than the 1000 training images"),
+    (["--dataset", "cifar100"], "cifar-100-python not found in"),
+])
+def test_bad_input_exits_2_with_one_line(cifar10, tmp_path, args, message):
+    proc = run_cli("cifar_ray.train", "--data-dir", str(cifar10[0]), "--output-dir",
+                   str(tmp_path / "o"), *FAST_FLAGS, *args, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_no_validation_set_keeps_the_last_epoch(cifar10, tmp_path):
+    cfg = Config()
+    cfg.data.data_dir, cfg.data.val_size, cfg.data.limit_train = str(cifar10[0]), 0, 256
+    cfg.data.num_workers, cfg.model.width, cfg.trainer.epochs = 0, 8, 1
+    cfg.trainer.batch_size, cfg.trainer.progress_bar = 64, False
+    cfg.trainer.output_dir = str(tmp_path / "noval")
+    from cifar_ray.train import run
+
+    results = run(cfg)
+    assert results["val_acc"] is None and (tmp_path / "noval" / "best.ckpt").is_file()
+    assert "val/acc" not in results["history"][0]
