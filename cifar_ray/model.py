@@ -2,10 +2,10 @@
 
     prep      conv 3->w, BN, ReLU                                  (B, w, 32, 32)
     layer1_X  conv w->2w, maxpool, BN, ReLU                        (B, 2w, 16, 16)
-    layer1_R  ResBlock(2w), added to layer1_X
+    layer1_R  ResBlock(2w): layer1_X + its two convolutions
     layer2_X  conv 2w->4w, maxpool, BN, ReLU                       (B, 4w, 8, 8)
     layer3_X  conv 4w->8w, maxpool, BN, ReLU                       (B, 8w, 4, 4)
-    layer3_R  ResBlock(8w), added to layer3_X
+    layer3_R  ResBlock(8w): layer3_X + its two convolutions
     pool      MaxPool(4)                                           (B, 8w, 1, 1)
     fc        Linear 8w->classes, log-softmax                      (B, classes)
 
@@ -28,7 +28,8 @@ def conv_bn(in_ch: int, out_ch: int, pool: bool = False) -> nn.Sequential:
 
 
 class ResBlock(nn.Module):
-    """Two (conv 3x3 -> BN -> ReLU); the caller adds the result to the block's input."""
+    """x + two (conv 3x3 -> BN -> ReLU) of x: the block's output is the residual sum, so a hook
+    on the block (GradCAM's default target) sees what the next layer sees."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
@@ -36,7 +37,7 @@ class ResBlock(nn.Module):
         self.conv2 = conv_bn(out_ch, out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.conv1(x))
+        return x + self.conv2(self.conv1(x))
 
 
 class ResNet9(nn.Module):
@@ -55,9 +56,9 @@ class ResNet9(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, 32, 32)
         x = self.prep(x)
         x = self.layer1_X(x)
-        x = x + self.layer1_R(x)
+        x = self.layer1_R(x)
         x = self.layer2_X(x)
         x = self.layer3_X(x)
-        x = x + self.layer3_R(x)
+        x = self.layer3_R(x)
         x = self.pool(x).flatten(1)  # (B, 8w)
         return F.log_softmax(self.fc(x), dim=1)  # (B, classes) log-probabilities

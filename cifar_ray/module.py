@@ -27,9 +27,11 @@ class LitResNet9(pl.LightningModule):
     def __init__(self, num_classes: int = 10, width: int = 64, lr: float = 0.01,
                  weight_decay: float = 1e-4, pct_start: float = 5 / 24, div_factor: float = 100.0,
                  final_div_factor: float = 100.0, class_names: list[str] | None = None,
-                 dataset: str = "cifar10"):
+                 dataset: str = "cifar10", val_size: int = 0, seed: int = 1):
         super().__init__()
         # Plain values only: the checkpoint must load under weights_only=True and rebuild alone.
+        # dataset / val_size / seed let later stages (GradCAM on the validation split) rebuild
+        # exactly the data this model was trained and validated on.
         self.save_hyperparameters()
         self.model = ResNet9(num_classes, width)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -45,7 +47,7 @@ class LitResNet9(pl.LightningModule):
         return cls(num_classes=len(class_names), width=cfg.model.width, lr=o.lr,
                    weight_decay=o.weight_decay, pct_start=o.pct_start, div_factor=o.div_factor,
                    final_div_factor=o.final_div_factor, class_names=list(class_names),
-                   dataset=cfg.data.dataset)
+                   dataset=cfg.data.dataset, val_size=cfg.data.val_size, seed=cfg.trainer.seed)
 
     @property
     def class_names(self) -> list[str]:

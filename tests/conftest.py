@@ -27,3 +27,14 @@ def run_cli(module: str, *args: str, timeout: int = 600) -> subprocess.Completed
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_run(cifar10, tmp_path_factory):
+    """One real `python -m cifar_ray.train` on the fixture (3 epochs): (output dir, process)."""
+    data_dir, _, _ = cifar10
+    out = tmp_path_factory.mktemp("train")
+    proc = run_cli("cifar_ray.train", "--data-dir", str(data_dir), "--output-dir", str(out),
+                   "--epochs", "3", "--val-size", "200", "--lr", "0.01", *FAST_FLAGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc

@@ -15,26 +15,16 @@ from tests.conftest import FAST_FLAGS, run_cli
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(cifar10, tmp_path_factory):
-    data_dir, _, _ = cifar10
-    out = tmp_path_factory.mktemp("train")
-    proc = run_cli("cifar_ray.train", "--data-dir", str(data_dir), "--output-dir", str(out),
-                   "--epochs", "3", "--val-size", "200", "--lr", "0.01", *FAST_FLAGS)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
-
-
-def test_training_learns_the_planted_signal(trained):
-    out, proc = trained
+def test_training_learns_the_planted_signal(trained_run):
+    out, proc = trained_run
     results = json.loads((out / "results.json").read_text())
     assert results["test_acc"] > 0.6  # 10 classes: chance is 0.1
     assert results["val_acc"] > 0.6
     assert "done: test_acc=" in proc.stdout
 
 
-def test_results_json_has_every_documented_field(trained):
-    out, _ = trained
+def test_results_json_has_every_documented_field(trained_run):
+    out, _ = trained_run
     results = json.loads((out / "results.json").read_text())
     for key in ("test_acc", "test_loss", "val_acc", "per_class_acc", "confusion_matrix", "epochs",
                 "train_seconds", "train_images_per_second", "checkpoint", "config", "history"):
@@ -47,8 +37,8 @@ def test_results_json_has_every_documented_field(trained):
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(results["history"][-1])
 
 
-def test_best_checkpoint_reloads_and_reproduces_the_test_accuracy(trained, cifar10):
-    out, _ = trained
+def test_best_checkpoint_reloads_and_reproduces_the_test_accuracy(trained_run, cifar10):
+    out, _ = trained_run
     results = json.loads((out / "results.json").read_text())
     module = load_module(results["checkpoint"])
     cfg = Config.from_dict(results["config"])
@@ -63,8 +53,8 @@ def test_best_checkpoint_reloads_and_reproduces_the_test_accuracy(trained, cifar
     assert correct / total == pytest.approx(results["test_acc"], abs=1e-6)
 
 
-def test_outputs_are_real_files(trained):
-    out, _ = trained
+def test_outputs_are_real_files(trained_run):
+    out, _ = trained_run
     with Image.open(out / "curves.png") as image:
         image.verify()
         assert image.format == "PNG" and image.size[0] >= 800 and image.size[1] >= 600
@@ -72,8 +62,8 @@ def test_outputs_are_real_files(trained):
     assert (out / "last.ckpt").is_file()
 
 
-def test_a_finished_run_is_not_overwritten_by_accident(trained, cifar10):
-    out, _ = trained
+def test_a_finished_run_is_not_overwritten_by_accident(trained_run, cifar10):
+    out, _ = trained_run
     before = (out / "results.json").read_bytes()
     proc = run_cli("cifar_ray.train", "--data-dir", str(cifar10[0]), "--output-dir", str(out),
                    *FAST_FLAGS)

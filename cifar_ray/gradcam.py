@@ -1,0 +1,233 @@
+"""What the model gets wrong, and where it looks: `python -m cifar_ray.gradcam --checkpoint C`.
+
+Loads a checkpoint safely, predicts a whole split in batches, ranks the mistakes by confidence,
+and runs GradCAM (the `grad-cam` package) on the first N of them, for the predicted and for the
+true class. Writes into the output dir (default: `gradcam/` beside the checkpoint):
+
+    misclassified.png          each mistake beside its CAM for the predicted class
+    gradcam_true_vs_pred.png   where the model looked for the true vs the predicted class
+    confusion_matrix.png, per_class_accuracy.png
+    misclassified.json         every mistake: index, true, predicted, probability
+    index.html                 all of the above on one page, openable from disk
+
+The default target layer is `layer3_R`, the last residual block: the deepest layer that still
+has a spatial map (4x4), so its CAM is the most class-specific one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch.utils.data import DataLoader
+
+from cifar_ray.config import DataConfig
+from cifar_ray.data import (CifarArrays, ImageArrayDataset, SPECS, denormalize, eval_transform,
+                            load_dataset, split_train_val)
+from cifar_ray.errors import ConfigError, UserError, cli_entry
+from cifar_ray.files import write_json, write_text
+from cifar_ray.module import LitResNet9, load_module
+from cifar_ray.plots import (plot_cam_grid, plot_confusion_matrix, plot_per_class_accuracy,
+                             plot_true_vs_pred)
+
+DEFAULT_LAYER = "layer3_R"
+UPSCALE = 128  # CIFAR's 32x32 is too small to read: figures show images at 4x
+
+
+@dataclass
+class Mistake:
+    index: int  # position in the split
+    true: str
+    predicted: str
+    probability: float  # the model's probability for its (wrong) prediction
+    true_id: int
+    predicted_id: int
+
+
+def target_layer(module: LitResNet9, name: str) -> torch.nn.Module:
+    layers = dict(module.model.named_modules())
+    if name not in layers or not name:
+        top = [n for n in layers if n and "." not in n]
+        raise ConfigError(f"unknown target layer '{name}'; valid: {', '.join(top)} "
+                          "(or a submodule such as layer3_R.conv2)")
+    return layers[name]
+
+
+def split_arrays(arrays: CifarArrays, split: str, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of `split`, with the same seeded split the model was trained with."""
+    if split == "test":
+        return arrays.test_images, arrays.test_labels
+    if val_size == 0:
+        raise ConfigError("this checkpoint was trained without a validation split; use --split test")
+    _, val_idx = split_train_val(len(arrays.train_labels), val_size, seed)
+    return arrays.train_images[val_idx], arrays.train_labels[val_idx]
+
+
+@torch.no_grad()
+def predict(module: LitResNet9, loader: DataLoader, device: torch.device) -> np.ndarray:
+    """Class probabilities (N, classes) for a whole split, one batch at a time."""
+    probs = [module(x.to(device)).exp().cpu() for x, _ in loader]
+    return torch.cat(probs).numpy()
+
+
+def find_mistakes(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> list[Mistake]:
+    """Every misclassified image, most confident mistakes first."""
+    predicted = probs.argmax(1)
+    wrong = np.flatnonzero(predicted != labels)
+    order = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")]
+    return [Mistake(int(i), classes[labels[i]], classes[predicted[i]],
+                    float(probs[i, predicted[i]]), int(labels[i]), int(predicted[i]))
+            for i in order]
+
+
+def compute_cams(module: LitResNet9, images: torch.Tensor, class_ids: list[int], layer: str,
+                 device: torch.device, cam: GradCAM | None = None) -> np.ndarray:
+    """GradCAM maps (B, 32, 32) in [0, 1] of `images` (B, 3, 32, 32) for `class_ids`.
+
+    grad-cam switches the model to eval mode and needs autograd; this runs with gradients on
+    (never under inference mode) and puts the model's train/eval mode back as it found it.
+    """
+    was_training = module.training
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = images.to(device).clone()  # a normal tensor even if made in inference mode
+            targets = [ClassifierOutputTarget(c) for c in class_ids]
+            if cam is None:
+                with GradCAM(model=module, target_layers=[target_layer(module, layer)]) as own:
+                    maps = own(inputs, targets)
+            else:
+                maps = cam(inputs, targets)
+    finally:
+        module.train(was_training)
+    return np.clip(maps, 0.0, 1.0)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """A (32, 32, 3) image in [0, 1] and its (32, 32) CAM -> an upscaled RGB overlay."""
+    big = cv2.resize(image, (UPSCALE, UPSCALE), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    mask = cv2.resize(cam, (UPSCALE, UPSCALE), interpolation=cv2.INTER_LINEAR).clip(0, 1)
+    return show_cam_on_image(big.astype(np.float32), mask, use_rgb=True, image_weight=0.55)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path | None = None,
+            num_images: int = 16, layer: str = DEFAULT_LAYER, split: str = "test",
+            device: str = "auto", batch_size: int = 256,
+            arrays: CifarArrays | None = None) -> dict[str, Any]:
+    """The whole stage as a function (the search calls it); returns the summary numbers."""
+    if num_images < 1:
+        raise ConfigError(f"--num-images must be >= 1, got {num_images}")
+    checkpoint = Path(checkpoint).expanduser().resolve()
+    out = Path(output_dir).expanduser().resolve() if output_dir else checkpoint.parent / "gradcam"
+    dev = resolve_device(device)
+    module = load_module(checkpoint).to(dev)
+    h = module.hparams
+    target_layer(module, layer)  # fail on a bad name before any heavy work
+    if arrays is None:
+        arrays = load_dataset(DataConfig(dataset=h.dataset, data_dir=str(data_dir)))
+    if len(arrays.classes) != h.num_classes:
+        raise UserError(f"{checkpoint}: trained for {h.num_classes} classes, but the data set "
+                        f"in {data_dir} has {len(arrays.classes)}")
+    images, labels = split_arrays(arrays, split, h.val_size, h.seed)
+    dataset = ImageArrayDataset(images, labels, eval_transform(SPECS[h.dataset]))
+    probs = predict(module, DataLoader(dataset, batch_size=batch_size), dev)
+    mistakes = find_mistakes(probs, labels, module.class_names)
+    shown = mistakes[:num_images]
+
+    confusion = np.zeros((h.num_classes, h.num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, probs.argmax(1)), 1)
+    per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
+    accuracy = float(np.trace(confusion) / max(len(labels), 1))
+
+    figures = ["confusion_matrix.png", "per_class_accuracy.png"]
+    plot_confusion_matrix(confusion, module.class_names, out / "confusion_matrix.png")
+    plot_per_class_accuracy(per_class, module.class_names, out / "per_class_accuracy.png")
+    if shown:
+        batch = torch.stack([dataset[m.index][0] for m in shown])  # (N, 3, 32, 32)
+        pictures = denormalize(batch, h.dataset).numpy()  # (N, 32, 32, 3) in [0, 1]
+        with GradCAM(model=module, target_layers=[target_layer(module, layer)]) as cam:
+            pred_cams = compute_cams(module, batch, [m.predicted_id for m in shown], layer, dev, cam)
+            true_cams = compute_cams(module, batch, [m.true_id for m in shown], layer, dev, cam)
+        titles = [f"{m.true} / {m.predicted} ({m.probability:.2f})" for m in shown]
+        plot_cam_grid([p for p in pictures], [overlay(p, c) for p, c in zip(pictures, pred_cams)],
+                      titles, out / "misclassified.png")
+        plot_true_vs_pred([p for p in pictures],
+                          [overlay(p, c) for p, c in zip(pictures, true_cams)],
+                          [overlay(p, c) for p, c in zip(pictures, pred_cams)],
+                          shown, out / "gradcam_true_vs_pred.png")
+        figures = ["misclassified.png", "gradcam_true_vs_pred.png"] + figures
+
+    summary = {"checkpoint": str(checkpoint), "split": split, "images": int(len(labels)),
+               "accuracy": accuracy, "mistakes": len(mistakes), "shown": len(shown),
+               "target_layer": layer, "figures": figures, "output_dir": str(out)}
+    write_json(out / "misclassified.json",
+               {**summary, "misclassified": [m.__dict__ for m in mistakes]})
+    write_text(out / "index.html", render_html(summary, confusion, module.class_names))
+    return summary
+
+
+def render_html(summary: dict[str, Any], confusion: np.ndarray, classes: list[str]) -> str:
+    off_diagonal = confusion.copy()
+    np.fill_diagonal(off_diagonal, 0)
+    pairs = np.dstack(np.unravel_index(np.argsort(-off_diagonal, axis=None), confusion.shape))[0]
+    confused = "".join(f"<li>{html.escape(classes[t])} taken for {html.escape(classes[p])}: "
+                       f"{off_diagonal[t, p]}</li>" for t, p in pairs[:5] if off_diagonal[t, p])
+    figures = "".join(f'<figure><img src="{f}" alt="{f}"><figcaption>{f}</figcaption></figure>'
+                      for f in summary["figures"])
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>cifar_ray GradCAM report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}img{{max-width:100%}}
+figure{{margin:2em 0}}td{{padding:0 1em}}</style></head><body>
+<h1>Misclassification analysis</h1>
+<table>
+<tr><td>checkpoint</td><td>{html.escape(summary['checkpoint'])}</td></tr>
+<tr><td>split</td><td>{summary['split']} ({summary['images']} images)</td></tr>
+<tr><td>accuracy</td><td>{summary['accuracy']:.4f}</td></tr>
+<tr><td>mistakes</td><td>{summary['mistakes']} (the {summary['shown']} most confident shown)</td></tr>
+<tr><td>GradCAM layer</td><td>{html.escape(summary['target_layer'])}</td></tr>
+</table>
+<h2>Most confused pairs</h2><ul>{confused or '<li>none</li>'}</ul>
+{figures}
+<p>Every mistake is listed in <a href="misclassified.json">misclassified.json</a>.</p>
+</body></html>
+"""
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by this project")
+    parser.add_argument("--data-dir", default="data", help="folder holding the data set")
+    parser.add_argument("--output-dir", help="default: gradcam/ beside the checkpoint")
+    parser.add_argument("--num-images", type=int, default=16, help="mistakes to show")
+    parser.add_argument("--target-layer", default=DEFAULT_LAYER, help="module name for GradCAM")
+    parser.add_argument("--split", choices=("test", "val"), default="test")
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    summary = analyse(args.checkpoint, args.data_dir, args.output_dir, args.num_images,
+                      args.target_layer, args.split, args.device, args.batch_size)
+    print(f"{summary['split']} accuracy {summary['accuracy']:.4f}: {summary['mistakes']} mistakes "
+          f"of {summary['images']}; report: {Path(summary['output_dir']) / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

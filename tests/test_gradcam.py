@@ -1,0 +1,130 @@
+"""`python -m cifar_ray.gradcam`: the report's files, its agreement with the model, and whether
+GradCAM really points at the evidence (a planted patch at a known place)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar_ray.config import Config
+from cifar_ray.data import SPECS, eval_transform
+from cifar_ray.gradcam import DEFAULT_LAYER, compute_cams
+from cifar_ray.module import load_module
+from cifar_ray.train import run
+from tests.cifar_fixture import PATCH, planted_images
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def weak_checkpoint(cifar10, tmp_path_factory):
+    """One epoch on 400 images: a model that still makes plenty of mistakes."""
+    cfg = Config()
+    cfg.data.data_dir, cfg.data.val_size, cfg.data.limit_train = str(cifar10[0]), 200, 400
+    cfg.data.num_workers, cfg.model.width, cfg.trainer.epochs = 0, 16, 1
+    cfg.trainer.batch_size, cfg.trainer.progress_bar = 64, False
+    cfg.trainer.output_dir = str(tmp_path_factory.mktemp("weak"))
+    return run(cfg)["checkpoint"]
+
+
+@pytest.fixture(scope="module")
+def report(weak_checkpoint, cifar10, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    proc = run_cli("cifar_ray.gradcam", "--checkpoint", weak_checkpoint, "--data-dir",
+                   str(cifar10[0]), "--output-dir", str(out), "--num-images", "8",
+                   "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def _test_images(cifar10):
+    _, _, test = cifar10
+    transform = eval_transform(SPECS["cifar10"])
+    return torch.stack([transform(image=img)["image"] for img in test.images]), test
+
+
+def test_figures_are_real_pngs_of_readable_size(report):
+    out, proc = report
+    for name, min_size in [("misclassified.png", (1000, 500)), ("gradcam_true_vs_pred.png", (900, 700)),
+                           ("confusion_matrix.png", (500, 500)), ("per_class_accuracy.png", (500, 250))]:
+        with Image.open(out / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+            assert image.size[0] >= min_size[0] and image.size[1] >= min_size[1], (name, image.size)
+    page = (out / "index.html").read_text()
+    assert all(f'src="{name}"' in page for name in ("misclassified.png", "confusion_matrix.png"))
+    assert "report:" in proc.stdout
+
+
+def test_misclassified_json_agrees_with_the_model(report, weak_checkpoint, cifar10):
+    out, _ = report
+    listed = json.loads((out / "misclassified.json").read_text())
+    images, test = _test_images(cifar10)
+    with torch.no_grad():
+        probs = load_module(weak_checkpoint)(images).exp().numpy()
+    predicted = probs.argmax(1)
+    wrong = set(np.flatnonzero(predicted != test.labels).tolist())
+    assert wrong, "the weak model should make mistakes"
+    assert {m["index"] for m in listed["misclassified"]} == wrong
+    assert listed["mistakes"] == len(wrong) and listed["shown"] == 8
+    confidences = [m["probability"] for m in listed["misclassified"]]
+    assert confidences == sorted(confidences, reverse=True)  # most confident first
+    first = listed["misclassified"][0]
+    assert first["true"] == f"class_{test.labels[first['index']]}"
+    assert first["probability"] == pytest.approx(probs[first["index"]].max(), abs=1e-5)
+    assert listed["accuracy"] == pytest.approx(1 - len(wrong) / len(test.labels))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_cams_are_in_unit_range_and_the_model_mode_is_restored(weak_checkpoint, cifar10, mode):
+    module = load_module(weak_checkpoint).train(mode == "train")
+    images, test = _test_images(cifar10)
+    with torch.inference_mode():  # as inside Lightning's test loop: CAM must still work
+        cams = compute_cams(module, images[:6], test.labels[:6].tolist(), DEFAULT_LAYER,
+                            torch.device("cpu"))
+    assert cams.shape == (6, 32, 32) and cams.min() >= 0 and cams.max() <= 1 and cams.max() > 0.5
+    assert module.training is (mode == "train")
+    assert all(m.training is (mode == "train") for m in module.modules())
+
+
+def test_gradcam_peaks_on_the_planted_patch(trained_run):
+    """The class is decided by a colour patch at a known place: the CAM for the true class
+    must peak inside it for most images (a random peak would land there ~10% of the time)."""
+    out, _ = trained_run
+    module = load_module(out / "best.ckpt")
+    planted = planted_images(120, 10, seed=7)
+    transform = eval_transform(SPECS["cifar10"])
+    images = torch.stack([transform(image=img)["image"] for img in planted.images])
+    cams = compute_cams(module, images, planted.labels.tolist(), DEFAULT_LAYER, torch.device("cpu"))
+    hits = 0
+    for cam, (row, col) in zip(cams, planted.boxes):
+        peak_row, peak_col = np.unravel_index(cam.argmax(), cam.shape)
+        hits += row <= peak_row < row + PATCH and col <= peak_col < col + PATCH
+    assert hits / len(cams) > 0.5, f"peak inside the patch for only {hits} of {len(cams)}"
+
+
+def test_a_wrong_layer_name_lists_the_valid_ones(weak_checkpoint, cifar10, tmp_path):
+    proc = run_cli("cifar_ray.gradcam", "--checkpoint", weak_checkpoint, "--data-dir",
+                   str(cifar10[0]), "--output-dir", str(tmp_path), "--target-layer", "layer9")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown target layer 'layer9'" in lines[0] and "layer3_R" in lines[0]
+
+
+def test_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, cifar10):
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    proc = run_cli("cifar_ray.gradcam", "--checkpoint", str(tmp_path / "bad.ckpt"), "--data-dir",
+                   str(cifar10[0]))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "not a loadable checkpoint" in proc.stderr
+
+
+def test_validation_split_uses_the_training_split(weak_checkpoint, cifar10, tmp_path):
+    from cifar_ray.gradcam import analyse
+
+    summary = analyse(weak_checkpoint, cifar10[0], tmp_path, num_images=4, split="val",
+                      device="cpu")
+    assert summary["images"] == 200 and summary["split"] == "val"
