@@ -24,6 +24,8 @@ PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 
 
 def _f(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -85,8 +87,15 @@ class Config:
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "Config":
         cfg = cls()
         apply_mapping(cfg, raw, source)
-        validate(cfg)
+        cfg.validate()
         return cfg
+
+    def validate(self) -> None:
+        validate(self)
+
+    def training_config(self) -> "Config":
+        """Only the sections one training run needs (a search config carries more)."""
+        return Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Config)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +198,7 @@ def resolve(cfg: Any, args: argparse.Namespace) -> Any:
         if "." in dest and value is not None:
             sec_name, key = dest.split(".", 1)
             setattr(sections(cfg)[sec_name], key, value)
-    validate(cfg)
+    cfg.validate()
     return cfg
 
 
@@ -226,3 +235,72 @@ def validate(cfg: Config) -> None:
     _check(t.precision in PRECISIONS,
            f"trainer.precision must be one of {PRECISIONS}, got '{t.precision}'")
     _check(bool(t.output_dir), "trainer.output_dir must not be empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# The search (`python -m cifar_ray.tune`): a training config plus three more sections
+
+
+@dataclass
+class SearchSpace:
+    lr: list = _f([1e-4, 1e-1], "[min, max], sampled log-uniformly")
+    weight_decay: list = _f([1e-6, 1e-3], "[min, max], sampled log-uniformly")
+    batch_size: list = _f([128, 256, 512], "the choices")
+
+
+@dataclass
+class TuneSettings:
+    num_samples: int = _f(16, "trials to sample from the search space")
+    max_concurrent: int = _f(0, "trials at once (0: as many as the cluster's resources hold)")
+    grace_period: int = _f(2, "ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: int = _f(3, "ASHA: keep the best 1/reduction_factor at each rung")
+    workers_per_trial: int = _f(1, "Ray Train workers per trial (DDP when > 1)")
+    cpus_per_worker: int = _f(1, "CPUs each worker reserves (also its DataLoader processes)")
+    gpus_per_worker: float = _f(-1.0, "GPUs each worker reserves (-1: 1 if the cluster has GPUs, else 0)")
+    max_failures: int = _f(2, "retries of a trial whose worker dies, from its last checkpoint")
+    address: str = _f("local", "local (start Ray here), auto, or HOST:PORT of a running cluster")
+    storage: str = _f("", "where trials write results; must be shared storage on a multi-node "
+                          "cluster (default: the output dir)")
+    name: str = _f("search", "name of the Tune experiment folder inside the output dir")
+    search_seed: int = _f(0, "seed of the random search")
+
+
+@dataclass
+class RetrainSettings:
+    init: str = _f("checkpoint", "checkpoint (start from the best trial's weights) or scratch")
+    retrain_epochs: int = _f(24, "epochs of the final retrain on train + validation")
+
+
+@dataclass
+class SearchConfig(Config):
+    search: SearchSpace = field(default_factory=SearchSpace)
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
+
+    def validate(self) -> None:
+        validate(self)
+        s, t, r = self.search, self.tune, self.retrain
+        for key in ("lr", "weight_decay"):
+            bounds = getattr(s, key)
+            _check(isinstance(bounds, list) and len(bounds) == 2
+                   and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds),
+                   f"search.{key} must be [min, max], got {bounds!r}")
+            _check(bounds[0] > 0, f"search.{key}: min must be > 0 for a log-uniform range, got {bounds[0]}")
+            _check(bounds[0] < bounds[1], f"search.{key}: empty or inverted range {bounds!r}")
+        _check(isinstance(s.batch_size, list) and len(s.batch_size) > 0
+               and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in s.batch_size),
+               f"search.batch_size must be a non-empty list of positive ints, got {s.batch_size!r}")
+        _check(t.num_samples >= 1, f"tune.num_samples must be >= 1, got {t.num_samples}")
+        _check(t.max_concurrent >= 0, f"tune.max_concurrent must be >= 0, got {t.max_concurrent}")
+        _check(1 <= t.grace_period <= self.trainer.epochs,
+               f"tune.grace_period must be in [1, epochs={self.trainer.epochs}], got {t.grace_period}")
+        _check(t.reduction_factor >= 2, f"tune.reduction_factor must be >= 2, got {t.reduction_factor}")
+        _check(t.workers_per_trial >= 1, f"tune.workers_per_trial must be >= 1, got {t.workers_per_trial}")
+        _check(t.cpus_per_worker >= 1, f"tune.cpus_per_worker must be >= 1, got {t.cpus_per_worker}")
+        _check(t.gpus_per_worker == -1 or t.gpus_per_worker >= 0,
+               f"tune.gpus_per_worker must be -1 (auto) or >= 0, got {t.gpus_per_worker}")
+        _check(t.max_failures >= -1, f"tune.max_failures must be >= -1, got {t.max_failures}")
+        _check(bool(t.name) and "/" not in t.name, f"tune.name must be a folder name, got '{t.name}'")
+        _check(r.init in ("checkpoint", "scratch"),
+               f"retrain.init must be checkpoint or scratch, got '{r.init}'")
+        _check(r.retrain_epochs >= 1, f"retrain.retrain_epochs must be >= 1, got {r.retrain_epochs}")

@@ -61,7 +61,9 @@ class LitResNet9(pl.LightningModule):
         log_probs = self(x)
         loss = F.nll_loss(log_probs, y)
         accuracy(log_probs, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test")
+        # sync_dist: under DDP the epoch loss is averaged over all workers (a no-op on one).
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test",
+                 sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss, log_probs
 

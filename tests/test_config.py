@@ -5,22 +5,24 @@ from pathlib import Path
 
 import pytest
 
-from cifar_ray.config import Config, add_config_flags, resolve
+from cifar_ray.config import Config, SearchConfig, add_config_flags, resolve
 from cifar_ray.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _resolve(*argv: str) -> Config:
+def _resolve(*argv: str, kind=Config) -> Config:
     parser = argparse.ArgumentParser()
-    add_config_flags(parser, Config())
-    return resolve(Config(), parser.parse_args(list(argv)))
+    add_config_flags(parser, kind())
+    return resolve(kind(), parser.parse_args(list(argv)))
 
 
 def test_every_shipped_experiment_loads():
-    for path in sorted((ROOT / "experiments").glob("*.yaml")):
-        if "search" not in path.read_text().split("\n", 1)[0]:
-            _resolve("--config", str(path))
+    paths = sorted((ROOT / "experiments").glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        kind = SearchConfig if "\nsearch:" in "\n" + path.read_text() else Config
+        _resolve("--config", str(path), kind=kind)
 
 
 def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
