@@ -16,6 +16,8 @@ EXIT_USAGE = 2
 class UserError(Exception):
     """A problem with the user's input, stated in one line."""
 
+    exit_code = EXIT_USAGE
+
 
 class ConfigError(UserError):
     pass
@@ -38,7 +40,7 @@ def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[
             return main(argv) or 0
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return exc.exit_code
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

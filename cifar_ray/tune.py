@@ -42,6 +42,10 @@ from cifar_ray.errors import ConfigError, UserError, cli_entry
 from cifar_ray.files import write_json, write_text
 
 METRIC = "val/acc"
+
+
+class Interrupted(UserError):
+    exit_code = 130
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
 
 
@@ -390,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{cfg.tune.workers_per_trial} worker(s) each; ASHA max_t={cfg.trainer.epochs} "
               f"grace={cfg.tune.grace_period} reduction={cfg.tune.reduction_factor}")
         grid = run_search(cfg, out, args.resume, concurrent, scaling)
+        # After Ctrl-C, Tune saves its state and returns; unfinished trials never said "done".
+        finished = [r for r in grid if r.error is not None or (r.metrics or {}).get("done")]
+        if len(finished) < max(len(grid), cfg.tune.num_samples):
+            raise Interrupted(f"search interrupted; its state is saved in {out / cfg.tune.name}: "
+                              f"run the same command with --resume to continue")
         search_seconds = time.perf_counter() - start
         rows = summarise_trials(grid, cfg.trainer.epochs)
         write_trials_csv(rows, out / "trials.csv")

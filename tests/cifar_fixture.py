@@ -81,12 +81,17 @@ def _batch(planted: Planted, label_key: bytes, name: str) -> dict:
 
 
 def write_cifar10(root: Path, n_train: int = 500, n_test: int = 200, num_classes: int = 10,
-                  seed: int = 0) -> tuple[Path, Planted, Planted]:
-    """Write `root/cifar-10-batches-py/`; return (folder, train data, test data)."""
+                  seed: int = 0, test_label_noise: float = 0.0) -> tuple[Path, Planted, Planted]:
+    """Write `root/cifar-10-batches-py/`; return (folder, train data, test data).
+
+    `test_label_noise` relabels that fraction of the test images at random, so that even a
+    perfect model makes mistakes for the GradCAM stage to show."""
     folder = Path(root) / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
     train = planted_images(n_train, num_classes, seed)
     test = planted_images(n_test, num_classes, seed + 1)
+    noisy = np.random.default_rng(seed + 2).random(n_test) < test_label_noise
+    test.labels[noisy] = (test.labels[noisy] + 1) % num_classes
     names = [f"class_{k}".encode() for k in range(num_classes)]
     dump_py2({b"num_cases_per_batch": n_train // 5, b"label_names": names, b"num_vis": 3072},
              folder / "batches.meta")

@@ -1,0 +1,197 @@
+"""`python -m cifar_ray.tune`: a real ASHA search over Ray Train trials on CPU, its outputs,
+resuming an interrupted search, and the errors raised before any trial starts.
+
+Every test starts its own local Ray instance through the CLI (in a subprocess) and checks
+afterwards that no Ray process it started is still running; any that is gets stopped by pid.
+"""
+
+import csv
+import json
+import os
+import signal
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.cifar_fixture import write_cifar10
+from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+RAY_PROCESS_NAMES = ("gcs_server", "raylet", "ray::", "dashboard", "default_worker",
+                     "log_monitor", "runtime_env_agent", "ray/_private")
+
+
+def ray_pids() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(name in cmd for name in RAY_PROCESS_NAMES):
+                pids.add(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def no_leftover_ray():
+    """Fails the test if Ray processes it started outlive it, after stopping exactly those."""
+    before = ray_pids()
+    yield
+    deadline = time.time() + 30
+    while (left := ray_pids() - before) and time.time() < deadline:
+        time.sleep(1)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"Ray processes left running: {sorted(left)}"
+
+
+@pytest.fixture(scope="module")
+def noisy_data(tmp_path_factory):
+    """The planted signal, with 10% of the test labels wrong: a good model still has mistakes."""
+    root = tmp_path_factory.mktemp("tune_data")
+    write_cifar10(root, n_train=1000, n_test=200, test_label_noise=0.1)
+    return root
+
+
+SMOKE = ["--config", "experiments/search_smoke.yaml", "--val-size", "200", "--limit-train", "0",
+         "--num-workers", "0"]
+
+
+@pytest.fixture
+def sys_tmp():
+    """The temp dir the search sees (short: Ray puts unix sockets under it, 107 bytes max)."""
+    path = Path(tempfile.mkdtemp(prefix="crt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(sys_tmp: Path) -> dict:
+    return dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(sys_tmp))
+
+
+def _read_trials(out: Path) -> list[dict]:
+    with open(out / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
+    out = tmp_path / "search"
+    proc = subprocess.run([sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir",
+                           str(noisy_data), "--output-dir", str(out)], cwd=ROOT,
+                          env=_env(sys_tmp), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    trials = _read_trials(out)
+    assert len(trials) >= 4
+    assert any(t["status"] == "stopped early" and int(t["epochs"]) < 3 for t in trials), trials
+    results = json.loads((out / "results.json").read_text())
+    best_row = max(trials, key=lambda t: float(t["best_val_acc"] or -1))
+    assert results["best_val_acc"] == pytest.approx(float(best_row["best_val_acc"]))
+    assert results["best_config"]["lr"] == pytest.approx(float(best_row["lr"]))
+    assert results["best_config"]["batch_size"] == int(best_row["batch_size"])
+    assert results["num_trials"] == len(trials)
+    # Retrained and tested once: the planted signal is learned (10% of test labels are noise).
+    assert results["test_acc"] > 0.6
+    for key in ("test_loss", "checkpoint", "gradcam_dir"):
+        assert key in results
+    # The retrained checkpoint loads without Ray, safely.
+    from cifar_ray.module import load_module
+    assert load_module(results["checkpoint"]).hparams.val_size == 0
+
+    gradcam = Path(results["gradcam_dir"])
+    for name in ("misclassified.png", "gradcam_true_vs_pred.png", "confusion_matrix.png",
+                 "per_class_accuracy.png"):
+        with Image.open(gradcam / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+    assert (out / "summary.md").read_text().startswith("# Search summary")
+    assert "done: best lr=" in proc.stdout
+    assert "Trial status" in proc.stdout + proc.stderr  # Tune's progress table
+    # Nothing left behind outside the output dir.
+    assert not list(sys_tmp.glob("lightning_checkpoints*"))
+    assert not (out / "tmp").exists()
+
+
+def test_an_interrupted_search_resumes(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
+    out = tmp_path / "search"
+    args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
+            "--output-dir", str(out), "--retrain-epochs", "1"]
+    log = open(tmp_path / "driver.log", "w")  # a file, not a pipe nobody reads while we wait
+    driver = subprocess.Popen(args, cwd=ROOT, env=_env(sys_tmp), stdout=log,
+                              stderr=subprocess.STDOUT)
+    # Interrupt (Ctrl-C) once the first trial has finished and the rest have not.
+    deadline = time.time() + 600
+    state = out / "search"
+    while time.time() < deadline and driver.poll() is None:
+        finished = [p for p in state.glob("*/result.json")
+                    if p.read_text().count("\n") >= 1 and '"done": true' in p.read_text()]
+        if finished:
+            break
+        time.sleep(1)
+    assert driver.poll() is None, "the search ended before it could be interrupted"
+    driver.send_signal(signal.SIGINT)
+    driver.wait(timeout=300)
+    log.close()
+    output = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 130, output[-3000:]
+    assert "run the same command with --resume" in output
+    assert not (out / "results.json").exists()
+    done_before = {t["trial_id"]: t for t in _read_trials_from_state(state)}
+
+    proc = subprocess.run([*args, "--resume"], cwd=ROOT, env=_env(sys_tmp),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = {t["trial_id"]: t for t in _read_trials(out)}
+    assert len(trials) == 4 and all(t["status"] != "error" for t in trials.values())
+    for trial_id, before in done_before.items():  # finished trials were kept, not re-run
+        assert int(trials[trial_id]["epochs"]) == before["epochs"]
+    assert json.loads((out / "results.json").read_text())["num_trials"] == 4
+
+
+def _read_trials_from_state(state: Path) -> list[dict]:
+    """Finished trials as Tune recorded them before the interruption."""
+    rows = []
+    for result in state.glob("*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if lines and lines[-1].get("done"):
+            rows.append({"trial_id": lines[-1]["trial_id"],
+                         "epochs": lines[-1]["training_iteration"]})
+    return rows
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("extra, yaml_text, message", [
+    ([], "search:\n  lr: [0.1, 0.001]\n", "search.lr: empty or inverted range"),
+    ([], "search:\n  momentum: [0.8, 0.9]\n", "unknown key 'search.momentum'"),
+    ([], "search:\n  batch_size: []\n", "search.batch_size must be a non-empty list"),
+    (["--address", f"127.0.0.1:{_closed_port()}"], "", "cannot reach a Ray cluster at 127.0.0.1:"),
+    (["--workers-per-trial", "64"], "", "a trial needs 64 CPUs"),
+])
+def test_bad_search_input_exits_2_before_any_trial(noisy_data, tmp_path, extra, yaml_text,
+                                                   message, no_leftover_ray):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text or "{}\n")
+    out = tmp_path / "o"
+    proc = run_cli("cifar_ray.tune", *SMOKE, "--config", str(cfg), "--data-dir", str(noisy_data),
+                   "--output-dir", str(out), *extra, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert not (out / "trials.csv").exists() and not list(out.glob("search/*/result.json"))
