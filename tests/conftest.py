@@ -22,6 +22,16 @@ def cifar10(tmp_path_factory):
     return root, train, test
 
 
+class MarkerPayload:
+    """Pickles into a call that creates `marker`: proof of whether a loader ran pickled code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
 def run_cli(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m module args` the way a user would; capture its output."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

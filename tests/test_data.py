@@ -18,6 +18,7 @@ from cifar_ray.config import AugmentConfig, Config
 from cifar_ray.data import (SPECS, CifarDataModule, ensure_dataset, eval_transform, read_cifar,
                             split_train_val, train_transform)
 from cifar_ray.errors import DataError
+from tests.conftest import MarkerPayload
 from tests.cifar_fixture import dump_py2, write_cifar10, write_cifar100
 
 SPEC = SPECS["cifar10"]
@@ -79,19 +80,11 @@ def test_each_validation_error_is_one_clear_line(tmp_path, damage, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def test_a_batch_file_that_would_run_code_is_refused(tmp_path):
     folder, _, _ = write_cifar10(tmp_path, n_train=50, n_test=20)
     marker = tmp_path / "pwned"
     with open(folder / "data_batch_1", "wb") as f:
-        pickle.dump({"data": _Payload(marker), "labels": []}, f, protocol=2)
+        pickle.dump({"data": MarkerPayload(marker), "labels": []}, f, protocol=2)
     with pytest.raises(DataError, match="refusing to load"):
         read_cifar(folder, "cifar10")
     assert not marker.exists()

@@ -1,6 +1,5 @@
 """The network's shape and size, and safe checkpoint loading."""
 
-import pickle
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 from cifar_ray.errors import CheckpointError
 from cifar_ray.model import ResNet9
 from cifar_ray.module import LitResNet9, load_module
+from tests.conftest import MarkerPayload
 
 
 def test_resnet9_has_the_reference_parameter_count():
@@ -59,17 +59,9 @@ def test_missing_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path):
         load_module(tmp_path / "classes.ckpt")
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
 def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "ran"
-    torch.save({"state_dict": {}, "hyper_parameters": _Payload(marker)}, tmp_path / "evil.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": MarkerPayload(marker)}, tmp_path / "evil.ckpt")
     with pytest.raises(CheckpointError, match="refused, not run"):
         load_module(tmp_path / "evil.ckpt")
     assert not marker.exists()
