@@ -55,6 +55,17 @@ class EpochHistory(pl.Callback):
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self.first_epoch = 0  # > 0 when this session resumed a run
+
+    # Saved in every checkpoint, so a resumed run keeps the epochs it ran before.
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state["rows"])
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.first_epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         # Lightning runs validation before this hook, so both stages' metrics are here.
@@ -65,21 +76,28 @@ class EpochHistory(pl.Callback):
         self.rows.append(row)
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Never destroy a finished run by accident."""
+def check_output_dir(out: Path, overwrite: bool, resume: bool) -> Path | None:
+    """Never destroy a finished run by accident; return the checkpoint to resume from."""
+    if resume:
+        last = out / "last.ckpt"
+        if not last.is_file():
+            raise ConfigError(f"--resume: no {last} to resume from")
+        return last
     if (out / "results.json").exists() and not overwrite:
         raise ConfigError(f"{out} already holds a finished run (results.json); "
                           "pass --overwrite or choose another --output-dir")
+    return None
 
 
 def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | Path | None = None,
-        overwrite: bool = False) -> dict[str, Any]:
+        overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Train, test the best checkpoint, write the outputs; return the results dict."""
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
-    check_output_dir(out, overwrite)
+    resume_from = check_output_dir(out, overwrite, resume)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     data = CifarDataModule(cfg, arrays)
-    data.prepare_data() if arrays is None else None
+    if arrays is None:
+        data.prepare_data()
     data.setup()
     has_val = len(data.val_set) > 0
     module = LitResNet9.from_config(cfg, data.classes)
@@ -107,14 +125,15 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
         enable_model_summary=False,
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    # weights_only: resuming reads tensors and plain values only, like every load here.
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
     train_seconds = time.perf_counter() - start
 
     best_path = out / "best.ckpt"
     best = load_module(best_path)
     tested = trainer.test(best, datamodule=data, verbose=False)[0]
     best_val = float(checkpoint.best_model_score) if has_val and checkpoint.best_model_score is not None else None
-    images_seen = len(data.train_set) * trainer.current_epoch
+    images_seen = len(data.train_set) * (trainer.current_epoch - history.first_epoch)
     results = {
         "test_acc": tested["test/acc"],
         "test_loss": tested["test/loss"],
@@ -146,11 +165,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser("Train and test ResNet-9 once on a CIFAR data set.")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run from last.ckpt in the output dir")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a finished run already in the output dir")
     args = parser.parse_args(argv)
     cfg = resolve(Config(), args)
-    results = run(cfg, overwrite=args.overwrite)
+    results = run(cfg, overwrite=args.overwrite, resume=args.resume)
     val = f"{results['val_acc']:.4f}" if results["val_acc"] is not None else "n/a"
     print(f"done: test_acc={results['test_acc']:.4f} test_loss={results['test_loss']:.4f} "
           f"best val_acc={val} epochs={results['epochs']} "

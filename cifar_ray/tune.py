@@ -90,7 +90,7 @@ def train_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts a failed worker group
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            trainer.fit(module, datamodule=data,
+            trainer.fit(module, datamodule=data, weights_only=True,
                         ckpt_path=os.path.join(folder, RayTrainReportCallback.CHECKPOINT_NAME))
     else:
         trainer.fit(module, datamodule=data)
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
               f"retraining for {cfg.retrain.retrain_epochs} epochs on train + validation")
         finish = ray.remote(retrain_and_analyse).options(
             num_cpus=cfg.tune.cpus_per_worker,
-            num_gpus=scaling["resources_per_worker"]["GPU"] and 1)
+            num_gpus=1 if scaling["use_gpu"] else 0)
         try:
             final = ray.get(finish.remote(cfg, best, out))
         except ray.exceptions.RayTaskError as exc:

@@ -1,6 +1,11 @@
 """`python -m cifar_ray.train` end to end on a planted-signal fixture, as a user runs it."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -10,7 +15,7 @@ from cifar_ray.config import Config
 from cifar_ray.data import CifarDataModule
 from cifar_ray.module import load_module
 from cifar_ray.pl import pl
-from tests.conftest import FAST_FLAGS, run_cli
+from tests.conftest import FAST_FLAGS, ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +104,33 @@ def test_no_validation_set_keeps_the_last_epoch(cifar10, tmp_path):
     results = run(cfg)
     assert results["val_acc"] is None and (tmp_path / "noval" / "best.ckpt").is_file()
     assert "val/acc" not in results["history"][0]
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(cifar10, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data-dir", str(cifar10[0]), "--output-dir", str(out), "--epochs", "4",
+            "--val-size", "200", "--limit-train", "400", *FAST_FLAGS]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    driver = subprocess.Popen([sys.executable, "-m", "cifar_ray.train", *args], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "last.ckpt").exists() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)  # no chance to clean up, as when a machine dies
+    driver.wait()
+    assert not (out / "results.json").exists(), "the run finished before it was killed"
+    epochs_done = torch.load(out / "last.ckpt", weights_only=True)["epoch"] + 1
+    assert 1 <= epochs_done < 4
+
+    proc = run_cli("cifar_ray.train", *args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs"] == 4
+    assert [row["epoch"] for row in results["history"]] == [1, 2, 3, 4]
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, cifar10):
+    proc = run_cli("cifar_ray.train", "--data-dir", str(cifar10[0]), "--output-dir",
+                   str(tmp_path / "empty"), "--resume", *FAST_FLAGS, timeout=120)
+    assert proc.returncode == 2 and "--resume: no " in proc.stderr
