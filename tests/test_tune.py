@@ -195,3 +195,47 @@ def test_bad_search_input_exits_2_before_any_trial(noisy_data, tmp_path, extra, 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert not (out / "trials.csv").exists() and not list(out.glob("search/*/result.json"))
+
+
+def _pids_with(text: str) -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.add(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_path, sys_tmp,
+                                                              no_leftover_ray):
+    out = tmp_path / "search"
+    workers_before = _pids_with("RayTrainWorker")
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
+         "--output-dir", str(out), "--num-samples", "1", "--epochs", "4",
+         "--retrain-epochs", "1"], cwd=ROOT, env=_env(sys_tmp), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while time.time() < deadline and driver.poll() is None:
+        if list(out.glob("train_runs/*/checkpoint_*")):  # the first epoch is checkpointed
+            break
+        time.sleep(0.5)
+    victims = _pids_with("RayTrainWorker") - workers_before
+    assert victims and driver.poll() is None
+    for pid in victims:  # the trial's training worker dies mid-run
+        os.kill(pid, signal.SIGKILL)
+    driver.wait(timeout=900)
+    log.close()
+    output = (tmp_path / "driver.log").read_text()
+    assert driver.returncode == 0, output[-3000:]
+    assert "RETRY" in output  # Ray Train's failure policy restarted the worker group
+    trials = _read_trials(out)
+    assert len(trials) == 1 and trials[0]["status"] == "completed" and trials[0]["epochs"] == "4"
+    # Tune saw each epoch once, in order: the restarted worker went on from the checkpoint's
+    # epoch instead of starting again from epoch 0.
+    (result_file,) = out.glob("search/*/result.json")
+    epochs = [json.loads(line)["epoch"] for line in result_file.read_text().splitlines() if line]
+    assert epochs == [0, 1, 2, 3]
