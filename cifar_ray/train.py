@@ -15,7 +15,6 @@ checkpoint safely and tests it once, then writes into the output dir:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 import warnings

@@ -26,7 +26,6 @@ import argparse
 import csv
 import io
 import logging
-import math
 import os
 import secrets
 import shutil

@@ -14,7 +14,6 @@ from PIL import Image
 from cifar_ray.config import Config
 from cifar_ray.data import CifarDataModule
 from cifar_ray.module import load_module
-from cifar_ray.pl import pl
 from tests.conftest import FAST_FLAGS, ROOT, run_cli
 
 pytestmark = pytest.mark.slow
