@@ -9,6 +9,7 @@ Ray Tune hands each trial a plain dict, which `Config.from_dict` turns back into
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +95,9 @@ class Config:
         validate(self)
 
     def training_config(self) -> "Config":
-        """Only the sections one training run needs (a search config carries more)."""
-        return Config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Config)})
+        """A copy of only the sections one training run needs (a search config carries more)."""
+        return Config(**{f.name: copy.deepcopy(getattr(self, f.name))
+                         for f in dataclasses.fields(Config)})
 
 
 # ---------------------------------------------------------------------------------------------

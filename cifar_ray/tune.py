@@ -39,6 +39,7 @@ from cifar_ray.config import Config, SearchConfig, add_config_flags, resolve
 from cifar_ray.data import ensure_dataset, read_cifar
 from cifar_ray.errors import ConfigError, UserError, cli_entry
 from cifar_ray.files import write_json, write_text
+from cifar_ray.train import precision
 
 METRIC = "val/acc"
 
@@ -211,8 +212,7 @@ def trial_base_config(cfg: SearchConfig, data_dir: Path, use_gpu: bool) -> dict[
     base.data.data_dir = str(data_dir)  # absolute: Ray changes each trial's working directory
     base.data.num_workers = max(0, cfg.tune.cpus_per_worker - 1)  # the worker's own CPU trains
     base.trainer.accelerator = "gpu" if use_gpu else "cpu"
-    base.trainer.precision = cfg.trainer.precision if cfg.trainer.precision != "auto" else (
-        "bf16-mixed" if use_gpu else "32-true")
+    base.trainer.precision = precision(base)  # resolved here: workers see their own devices
     base.trainer.progress_bar = False
     return base.to_dict()
 

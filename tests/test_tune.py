@@ -29,15 +29,16 @@ RAY_PROCESS_NAMES = ("gcs_server", "raylet", "ray::", "dashboard", "default_work
                      "log_monitor", "runtime_env_agent", "ray/_private")
 
 
-def ray_pids() -> set[int]:
+def pids_with(*texts: str) -> set[int]:
+    """Processes whose command line contains any of `texts`."""
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue
-            if any(name in cmd for name in RAY_PROCESS_NAMES):
+            if any(text in cmd for text in texts):
                 pids.add(int(entry.name))
     return pids
 
@@ -45,10 +46,10 @@ def ray_pids() -> set[int]:
 @pytest.fixture
 def no_leftover_ray():
     """Fails the test if Ray processes it started outlive it, after stopping exactly those."""
-    before = ray_pids()
+    before = pids_with(*RAY_PROCESS_NAMES)
     yield
     deadline = time.time() + 30
-    while (left := ray_pids() - before) and time.time() < deadline:
+    while (left := pids_with(*RAY_PROCESS_NAMES) - before) and time.time() < deadline:
         time.sleep(1)
     for pid in left:
         try:
@@ -197,22 +198,10 @@ def test_bad_search_input_exits_2_before_any_trial(noisy_data, tmp_path, extra, 
     assert not (out / "trials.csv").exists() and not list(out.glob("search/*/result.json"))
 
 
-def _pids_with(text: str) -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.add(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
 def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_path, sys_tmp,
                                                               no_leftover_ray):
     out = tmp_path / "search"
-    workers_before = _pids_with("RayTrainWorker")
+    workers_before = pids_with("RayTrainWorker")
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen(
         [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
@@ -223,7 +212,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_pa
         if list(out.glob("train_runs/*/checkpoint_*")):  # the first epoch is checkpointed
             break
         time.sleep(0.5)
-    victims = _pids_with("RayTrainWorker") - workers_before
+    victims = pids_with("RayTrainWorker") - workers_before
     assert victims and driver.poll() is None
     for pid in victims:  # the trial's training worker dies mid-run
         os.kill(pid, signal.SIGKILL)
