@@ -206,10 +206,9 @@ def plan_resources(cfg: SearchConfig) -> tuple[dict[str, Any], int]:
 # The search
 
 
-def trial_base_config(cfg: SearchConfig, data_dir: Path, use_gpu: bool) -> dict[str, Any]:
+def trial_base_config(cfg: SearchConfig, use_gpu: bool) -> dict[str, Any]:
     """The training config every trial starts from (the trial adds lr / wd / batch size)."""
     base = cfg.training_config()
-    base.data.data_dir = str(data_dir)  # absolute: Ray changes each trial's working directory
     base.data.num_workers = max(0, cfg.tune.cpus_per_worker - 1)  # the worker's own CPU trains
     base.trainer.accelerator = "gpu" if use_gpu else "cpu"
     base.trainer.precision = precision(base)  # resolved here: workers see their own devices
@@ -226,7 +225,7 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     s, t = cfg.search, cfg.tune
     storage = Path(t.storage).expanduser().resolve() if t.storage else out
     trainable = tune.with_parameters(
-        run_trial, base=trial_base_config(cfg, Path(cfg.data.data_dir).resolve(), scaling["use_gpu"]),
+        run_trial, base=trial_base_config(cfg, scaling["use_gpu"]),
         scaling=scaling, storage=str(storage / "train_runs"), max_failures=t.max_failures)
     # The trial function only waits on its Ray Train run, whose workers reserve the real
     # resources; concurrency is bounded by max_concurrent_trials instead.
@@ -305,7 +304,6 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path) -> d
     final.trainer.output_dir = str(out / "retrain")
     final.trainer.progress_bar = False
     final.data.val_size = 0  # train on train + validation; the test set is touched once
-    final.data.data_dir = str(Path(cfg.data.data_dir).resolve())
     init = None
     if cfg.retrain.init == "checkpoint":
         if not best["checkpoint"]:
@@ -379,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     # Prepare (download / validate) the data set once, before any trial starts.
     data_dir = Path(cfg.data.data_dir).expanduser().resolve()
     read_cifar(ensure_dataset(data_dir, cfg.data.dataset), cfg.data.dataset)
-    cfg.data.data_dir = str(data_dir)
+    cfg.data.data_dir = str(data_dir)  # absolute: Ray changes each trial's working directory
 
     configure_auth(cfg.tune.address)
     import ray
