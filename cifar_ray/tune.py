@@ -47,6 +47,7 @@ METRIC = "val/acc"
 class Interrupted(UserError):
     exit_code = 130
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
+HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,23 +181,62 @@ def start_ray(settings, temp_dir: Path) -> None:
         raise UserError(f"cannot join the Ray cluster at '{settings.address}': {first}") from None
 
 
+LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "overlay", "tmpfs", "apfs"}
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the file system holding `path` (its deepest mount point), from /proc/mounts."""
+    path, best, kind = path.resolve(), "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        fields = line.split()
+        mount = fields[1].replace("\\040", " ")
+        if (path == Path(mount) or Path(mount) in path.parents) and len(mount) > len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
+def search_storage(cfg: SearchConfig, out: Path) -> Path:
+    """Where trials write: tune.storage, else the output dir."""
+    return Path(cfg.tune.storage).expanduser().resolve() if cfg.tune.storage else out
+
+
 def plan_resources(cfg: SearchConfig) -> tuple[dict[str, Any], int]:
-    """Each trial's ScalingConfig and how many trials run at once; errors if a trial can't fit."""
+    """Each trial's ScalingConfig and how many trials run at once.
+
+    A local instance must hold a trial now. A cluster may not yet: its autoscaler adds nodes when
+    trials ask for them, so there the search goes on and the trials wait (the GPU count is then
+    best given explicitly, `gpus_per_worker: 1`, since "auto" can only see the nodes up now).
+    """
     import ray
 
     t = cfg.tune
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    print(f"ray: {'local instance' if t.address == 'local' else 'cluster ' + t.address}, "
+          f"{nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs")
     gpus_per_worker = (1.0 if gpus else 0.0) if t.gpus_per_worker < 0 else t.gpus_per_worker
     need_cpu, need_gpu = t.workers_per_trial * t.cpus_per_worker, t.workers_per_trial * gpus_per_worker
-    if need_cpu > cpus or need_gpu > gpus:
-        raise UserError(f"a trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs "
-                        f"({t.workers_per_trial} workers), but the cluster has {cpus:g} CPUs "
-                        f"and {gpus:g} GPUs")
     fits = int(cpus // need_cpu)
     if need_gpu:
         fits = min(fits, int(gpus // need_gpu))
-    concurrent = min(t.max_concurrent or fits, t.num_samples)
+    if not fits:
+        shortfall = (f"a trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs "
+                     f"({t.workers_per_trial} workers), but the cluster has {cpus:g} CPUs "
+                     f"and {gpus:g} GPUs")
+        if t.address == "local":
+            raise UserError(shortfall)
+        print(f"{shortfall} now: trials wait for the cluster's autoscaler to add nodes")
+    concurrent = min(t.max_concurrent or fits or t.num_samples, t.num_samples)
+    storage = search_storage(cfg, Path(cfg.trainer.output_dir))
+    if nodes > 1 and filesystem_type(storage) in LOCAL_FILESYSTEMS:
+        print(f"warning: results go to {storage}, on a local disk "
+              f"({filesystem_type(storage)}): nodes on other machines cannot write there; put "
+              "the output dir (or tune.storage) on storage every node mounts (NFS, EFS)")
     scaling = {"num_workers": t.workers_per_trial, "use_gpu": gpus_per_worker > 0,
                "resources_per_worker": {"CPU": t.cpus_per_worker, "GPU": gpus_per_worker}}
     return scaling, max(1, concurrent)
@@ -223,13 +263,15 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     s, t = cfg.search, cfg.tune
-    storage = Path(t.storage).expanduser().resolve() if t.storage else out
+    storage = search_storage(cfg, out)
     trainable = tune.with_parameters(
         run_trial, base=trial_base_config(cfg, scaling["use_gpu"]),
         scaling=scaling, storage=str(storage / "train_runs"), max_failures=t.max_failures)
-    # The trial function only waits on its Ray Train run, whose workers reserve the real
-    # resources; concurrency is bounded by max_concurrent_trials instead.
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    # The trial function and its Ray Train controller only wait on the Train workers, which
+    # reserve the real resources. They hold no CPU and live on the head node: losing a worker
+    # node then costs only the workers on it, which Ray Train restarts from the last checkpoint.
+    # (Concurrency is bounded by max_concurrent_trials.)
+    trainable = tune.with_resources(trainable, {"CPU": 0, HEAD_NODE: 0.001})
     experiment = storage / t.name
     if resume:
         if not tune.Tuner.can_restore(str(experiment)):
@@ -248,7 +290,10 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
                                         grace_period=t.grace_period,
                                         reduction_factor=t.reduction_factor),
                 search_alg=BasicVariantGenerator(random_state=t.search_seed)),
-            run_config=tune.RunConfig(name=t.name, storage_path=str(storage)),
+            # A trial whose own process dies (its node lost) is started again; its Ray Train
+            # run then goes on from the run's latest checkpoint in storage.
+            run_config=tune.RunConfig(name=t.name, storage_path=str(storage),
+                                      failure_config=tune.FailureConfig(max_failures=t.max_failures)),
         )
     return tuner.fit()
 
@@ -371,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.trainer.output_dir == "outputs/train":
         cfg.trainer.output_dir = "outputs/search"
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
+    cfg.trainer.output_dir = str(out)
     check_output_dir(out, cfg, args.resume, args.overwrite)
     start = time.perf_counter()
 
