@@ -1,11 +1,14 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.cifar_fixture import write_cifar10
+from tests.processes import RAY_PROCESS_NAMES, kill_all, pids_with, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +51,43 @@ def trained_run(cifar10, tmp_path_factory):
                    "--epochs", "3", "--val-size", "200", "--lr", "0.01", *FAST_FLAGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
+
+
+# ---------------------------------------------------------------------------------------------
+# Searches (tests/test_tune.py, tests/test_cluster.py)
+
+SMOKE = ["--config", "experiments/search_smoke.yaml", "--val-size", "200", "--limit-train", "0",
+         "--num-workers", "0"]
+
+
+@pytest.fixture(scope="session")
+def noisy_data(tmp_path_factory):
+    """The planted signal, with 10% of the test labels wrong: a good model still has mistakes."""
+    root = tmp_path_factory.mktemp("tune_data")
+    write_cifar10(root, n_train=1000, n_test=200, test_label_noise=0.1)
+    return root
+
+
+@pytest.fixture
+def sys_tmp():
+    """The temp dir a search sees (short: Ray puts unix sockets under it, 107 bytes max)."""
+    path = Path(tempfile.mkdtemp(prefix="crt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def search_env(sys_tmp: Path, **extra: str) -> dict:
+    return dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(sys_tmp), **extra)
+
+
+@pytest.fixture
+def no_leftover_ray():
+    """Fails the test if Ray processes it started outlive it, after stopping exactly those.
+
+    (A SIGKILLed driver's Ray agents take up to ~30 s to notice and exit by themselves.)
+    """
+    before = pids_with(*RAY_PROCESS_NAMES)
+    yield
+    left = wait_gone(pids_with(*RAY_PROCESS_NAMES) - before, timeout=45)
+    kill_all(left)
+    assert not left, f"Ray processes left running: {sorted(left)}"

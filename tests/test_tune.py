@@ -8,79 +8,20 @@ afterwards that no Ray process it started is still running; any that is gets sto
 import csv
 import json
 import os
+import secrets
 import signal
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.cifar_fixture import write_cifar10
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, SMOKE, run_cli, search_env
+from tests.processes import files_containing, free_port, pids_with
 
 pytestmark = pytest.mark.slow
-
-RAY_PROCESS_NAMES = ("gcs_server", "raylet", "ray::", "dashboard", "default_worker",
-                     "log_monitor", "runtime_env_agent", "ray/_private")
-
-
-def pids_with(*texts: str) -> set[int]:
-    """Processes whose command line contains any of `texts`."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if any(text in cmd for text in texts):
-                pids.add(int(entry.name))
-    return pids
-
-
-@pytest.fixture
-def no_leftover_ray():
-    """Fails the test if Ray processes it started outlive it, after stopping exactly those."""
-    before = pids_with(*RAY_PROCESS_NAMES)
-    yield
-    deadline = time.time() + 30
-    while (left := pids_with(*RAY_PROCESS_NAMES) - before) and time.time() < deadline:
-        time.sleep(1)
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert not left, f"Ray processes left running: {sorted(left)}"
-
-
-@pytest.fixture(scope="module")
-def noisy_data(tmp_path_factory):
-    """The planted signal, with 10% of the test labels wrong: a good model still has mistakes."""
-    root = tmp_path_factory.mktemp("tune_data")
-    write_cifar10(root, n_train=1000, n_test=200, test_label_noise=0.1)
-    return root
-
-
-SMOKE = ["--config", "experiments/search_smoke.yaml", "--val-size", "200", "--limit-train", "0",
-         "--num-workers", "0"]
-
-
-@pytest.fixture
-def sys_tmp():
-    """The temp dir the search sees (short: Ray puts unix sockets under it, 107 bytes max)."""
-    path = Path(tempfile.mkdtemp(prefix="crt-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _env(sys_tmp: Path) -> dict:
-    return dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(sys_tmp))
 
 
 def _read_trials(out: Path) -> list[dict]:
@@ -90,10 +31,16 @@ def _read_trials(out: Path) -> list[dict]:
 
 def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
     out = tmp_path / "search"
+    # The user's own Ray token, and a home directory to see what gets written into it.
+    token, home = secrets.token_hex(32), sys_tmp / "home"
+    home.mkdir()
     proc = subprocess.run([sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir",
                            str(noisy_data), "--output-dir", str(out)], cwd=ROOT,
-                          env=_env(sys_tmp), capture_output=True, text=True, timeout=900)
+                          env=search_env(sys_tmp, RAY_AUTH_TOKEN=token, HOME=str(home)),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert token not in proc.stdout + proc.stderr and not files_containing(out, token)
+    assert not (home / ".ray").exists()
 
     trials = _read_trials(out)
     assert len(trials) >= 4
@@ -126,64 +73,86 @@ def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray)
     assert not (out / "tmp").exists()
 
 
-def test_an_interrupted_search_resumes(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
+def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
+    """Ctrl-C, then --resume, then SIGKILL, then --resume: all 4 trials end, none run twice."""
     out = tmp_path / "search"
+    state = out / "search"
     args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
             "--output-dir", str(out), "--retrain-epochs", "1"]
-    log = open(tmp_path / "driver.log", "w")  # a file, not a pipe nobody reads while we wait
-    driver = subprocess.Popen(args, cwd=ROOT, env=_env(sys_tmp), stdout=log,
-                              stderr=subprocess.STDOUT)
-    # Interrupt (Ctrl-C) once the first trial has finished and the rest have not.
-    deadline = time.time() + 600
-    state = out / "search"
-    while time.time() < deadline and driver.poll() is None:
-        finished = [p for p in state.glob("*/result.json")
-                    if p.read_text().count("\n") >= 1 and '"done": true' in p.read_text()]
-        if finished:
-            break
-        time.sleep(1)
-    assert driver.poll() is None, "the search ended before it could be interrupted"
+
+    # Ctrl-C once the first trial has finished and the rest have not.
+    driver, log = _start(args, tmp_path / "first.log", sys_tmp)
+    _wait_for_finished_trials(state, 1, driver)
     driver.send_signal(signal.SIGINT)
     driver.wait(timeout=300)
-    log.close()
-    output = (tmp_path / "driver.log").read_text()
+    output = log.read_text()
     assert driver.returncode == 130, output[-3000:]
     assert "run the same command with --resume" in output
     assert not (out / "results.json").exists()
-    done_before = {t["trial_id"]: t for t in _read_trials_from_state(state)}
+    done_first = _finished_trials(state)
 
-    proc = subprocess.run([*args, "--resume"], cwd=ROOT, env=_env(sys_tmp),
+    # Resume, then SIGKILL (no chance to clean up) once one more trial has finished and Tune
+    # has recorded it in its experiment state.
+    driver, log = _start([*args, "--resume"], tmp_path / "second.log", sys_tmp)
+    finished_at = _wait_for_finished_trials(state, len(done_first) + 1, driver)
+    deadline = time.time() + 120
+    while max(p.stat().st_mtime for p in state.glob("experiment_state*.json")) <= finished_at:
+        assert time.time() < deadline and driver.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+    driver.kill()
+    driver.wait()
+    assert not (out / "results.json").exists()
+    done_second = _finished_trials(state)
+    assert len(done_second) < 4, "the search ended before it could be killed"
+
+    proc = subprocess.run([*args, "--resume"], cwd=ROOT, env=search_env(sys_tmp),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = {t["trial_id"]: t for t in _read_trials(out)}
     assert len(trials) == 4 and all(t["status"] != "error" for t in trials.values())
-    for trial_id, before in done_before.items():  # finished trials were kept, not re-run
-        assert int(trials[trial_id]["epochs"]) == before["epochs"]
+    for trial_id, epochs in done_second.items():  # finished trials were kept, not re-run
+        assert int(trials[trial_id]["epochs"]) == epochs
+        assert _reports(state, trial_id) == epochs  # each epoch reported once: no second run
     assert json.loads((out / "results.json").read_text())["num_trials"] == 4
 
 
-def _read_trials_from_state(state: Path) -> list[dict]:
-    """Finished trials as Tune recorded them before the interruption."""
-    rows = []
+def _start(args: list[str], log: Path, sys_tmp: Path) -> tuple[subprocess.Popen, Path]:
+    with open(log, "w") as f:  # a file, not a pipe nobody reads while we wait
+        driver = subprocess.Popen(args, cwd=ROOT, env=search_env(sys_tmp), stdout=f,
+                                  stderr=subprocess.STDOUT)
+    return driver, log
+
+
+def _wait_for_finished_trials(state: Path, n: int, driver: subprocess.Popen) -> float:
+    """Waits until `n` trials have finished, while the driver runs; returns when."""
+    deadline = time.time() + 600
+    while len(_finished_trials(state)) < n:
+        assert time.time() < deadline and driver.poll() is None, \
+            "the search ended before it could be interrupted"
+        time.sleep(0.5)
+    return time.time()
+
+
+def _finished_trials(state: Path) -> dict[str, int]:
+    """Trial id -> epochs, for the trials Tune recorded as done."""
+    done = {}
     for result in state.glob("*/result.json"):
         lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
         if lines and lines[-1].get("done"):
-            rows.append({"trial_id": lines[-1]["trial_id"],
-                         "epochs": lines[-1]["training_iteration"]})
-    return rows
+            done[lines[-1]["trial_id"]] = lines[-1]["training_iteration"]
+    return done
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _reports(state: Path, trial_id: str) -> int:
+    (result,) = [p for p in state.glob("*/result.json") if trial_id in p.parent.name]
+    return sum(1 for line in result.read_text().splitlines() if line.strip())
 
 
 @pytest.mark.parametrize("extra, yaml_text, message", [
     ([], "search:\n  lr: [0.1, 0.001]\n", "search.lr: empty or inverted range"),
     ([], "search:\n  momentum: [0.8, 0.9]\n", "unknown key 'search.momentum'"),
     ([], "search:\n  batch_size: []\n", "search.batch_size must be a non-empty list"),
-    (["--address", f"127.0.0.1:{_closed_port()}"], "", "cannot reach a Ray cluster at 127.0.0.1:"),
+    (["--address", f"127.0.0.1:{free_port()}"], "", "cannot reach a Ray cluster at 127.0.0.1:"),
     (["--workers-per-trial", "64"], "", "a trial needs 64 CPUs"),
 ])
 def test_bad_search_input_exits_2_before_any_trial(noisy_data, tmp_path, extra, yaml_text,
@@ -206,7 +175,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_pa
     driver = subprocess.Popen(
         [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
          "--output-dir", str(out), "--num-samples", "1", "--epochs", "4",
-         "--retrain-epochs", "1"], cwd=ROOT, env=_env(sys_tmp), stdout=log, stderr=subprocess.STDOUT)
+         "--retrain-epochs", "1"], cwd=ROOT, env=search_env(sys_tmp), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while time.time() < deadline and driver.poll() is None:
         if list(out.glob("train_runs/*/checkpoint_*")):  # the first epoch is checkpointed
