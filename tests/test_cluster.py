@@ -1,0 +1,143 @@
+"""A search on a real two-node Ray cluster on this machine: `ray start --head` and a second
+`ray start --address`, each its own process tree, joined with token authentication on.
+The search is submitted as a Ray job, as on a cluster made by `ray up cluster.yaml`; its trials
+land on both nodes; then the second node is killed mid-search (every process of it, SIGKILL, as
+when a machine disappears) and the search still finishes: Ray Train restarts the lost trial's
+workers from its last checkpoint on the surviving node."""
+
+import csv
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, SMOKE, search_env
+from tests.processes import (descendants, files_containing, free_port, kill_all,
+                             listening_hosts, pids_with, wait_gone)
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+class RayNode:
+    """One `ray start --block` process and everything it starts: stopped by pid, never by name."""
+
+    def __init__(self, args: list[str], env: dict, log: Path):
+        self.log = log
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats",
+                                          "--node-ip-address=127.0.0.1",
+                                          "--object-store-memory=200000000", *args],
+                                         env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.pids: set[int] = set()
+
+    def wait_started(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while "Ray runtime started" not in self.log.read_text():
+            assert self.proc.poll() is None and time.time() < deadline, self.log.read_text()[-3000:]
+            time.sleep(0.5)
+        self.track()
+
+    def track(self) -> set[int]:
+        """Every process this node has started so far (workers come and go)."""
+        self.pids |= {self.proc.pid} | descendants(self.proc.pid)
+        return self.pids
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the node at once, as when its machine disappears."""
+        kill_all(self.track())
+
+    def stop(self) -> None:
+        """SIGTERM (`ray start --block` then stops its processes), then SIGKILL what is left."""
+        kill_all(self.track(), signal.SIGTERM)
+        kill_all(wait_gone(self.pids, timeout=30))
+        self.proc.wait(timeout=30)
+
+
+def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
+    # The cluster's own token, as a user provides it (RAY_AUTH_TOKEN or ~/.ray/auth_token).
+    token = secrets.token_hex(32)
+    env = search_env(sys_tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    port, dashboard_port = free_port(), free_port()
+    head = RayNode(["--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={sys_tmp}/ray",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard_port}"], env, tmp_path / "head.log")
+    nodes = [head]
+    driver = None
+    try:
+        head.wait_started()
+        deadline = time.time() + 60  # the dashboard comes up shortly after the node
+        while not listening_hosts(dashboard_port) and time.time() < deadline:
+            time.sleep(0.5)
+        assert listening_hosts(dashboard_port) == {"127.0.0.1"}
+        # A second node on the same machine needs its own agent ports.
+        second = RayNode([f"--address=127.0.0.1:{port}", "--num-cpus=1",
+                          f"--dashboard-agent-listen-port={free_port()}",
+                          f"--dashboard-agent-grpc-port={free_port()}",
+                          f"--runtime-env-agent-port={free_port()}",
+                          f"--metrics-export-port={free_port()}"], env, tmp_path / "second.log")
+        nodes.append(second)
+        second.wait_started()
+
+        out = tmp_path / "search"
+        log = open(tmp_path / "driver.log", "w")
+        # Submitted as the README shows for a cluster: a Ray job (through the dashboard, on
+        # 127.0.0.1, with the token), whose driver runs on the head with --address auto.
+        # Two trials, one CPU per worker, one CPU per node (trial drivers hold none): one
+        # trial's worker on each node. ASHA's grace period is the whole run, so neither trial
+        # is stopped before the node is lost.
+        search = [a if a != "experiments/search_smoke.yaml" else str(ROOT / a) for a in SMOKE]
+        driver = subprocess.Popen(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--",
+             sys.executable, "-m", "cifar_ray.tune", *search, "--data-dir", str(noisy_data),
+             "--output-dir", str(out), "--address", "auto", "--num-samples", "2",
+             "--grace-period", "3", "--retrain-epochs", "1"],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        seen_on = set()  # which nodes' process trees held a trial's training worker
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None:
+            workers = pids_with("RayTrainWorker")
+            for name, node in (("head", head), ("second", second)):
+                if workers & node.track():
+                    seen_on.add(name)
+            checkpointed = {p.parent.name for p in out.glob("train_runs/*/checkpoint_*")}
+            if seen_on == {"head", "second"} and len(checkpointed) == 2 \
+                    and workers & second.track():
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None and seen_on == {"head", "second"}, \
+            (seen_on, (tmp_path / "driver.log").read_text()[-3000:])
+        second.kill()  # the whole node disappears mid-search
+        lost_at = time.time()
+
+        driver.wait(timeout=900)
+        log.close()
+        output = (tmp_path / "driver.log").read_text()
+        assert driver.returncode == 0, output[-4000:]
+        assert "ray: cluster auto, 2 node(s)" in output and "succeeded" in output
+        # Right on one machine, but on a real cluster another machine can't reach this disk.
+        assert "warning: results go to" in output and "on a local disk" in output
+        with open(out / "trials.csv") as f:
+            trials = list(csv.DictReader(f))
+        assert len(trials) == 2
+        assert all(t["status"] == "completed" and t["epochs"] == "3" for t in trials), trials
+        assert "RETRY" in output  # Ray Train restarted the lost trial's workers...
+        for result in out.glob("search/*/result.json"):  # ...from its checkpoint, not epoch 0
+            epochs = [json.loads(line)["epoch"] for line in result.read_text().splitlines() if line]
+            assert epochs == [0, 1, 2], (result, epochs)
+        results = json.loads((out / "results.json").read_text())
+        assert results["num_trials"] == 2 and results["test_acc"] > 0.6
+        assert time.time() - lost_at > 5  # the search really went on after the loss
+        assert not files_containing(tmp_path, token)  # neither logged nor written to results
+    finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        for node in reversed(nodes):
+            node.stop()
