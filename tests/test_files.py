@@ -1,10 +1,15 @@
-"""Outputs are replaced atomically: a failure mid-write leaves the old file, whole."""
+"""Outputs are replaced atomically: a failure or a kill mid-write leaves the old file, whole."""
 
 import json
+import random
+import subprocess
+import sys
+import time
 
 import pytest
 
 from cifar_ray.files import atomic_path, write_json
+from tests.conftest import ROOT
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -23,3 +28,40 @@ def test_a_finished_write_replaces_the_file(tmp_path):
     write_json(target, {"a": 1})
     write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2}
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from cifar_ray.files import write_json
+
+def slow_write_text(self, text):  # a slow disk: the kill then lands inside a write
+    with open(self, "w") as f:
+        for start in range(0, len(text), 1 << 16):
+            f.write(text[start:start + (1 << 16)])
+            f.flush()
+            time.sleep(0.002)
+
+Path.write_text = slow_write_text
+target, i = sys.argv[1], 0
+while True:  # ever-changing versions of a large results file
+    i += 1
+    write_json(target, {"version": i, "payload": [i] * 200_000})
+"""
+
+
+def test_a_kill_at_any_moment_leaves_a_whole_file(tmp_path):
+    """SIGKILL a process that rewrites results.json in a loop, many times, at random moments."""
+    target = tmp_path / "results.json"
+    write_json(target, {"version": 0, "payload": []})
+    rng = random.Random(0)
+    versions = set()
+    for _ in range(8):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], cwd=ROOT)
+        time.sleep(1.0 + rng.random())  # imports, then somewhere inside a write
+        writer.kill()
+        writer.wait()
+        data = json.loads(target.read_text())  # never torn
+        assert data["payload"] == [data["version"]] * len(data["payload"])
+        versions.add(data["version"])
+    assert len(versions) > 1  # the writer really was rewriting it when killed
