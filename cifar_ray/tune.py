@@ -23,17 +23,20 @@ Output dir:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cifar_ray.config import Config, SearchConfig, add_config_flags, resolve
 from cifar_ray.data import ensure_dataset, read_cifar
@@ -42,6 +45,7 @@ from cifar_ray.files import write_json, write_text
 from cifar_ray.train import precision
 
 METRIC = "val/acc"
+STARTUP = "time/startup_s"  # see startup_timer
 
 
 class Interrupted(UserError):
@@ -52,6 +56,23 @@ HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
 
 # ---------------------------------------------------------------------------------------------
 # What runs on each Ray Train worker
+
+
+def startup_timer(trial_started: float):
+    """A callback that logs `time/startup_s`: seconds from the trial function's start to this
+    worker's first training step (Ray Train's controller, the worker group, imports, data,
+    Lightning's setup), what each trial pays before it trains. Measured at the first step and
+    logged with every epoch's metrics."""
+    from cifar_ray.pl import pl
+
+    class StartupTimer(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if not hasattr(self, "seconds"):
+                self.seconds = time.time() - trial_started
+            pl_module.log(STARTUP, self.seconds, on_step=False, on_epoch=True,
+                          sync_dist=False, reduce_fx="max")
+
+    return StartupTimer()
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -66,7 +87,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     logging.getLogger(pl.__name__).setLevel(logging.WARNING)  # no per-trial banners
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning vs newer torch, harmless
-    cfg = Config.from_dict(config)
+    cfg = Config.from_dict(config["config"])
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     data = CifarDataModule(cfg)
     data.setup()
@@ -78,7 +99,7 @@ def train_worker(config: dict[str, Any]) -> None:
         precision=cfg.trainer.precision,
         strategy=RayDDPStrategy(),
         plugins=[RayLightningEnvironment()],
-        callbacks=[RayTrainReportCallback()],
+        callbacks=[startup_timer(config["trial_started"]), RayTrainReportCallback()],
         logger=pl.loggers.TensorBoardLogger(cfg.trainer.output_dir, name="tensorboard",
                                             default_hp_metric=False),
         enable_checkpointing=False,  # Ray's callback checkpoints every epoch
@@ -108,6 +129,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    trial_started = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = Config.from_dict(base)
     cfg.optim.lr = float(params["lr"])
@@ -116,7 +138,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
     cfg.trainer.output_dir = str(Path(storage) / f"train-{trial_id}")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={"config": cfg.to_dict(), "trial_started": trial_started},
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(
             name=f"train-{trial_id}",
@@ -246,6 +268,33 @@ def plan_resources(cfg: SearchConfig) -> tuple[dict[str, Any], int]:
 # The search
 
 
+@contextlib.contextmanager
+def ctrl_c_stops_tune() -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) during the search: the first one asks Tune to stop gracefully (save its
+    state, stop the trials, return), through Tune's own SIGUSR1 handler; a second one aborts.
+    Tune's SIGINT handler is turned off so that the event yielded here tells afterwards
+    whether the search was interrupted: neither the trials' statuses nor their last results
+    tell that reliably."""
+    interrupted = threading.Event()
+
+    def on_sigint(sig, frame) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        print("\nstopping the search (Ctrl-C again to abort) ...", flush=True)
+        interrupted.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    # Until Tune installs its SIGUSR1 handler, SIGUSR1 must not kill the process.
+    previous_usr1 = signal.signal(signal.SIGUSR1, lambda sig, frame: None)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGUSR1, previous_usr1)
+
+
 def trial_base_config(cfg: SearchConfig, use_gpu: bool) -> dict[str, Any]:
     """The training config every trial starts from (the trial adds lr / wd / batch size)."""
     base = cfg.training_config()
@@ -290,10 +339,15 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
                                         grace_period=t.grace_period,
                                         reduction_factor=t.reduction_factor),
                 search_alg=BasicVariantGenerator(random_state=t.search_seed)),
-            # A trial whose own process dies (its node lost) is started again; its Ray Train
-            # run then goes on from the run's latest checkpoint in storage.
-            run_config=tune.RunConfig(name=t.name, storage_path=str(storage),
-                                      failure_config=tune.FailureConfig(max_failures=t.max_failures)),
+            run_config=tune.RunConfig(
+                name=t.name, storage_path=str(storage),
+                # A trial whose own process dies (its node lost) is started again; its Ray
+                # Train run then goes on from the run's latest checkpoint in storage.
+                failure_config=tune.FailureConfig(max_failures=t.max_failures),
+                # Tune saves its experiment state (which trials finished) every ~10 s, but
+                # copies it to storage only every sync_period (default 300 s): a killed driver
+                # would resume from a state minutes old and run finished trials again.
+                sync_config=tune.SyncConfig(sync_period=10)),
         )
     return tuner.fit()
 
@@ -314,6 +368,9 @@ def summarise_trials(grid, max_t: int) -> list[dict[str, Any]]:
                 kept = [p for p in scored.get("checkpoint_path", []) if isinstance(p, str)
                         and (Path(p) / CHECKPOINT_FILE).is_file()]
                 best_ckpt = kept[0] if kept else None
+        startup = None  # from the first report (a restarted worker group measures its own)
+        if history is not None and STARTUP in history and history[STARTUP].notna().any():
+            startup = round(float(history[STARTUP].dropna().iloc[0]), 2)
         epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
         status = "error" if result.error else ("completed" if epochs >= max_t else "stopped early")
         rows.append({
@@ -321,13 +378,15 @@ def summarise_trials(grid, max_t: int) -> list[dict[str, Any]]:
             "lr": result.config.get("lr"), "weight_decay": result.config.get("weight_decay"),
             "batch_size": result.config.get("batch_size"), "epochs": epochs,
             "best_val_acc": best_acc, "status": status, "checkpoint": best_ckpt,
+            "startup_s": startup,
         })
     return rows
 
 
 def write_trials_csv(rows: list[dict[str, Any]], target: Path) -> None:
     buffer = io.StringIO()
-    fields = ["trial_id", "lr", "weight_decay", "batch_size", "epochs", "best_val_acc", "status"]
+    fields = ["trial_id", "lr", "weight_decay", "batch_size", "epochs", "best_val_acc", "status",
+              "startup_s"]
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
@@ -436,10 +495,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"search: {cfg.tune.num_samples} trials, {concurrent} at a time, "
               f"{cfg.tune.workers_per_trial} worker(s) each; ASHA max_t={cfg.trainer.epochs} "
               f"grace={cfg.tune.grace_period} reduction={cfg.tune.reduction_factor}")
-        grid = run_search(cfg, out, args.resume, concurrent, scaling)
-        # After Ctrl-C, Tune saves its state and returns; unfinished trials never said "done".
-        finished = [r for r in grid if r.error is not None or (r.metrics or {}).get("done")]
-        if len(finished) < max(len(grid), cfg.tune.num_samples):
+        with ctrl_c_stops_tune() as interrupted:
+            grid = run_search(cfg, out, args.resume, concurrent, scaling)
+        if interrupted.is_set():
             raise Interrupted(f"search interrupted; its state is saved in {out / cfg.tune.name}: "
                               f"run the same command with --resume to continue")
         search_seconds = time.perf_counter() - start

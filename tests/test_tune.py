@@ -44,6 +44,7 @@ def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray)
 
     trials = _read_trials(out)
     assert len(trials) >= 4
+    assert all(0 < float(t["startup_s"]) < 300 for t in trials), trials  # measured, per trial
     assert any(t["status"] == "stopped early" and int(t["epochs"]) < 3 for t in trials), trials
     results = json.loads((out / "results.json").read_text())
     best_row = max(trials, key=lambda t: float(t["best_val_acc"] or -1))
@@ -74,11 +75,12 @@ def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray)
 
 
 def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
-    """Ctrl-C, then --resume, then SIGKILL, then --resume: all 4 trials end, none run twice."""
+    """Ctrl-C, then --resume, then SIGKILL, then --resume: all 5 trials end, none run twice.
+    (Five, two at a time: trials finish in pairs, and the kill must find one still running.)"""
     out = tmp_path / "search"
     state = out / "search"
     args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
-            "--output-dir", str(out), "--retrain-epochs", "1"]
+            "--output-dir", str(out), "--retrain-epochs", "1", "--num-samples", "5"]
 
     # Ctrl-C once the first trial has finished and the rest have not.
     driver, log = _start(args, tmp_path / "first.log", sys_tmp)
@@ -103,17 +105,17 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
     driver.wait()
     assert not (out / "results.json").exists()
     done_second = _finished_trials(state)
-    assert len(done_second) < 4, "the search ended before it could be killed"
+    assert len(done_second) < 5, "the search ended before it could be killed"
 
     proc = subprocess.run([*args, "--resume"], cwd=ROOT, env=search_env(sys_tmp),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = {t["trial_id"]: t for t in _read_trials(out)}
-    assert len(trials) == 4 and all(t["status"] != "error" for t in trials.values())
+    assert len(trials) == 5 and all(t["status"] != "error" for t in trials.values())
     for trial_id, epochs in done_second.items():  # finished trials were kept, not re-run
         assert int(trials[trial_id]["epochs"]) == epochs
         assert _reports(state, trial_id) == epochs  # each epoch reported once: no second run
-    assert json.loads((out / "results.json").read_text())["num_trials"] == 4
+    assert json.loads((out / "results.json").read_text())["num_trials"] == 5
 
 
 def _start(args: list[str], log: Path, sys_tmp: Path) -> tuple[subprocess.Popen, Path]:
