@@ -45,6 +45,9 @@ class AugmentConfig:
     flip_p: float = _f(0.5, "probability of a horizontal flip")
     cutout_p: float = _f(0.5, "probability of cutting one hole out of an image")
     cutout_size: int = _f(8, "side of the square cutout hole, filled with the data set's mean")
+    runs_on: str = _f("auto", "gpu: whole batches with tensor ops on the training device, the "
+                              "data set held there; cpu: Albumentations per image in DataLoader "
+                              "workers; auto: gpu when training on CUDA, else cpu")
 
 
 @dataclass
@@ -223,6 +226,8 @@ def validate(cfg: Config) -> None:
     _check(0 <= a.flip_p <= 1, f"augment.flip_p must be in [0, 1], got {a.flip_p}")
     _check(0 <= a.cutout_p <= 1, f"augment.cutout_p must be in [0, 1], got {a.cutout_p}")
     _check(1 <= a.cutout_size <= 32, f"augment.cutout_size must be in [1, 32], got {a.cutout_size}")
+    _check(a.runs_on in ("auto", "gpu", "cpu"),
+           f"augment.runs_on must be auto, gpu or cpu, got '{a.runs_on}'")
     _check(m.width >= 1, f"model.width must be >= 1, got {m.width}")
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")

@@ -28,6 +28,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from cifar_ray.config import AugmentConfig, Config, DataConfig
 from cifar_ray.errors import DataError
+from cifar_ray.gpu_augment import DeviceBatches, augment_batch, normalize
 from cifar_ray.pl import pl
 
 IMAGE_SIZE = 32
@@ -315,6 +316,33 @@ class CifarDataModule(pl.LightningDataModule):
                                          arrays.train_labels[val_idx], evaluate)
         self.test_set = ImageArrayDataset(arrays.test_images, arrays.test_labels, evaluate)
 
+    def on_device(self) -> bool:
+        """Whether batches come from the device and are augmented there (gpu_augment.py)."""
+        runs_on = self.cfg.augment.runs_on
+        if runs_on == "auto":
+            return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return runs_on == "gpu"
+
+    def _device_batches(self, dataset: ImageArrayDataset, shuffle: bool) -> DeviceBatches:
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        images = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return DeviceBatches(images.to(device), torch.from_numpy(dataset.labels).long().to(device),
+                             self.cfg.trainer.batch_size, shuffle, seed=self.cfg.trainer.seed,
+                             rank=rank, world=world)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Device batches arrive as uint8: augment (training) or just normalise them here."""
+        x, y = batch
+        if x.dtype == torch.uint8:
+            if self.trainer is not None and self.trainer.training:
+                x = augment_batch(x, self.cfg.augment, self.spec.mean, self.spec.std)
+            else:
+                x = normalize(x, self.spec.mean, self.spec.std)
+            if x.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
     def num_workers(self) -> int:
         n = self.cfg.data.num_workers
         return min(available_cpus(), 8) if n < 0 else n
@@ -325,11 +353,16 @@ class CifarDataModule(pl.LightningDataModule):
                           num_workers=workers, persistent_workers=workers > 0,
                           worker_init_fn=_reseed_worker, pin_memory=torch.cuda.is_available())
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def _batches(self, dataset: ImageArrayDataset, shuffle: bool) -> DataLoader | DeviceBatches:
+        if self.on_device():
+            return self._device_batches(dataset, shuffle)
+        return self._loader(dataset, shuffle)
 
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._batches(self.train_set, shuffle=True)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+    def val_dataloader(self) -> DataLoader | DeviceBatches | list:
+        return self._batches(self.val_set, shuffle=False) if len(self.val_set) else []
+
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
+        return self._batches(self.test_set, shuffle=False)
