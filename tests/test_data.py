@@ -180,7 +180,7 @@ def test_augmented_batches_are_normalised_float_chw():
     np.testing.assert_allclose(plain[:, 0, 0].numpy(), expected, rtol=1e-4)
 
 
-def _find_shift(out, reference):
+def find_shift(out, reference):
     """The (dy, dx) such that out is reference shifted by it, zero-filled; None if none fits."""
     for dy in range(-4, 5):
         for dx in range(-4, 5):
@@ -196,7 +196,7 @@ def _find_shift(out, reference):
 def test_random_crop_stays_within_the_pad_and_covers_it():
     image, reference = _image(), _normalised(_image())
     aug = train_transform(AugmentConfig(flip_p=0, cutout_p=0), SPEC, seed=1)
-    shifts = [_find_shift(aug(image=image)["image"], reference) for _ in range(200)]
+    shifts = [find_shift(aug(image=image)["image"], reference) for _ in range(200)]
     assert None not in shifts  # every crop is the image shifted by at most 4 pixels
     assert {s[0] for s in shifts} == set(range(-4, 5)) == {s[1] for s in shifts}
 

@@ -13,6 +13,7 @@ from cifar_ray.config import AugmentConfig
 from cifar_ray.data import SPECS, train_transform
 from cifar_ray.gpu_augment import DeviceBatches, augment_batch, normalize
 from tests.conftest import FAST_FLAGS, run_cli
+from tests.test_data import find_shift
 
 SPEC = SPECS["cifar10"]
 
@@ -27,19 +28,6 @@ def _augment(images: torch.Tensor, seed: int = 0, **aug) -> torch.Tensor:
                          generator=torch.Generator().manual_seed(seed))
 
 
-def _shift(out: torch.Tensor, reference: torch.Tensor) -> tuple[int, int] | None:
-    """The (dy, dx) such that `out` is `reference` shifted by it, zero-filled; None if none."""
-    for dy in range(-4, 5):
-        for dx in range(-4, 5):
-            shifted = torch.zeros_like(reference)
-            ys, yd = slice(max(0, -dy), 32 - max(0, dy)), slice(max(0, dy), 32 - max(0, -dy))
-            xs, xd = slice(max(0, -dx), 32 - max(0, dx)), slice(max(0, dx), 32 - max(0, -dx))
-            shifted[:, yd, xd] = reference[:, ys, xs]
-            if torch.allclose(out, shifted, atol=1e-5):
-                return dy, dx
-    return None
-
-
 def test_normalisation_matches_albumentations():
     image = _batch(1)
     ours = normalize(image, SPEC.mean, SPEC.std)[0]
@@ -52,11 +40,11 @@ def test_crops_are_shifts_within_the_pad_distributed_like_albumentations():
     images = _batch(1).expand(900, -1, -1, -1)
     reference = normalize(images[:1], SPEC.mean, SPEC.std)[0]
     out = _augment(images, flip_p=0, cutout_p=0)
-    ours = [_shift(o, reference) for o in out]
+    ours = [find_shift(o, reference) for o in out]
     assert None not in ours  # each crop is the image shifted by at most 4 pixels, zero-filled
     album = train_transform(AugmentConfig(flip_p=0, cutout_p=0), SPEC, seed=1)
     image = images[0].permute(1, 2, 0).numpy()
-    theirs = [_shift(album(image=image)["image"], reference) for _ in range(900)]
+    theirs = [find_shift(album(image=image)["image"], reference) for _ in range(900)]
     for axis in (0, 1):  # both uniform over the 9 offsets: about 100 each of 900
         for counts in (Counter(s[axis] for s in ours), Counter(s[axis] for s in theirs)):
             assert set(counts) == set(range(-4, 5)) and all(60 < c < 140 for c in counts.values())
