@@ -111,11 +111,11 @@ def compute_cams(module: LitResNet9, images: torch.Tensor, class_ids: list[int],
     return np.clip(maps, 0.0, 1.0)
 
 
-def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
+def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55) -> np.ndarray:
     """A (32, 32, 3) image in [0, 1] and its (32, 32) CAM -> an upscaled RGB overlay."""
     big = cv2.resize(image, (UPSCALE, UPSCALE), interpolation=cv2.INTER_CUBIC).clip(0, 1)
     mask = cv2.resize(cam, (UPSCALE, UPSCALE), interpolation=cv2.INTER_LINEAR).clip(0, 1)
-    return show_cam_on_image(big.astype(np.float32), mask, use_rgb=True, image_weight=0.55)
+    return show_cam_on_image(big.astype(np.float32), mask, use_rgb=True, image_weight=image_weight)
 
 
 def resolve_device(choice: str) -> torch.device:
