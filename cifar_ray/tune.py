@@ -46,12 +46,12 @@ from cifar_ray.train import precision
 
 METRIC = "val/acc"
 STARTUP = "time/startup_s"  # see startup_timer
+CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
+HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
 
 
 class Interrupted(UserError):
     exit_code = 130
-CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
-HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,15 +62,18 @@ def startup_timer(trial_started: float):
     """A callback that logs `time/startup_s`: seconds from the trial function's start to this
     worker's first training step (Ray Train's controller, the worker group, imports, data,
     Lightning's setup), what each trial pays before it trains. Measured at the first step and
-    logged with every epoch's metrics."""
+    logged with every epoch's metrics (before RayTrainReportCallback reports them)."""
     from cifar_ray.pl import pl
 
     class StartupTimer(pl.Callback):
+        seconds = None
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if not hasattr(self, "seconds"):
+            if self.seconds is None:
                 self.seconds = time.time() - trial_started
-            pl_module.log(STARTUP, self.seconds, on_step=False, on_epoch=True,
-                          sync_dist=False, reduce_fx="max")
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            pl_module.log(STARTUP, self.seconds, on_step=False, on_epoch=True, sync_dist=False)
 
     return StartupTimer()
 
@@ -255,10 +258,10 @@ def plan_resources(cfg: SearchConfig) -> tuple[dict[str, Any], int]:
         print(f"{shortfall} now: trials wait for the cluster's autoscaler to add nodes")
     concurrent = min(t.max_concurrent or fits or t.num_samples, t.num_samples)
     storage = search_storage(cfg, Path(cfg.trainer.output_dir))
-    if nodes > 1 and filesystem_type(storage) in LOCAL_FILESYSTEMS:
-        print(f"warning: results go to {storage}, on a local disk "
-              f"({filesystem_type(storage)}): nodes on other machines cannot write there; put "
-              "the output dir (or tune.storage) on storage every node mounts (NFS, EFS)")
+    if nodes > 1 and (kind := filesystem_type(storage)) in LOCAL_FILESYSTEMS:
+        print(f"warning: results go to {storage}, on a local disk ({kind}): nodes on other "
+              "machines cannot write there; put the output dir (or tune.storage) on storage "
+              "every node mounts (NFS, EFS)")
     scaling = {"num_workers": t.workers_per_trial, "use_gpu": gpus_per_worker > 0,
                "resources_per_worker": {"CPU": t.cpus_per_worker, "GPU": gpus_per_worker}}
     return scaling, max(1, concurrent)
