@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cifar_ray import gradcam
 from cifar_ray.config import DataConfig
-from cifar_ray.data import SPECS, eval_transform, load_dataset
+from cifar_ray.data import SPECS, CifarArrays, eval_transform, load_dataset
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.module import LitResNet9, load_module
 
@@ -82,16 +82,17 @@ class Classifier:
         return top, shown, caption
 
 
-def gallery(checkpoint: Path, data_dir: str | None, report_dir: str | None) -> tuple[list, str]:
+def gallery(checkpoint: Path, data_dir: str | None, arrays: CifarArrays | None,
+            report_dir: str | None) -> tuple[list, str]:
     """The mistakes figures: an existing report, or one computed now from the data set."""
     folder = Path(report_dir) if report_dir else checkpoint.parent / "gradcam"
     if not (folder / "misclassified.json").is_file():
-        if not data_dir:
+        if arrays is None:
             return [], ("No GradCAM report beside the checkpoint; start the app with `--data-dir` "
                         "to compute one.")
         folder = Path(tempfile.mkdtemp(prefix="cifar_ray_app_"))
         print(f"app: computing the GradCAM report of the test set into {folder} ...", flush=True)
-        gradcam.analyse(checkpoint, data_dir, folder, device="cpu")
+        gradcam.analyse(checkpoint, data_dir, folder, device="cpu", arrays=arrays)
     items = [(str(folder / name), caption) for name, caption in FIGURES if (folder / name).is_file()]
     summary = json.loads((folder / "misclassified.json").read_text())
     return items, (f"{summary['mistakes']} of the {summary['images']} {summary['split']} images "
@@ -99,11 +100,10 @@ def gallery(checkpoint: Path, data_dir: str | None, report_dir: str | None) -> t
                    f"`{summary['target_layer']}`. Report: `{folder}`")
 
 
-def example_files(classifier: Classifier, data_dir: str | None, count: int = 8) -> list[str]:
+def example_files(arrays: CifarArrays | None, count: int = 8) -> list[str]:
     """The first test images of the data set, as PNG files the page can offer as examples."""
-    if not data_dir:
+    if arrays is None:
         return []
-    arrays = load_dataset(DataConfig(dataset=classifier.module.hparams.dataset, data_dir=data_dir))
     folder = Path(tempfile.mkdtemp(prefix="cifar_ray_examples_"))
     paths = []
     for i in range(min(count, len(arrays.test_labels))):
@@ -119,8 +119,12 @@ def build(checkpoint: str | Path, data_dir: str | None = None, report_dir: str |
 
     checkpoint = Path(checkpoint).expanduser().resolve()
     classifier = Classifier(checkpoint)
-    examples = example_files(classifier, data_dir)
-    figures, report_note = gallery(checkpoint, data_dir, report_dir)
+    arrays = None  # read once, for the examples and for a report computed here
+    if data_dir:
+        arrays = load_dataset(DataConfig(dataset=classifier.module.hparams.dataset,
+                                         data_dir=data_dir))
+    examples = example_files(arrays)
+    figures, report_note = gallery(checkpoint, data_dir, arrays, report_dir)
 
     def classify(path, top_k, cam_class, layer, opacity):
         try:
