@@ -39,7 +39,7 @@ from cifar_ray.config import AugmentConfig, Config
 from cifar_ray.data import SPECS, ImageArrayDataset, available_cpus, load_dataset, train_transform
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import write_json
-from cifar_ray.gpu_augment import augment_batch
+from cifar_ray.gpu_augment import augment_batch, normalize
 from cifar_ray.model import ResNet9
 from cifar_ray.module import LitResNet9
 from cifar_ray.pl import pl
@@ -211,18 +211,18 @@ def bench_tune(data_dir: Path) -> dict[str, Any]:
 
 
 def bench_gradcam(images: np.ndarray, device: torch.device, width: int) -> dict[str, Any]:
+    """The gradcam stage's own CAM call (one GradCAM object, reused) on 64 test images."""
     from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    model = ResNet9(10, width).to(device).eval()
+    from cifar_ray.gradcam import DEFAULT_LAYER, compute_cams, target_layer
+
+    module = LitResNet9(width=width).to(device).eval()
     spec = SPECS["cifar10"]
-    x = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float().div(255)
-    x = ((x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1))
-    x = x.to(device)
-    targets = [ClassifierOutputTarget(0)] * len(x)
-    with GradCAM(model=model, target_layers=[model.layer3_R]) as cam:
-        cam(input_tensor=x[:8], targets=targets[:8])  # warm-up
-        seconds = timed(lambda: cam(input_tensor=x, targets=targets), device)
+    x = normalize(torch.from_numpy(images[:64]).permute(0, 3, 1, 2), spec.mean, spec.std)  # (64, 3, 32, 32)
+    classes = [0] * len(x)
+    with GradCAM(model=module, target_layers=[target_layer(module, DEFAULT_LAYER)]) as cam:
+        compute_cams(module, x[:8], classes[:8], DEFAULT_LAYER, device, cam)  # warm-up
+        seconds = timed(lambda: compute_cams(module, x, classes, DEFAULT_LAYER, device, cam), device)
     return {"gradcam_images_s": len(x) / seconds}
 
 
