@@ -5,8 +5,8 @@
     2. Ray Tune samples lr, weight decay and batch size from the config's `search:` section and
        schedules trials with ASHA on validation accuracy. Each trial is a Ray Train
        `TorchTrainer` (W workers, DDP when W > 1) running the Lightning module with Ray's
-       strategy, environment and report callback; `TuneReportCallback` hands each epoch's
-       metrics to Tune.
+       strategy and environment; `EpochReports` reports each epoch to Ray Train and
+       `TuneReportCallback` hands it to Tune.
     3. The best trial's configuration is retrained on train + validation (from its best
        checkpoint, or from scratch), tested once, and analysed with GradCAM.
 
@@ -32,8 +32,10 @@ import secrets
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,11 +44,13 @@ from cifar_ray.config import Config, SearchConfig, add_config_flags, resolve
 from cifar_ray.data import ensure_dataset, read_cifar
 from cifar_ray.errors import ConfigError, UserError, cli_entry
 from cifar_ray.files import write_json, write_text
+from cifar_ray.pl import pl
 from cifar_ray.train import precision
 
 METRIC = "val/acc"
-STARTUP = "time/startup_s"  # see startup_timer
+STARTUP = "time/startup_s"  # see EpochReports
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
+CHECKPOINT_PATH = "checkpoint_path"  # the key of a report's checkpoint (as Ray's Tune callback)
 HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
 
 
@@ -58,35 +62,73 @@ class Interrupted(UserError):
 # What runs on each Ray Train worker
 
 
-def startup_timer(trial_started: float):
-    """A callback that logs `time/startup_s`: seconds from the trial function's start to this
-    worker's first training step (Ray Train's controller, the worker group, imports, data,
-    Lightning's setup), what each trial pays before it trains. Measured at the first step and
-    logged with every epoch's metrics (before RayTrainReportCallback reports them)."""
-    from cifar_ray.pl import pl
+class EpochReports(pl.Callback):
+    """Reports each epoch's metrics and checkpoint to Ray Train (and, through Ray's
+    TuneReportCallback, to Tune and ASHA), and keeps every report in the checkpoint, marked
+    with the Tune session of the trial that received it.
 
-    class StartupTimer(pl.Callback):
-        seconds = None
+    Why the marks: Tune saves its experiment state every few seconds, while Ray Train resumes a
+    run of the same name from that run's latest checkpoint. A driver killed between two saves
+    leaves trials that Tune's state lists as not started (on `--resume` they start a new
+    session, counting epochs from zero) whose Train runs went on, perhaps to their last epoch.
+    Such a run resumes past the epochs this session never received (a finished one reports
+    nothing at all, which Tune rejects). So once the checkpoint is restored, the epochs in it
+    that this session has not received are reported first, in order: Tune sees every epoch
+    once, whatever the lag. A worker group Ray Train restarts within the same session replays
+    nothing, since its checkpoint's reports carry this session's mark.
 
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if self.seconds is None:
-                self.seconds = time.time() - trial_started
+    Also measures `time/startup_s`: seconds from the trial function's start to this worker's
+    first training step (Ray Train's controller, the worker group, imports, data, Lightning's
+    setup), what each trial pays before it trains.
+    """
 
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            pl_module.log(STARTUP, self.seconds, on_step=False, on_epoch=True, sync_dist=False)
+    def __init__(self, session: str, trial_started: float, run_dir: str):
+        self.session, self.trial_started, self.run_dir = session, trial_started, run_dir
+        self.startup_s: float | None = None
+        self.reports: list[dict[str, Any]] = []  # {"session": ..., "metrics": {...}} per epoch
 
-    return StartupTimer()
+    def state_dict(self) -> dict[str, Any]:
+        return {"reports": self.reports}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reports = [dict(report) for report in state["reports"]]
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Lightning restores callback state before this hook, and calls it even when the
+        # restored run has no epoch left to train.
+        import ray.train
+
+        for report in self.reports:
+            if report["session"] != self.session:
+                report["session"] = self.session
+                ray.train.report(report["metrics"])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.startup_s is None:
+            self.startup_s = round(time.time() - self.trial_started, 2)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # Validation has run by now: its metrics are in callback_metrics too.
+        import ray.train
+
+        name = f"epoch_{trainer.current_epoch:04d}"  # a name the reports can point to
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        metrics.update({"epoch": trainer.current_epoch, "step": trainer.global_step,
+                        STARTUP: self.startup_s, CHECKPOINT_PATH: str(Path(self.run_dir) / name)})
+        self.reports.append({"session": self.session, "metrics": metrics})
+        with tempfile.TemporaryDirectory(prefix="report-") as folder:  # saved with this report
+            trainer.save_checkpoint(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=name)
 
 
 def train_worker(config: dict[str, Any]) -> None:
     """One trial's training on one Ray Train worker (rank 0 of 1, or one rank of a DDP group)."""
     import ray.train
-    from ray.train.lightning import (RayDDPStrategy, RayLightningEnvironment,
-                                     RayTrainReportCallback, prepare_trainer)
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
     from cifar_ray.data import CifarDataModule
     from cifar_ray.module import LitResNet9
-    from cifar_ray.pl import pl
 
     logging.getLogger(pl.__name__).setLevel(logging.WARNING)  # no per-trial banners
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning vs newer torch, harmless
@@ -95,6 +137,7 @@ def train_worker(config: dict[str, Any]) -> None:
     data = CifarDataModule(cfg)
     data.setup()
     module = LitResNet9.from_config(cfg, data.classes)
+    reports = EpochReports(config["session"], config["trial_started"], cfg.trainer.output_dir)
     trainer = pl.Trainer(
         max_epochs=cfg.trainer.epochs,
         accelerator="gpu" if cfg.trainer.accelerator == "gpu" else "cpu",
@@ -102,21 +145,23 @@ def train_worker(config: dict[str, Any]) -> None:
         precision=cfg.trainer.precision,
         strategy=RayDDPStrategy(),
         plugins=[RayLightningEnvironment()],
-        callbacks=[startup_timer(config["trial_started"]), RayTrainReportCallback()],
+        callbacks=[reports],
         logger=pl.loggers.TensorBoardLogger(cfg.trainer.output_dir, name="tensorboard",
                                             default_hp_metric=False),
-        enable_checkpointing=False,  # Ray's callback checkpoints every epoch
+        enable_checkpointing=False,  # EpochReports checkpoints every epoch
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
     trainer = prepare_trainer(trainer)
-    checkpoint = ray.train.get_checkpoint()  # set when Ray restarts a failed worker group
+    # Set when Ray Train restarts a failed worker group, or resumes this run after the search
+    # was interrupted: go on from the run's latest checkpoint.
+    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             trainer.fit(module, datamodule=data, weights_only=True,
-                        ckpt_path=os.path.join(folder, RayTrainReportCallback.CHECKPOINT_NAME))
+                        ckpt_path=os.path.join(folder, CHECKPOINT_FILE))
     else:
         trainer.fit(module, datamodule=data)
 
@@ -138,10 +183,13 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
     cfg.optim.lr = float(params["lr"])
     cfg.optim.weight_decay = float(params["weight_decay"])
     cfg.trainer.batch_size = int(params["batch_size"])
+    # The Train run's own folder: its checkpoints, and the workers' TensorBoard logs.
     cfg.trainer.output_dir = str(Path(storage) / f"train-{trial_id}")
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_dict(), "trial_started": trial_started},
+        # session: this call of the trial function, as Tune sees it (see EpochReports).
+        train_loop_config={"config": cfg.to_dict(), "trial_started": trial_started,
+                           "session": uuid.uuid4().hex},
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(
             name=f"train-{trial_id}",
@@ -368,7 +416,7 @@ def summarise_trials(grid, max_t: int) -> list[dict[str, Any]]:
                 best_acc = float(scored[METRIC].iloc[0])
                 # Ray keeps the best-scoring checkpoint, but among equal scores it may have
                 # kept a later epoch's: take the best epoch whose checkpoint is still there.
-                kept = [p for p in scored.get("checkpoint_path", []) if isinstance(p, str)
+                kept = [p for p in scored.get(CHECKPOINT_PATH, []) if isinstance(p, str)
                         and (Path(p) / CHECKPOINT_FILE).is_file()]
                 best_ckpt = kept[0] if kept else None
         startup = None  # from the first report (a restarted worker group measures its own)

@@ -106,7 +106,7 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
             for name, node in (("head", head), ("second", second)):
                 if workers & node.track():
                     seen_on.add(name)
-            checkpointed = {p.parent.name for p in out.glob("train_runs/*/checkpoint_*")}
+            checkpointed = {p.parent.name for p in out.glob("train_runs/*/epoch_*")}
             if seen_on == {"head", "second"} and len(checkpointed) == 2 \
                     and workers & second.track():
                 break

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,6 +119,68 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
     assert json.loads((out / "results.json").read_text())["num_trials"] == 5
 
 
+def test_a_search_whose_saved_state_lags_its_train_runs_resumes(noisy_data, tmp_path, sys_tmp,
+                                                               no_leftover_ray):
+    """The race behind a crash on --resume, made to happen every time. Tune saves its experiment
+    state every few seconds; a driver killed between two saves leaves a state that lists trials
+    as not started while their Ray Train runs went on, here one of them to its last epoch.
+    Resumed, each trial must hand Tune every epoch of its run, once and in order, and go on
+    from the run's latest checkpoint (before the fix, a finished run returned no result and
+    Tune stopped the search: "Trial returned a result which did not include ... val/acc")."""
+    out = tmp_path / "search"
+    state = out / "search"
+    args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
+            "--output-dir", str(out), "--retrain-epochs", "1", "--num-samples", "2",
+            "--grace-period", "3"]
+    driver, log = _start(args, tmp_path / "first.log", sys_tmp)
+    # Tune's state as saved once the trials exist, before any of them reported an epoch.
+    early = tmp_path / "early_state"
+    deadline = time.time() + 300
+    while not (_saved_trials(state) == 2 and not list(out.glob("train_runs/*/epoch_*"))):
+        assert time.time() < deadline and driver.poll() is None, log.read_text()[-3000:]
+        assert not list(out.glob("train_runs/*/epoch_*")), "a trial reported before the save"
+        time.sleep(0.2)
+    shutil.copytree(state, early)
+    _wait_for_finished_trials(state, 1, driver)  # one Train run has reached its last epoch
+    driver.kill()
+    driver.wait()
+    finished = {trial_id: _startups(state, trial_id) for trial_id in _finished_trials(state)}
+    assert not (out / "results.json").exists()
+    shutil.rmtree(state)
+    shutil.copytree(early, state)  # the state lags the Train runs, as after an unlucky kill
+
+    proc = subprocess.run([*args, "--resume"], cwd=ROOT, env=search_env(sys_tmp),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = _read_trials(out)
+    assert len(trials) == 2, trials
+    assert all(t["status"] == "completed" and t["epochs"] == "3" and t["best_val_acc"]
+               for t in trials), trials
+    for result in state.glob("*/result.json"):  # every epoch reached Tune once, in order
+        epochs = [json.loads(line)["epoch"] for line in result.read_text().splitlines() if line]
+        assert epochs == [0, 1, 2], (result, epochs)
+    # The finished run was handed over, not trained again: its reports are the first run's
+    # (a second training would have measured its own start-up time).
+    for trial_id, startups in finished.items():
+        assert _startups(state, trial_id) == startups
+    assert json.loads((out / "results.json").read_text())["num_trials"] == 2
+
+
+def _startups(state: Path, trial_id: str) -> list[float]:
+    """The start-up seconds in each of a trial's reports to Tune."""
+    (result,) = [p for p in state.glob("*/result.json") if trial_id in p.parent.name]
+    return [json.loads(line)["time/startup_s"] for line in result.read_text().splitlines() if line]
+
+
+def _saved_trials(state: Path) -> int:
+    """How many trials Tune's last saved experiment state lists."""
+    saved = sorted(state.glob("experiment_state*.json"))
+    try:
+        return len(json.loads(saved[-1].read_text())["trial_data"]) if saved else 0
+    except (ValueError, KeyError):  # being rewritten
+        return 0
+
+
 def _start(args: list[str], log: Path, sys_tmp: Path) -> tuple[subprocess.Popen, Path]:
     with open(log, "w") as f:  # a file, not a pipe nobody reads while we wait
         driver = subprocess.Popen(args, cwd=ROOT, env=search_env(sys_tmp), stdout=f,
@@ -180,7 +243,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_pa
          "--retrain-epochs", "1"], cwd=ROOT, env=search_env(sys_tmp), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while time.time() < deadline and driver.poll() is None:
-        if list(out.glob("train_runs/*/checkpoint_*")):  # the first epoch is checkpointed
+        if list(out.glob("train_runs/*/epoch_*")):  # the first epoch is checkpointed
             break
         time.sleep(0.5)
     victims = pids_with("RayTrainWorker") - workers_before
