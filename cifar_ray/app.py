@@ -27,19 +27,13 @@ from PIL import Image, UnidentifiedImageError
 
 from cifar_ray import gradcam
 from cifar_ray.config import DataConfig
-from cifar_ray.data import SPECS, CifarArrays, eval_transform, load_dataset
+from cifar_ray.augment import eval_transform
+from cifar_ray.cifar_files import SPECS, CifarArrays, load_dataset
 from cifar_ray.errors import UserError, cli_entry
+from cifar_ray.model import CAM_LAYERS
 from cifar_ray.module import LitResNet9, load_module
 
 PREDICTED = "the predicted class"
-# Layers with a spatial map, shallow to deep (the CAM of a deeper one is coarser, more specific).
-LAYERS = ["prep", "layer1_X", "layer1_R", "layer2_X", "layer3_X", "layer3_R"]
-FIGURES = [("misclassified.png", "The most confident mistakes, each beside its GradCAM for the "
-                                 "predicted class (true / predicted (probability))"),
-           ("gradcam_true_vs_pred.png", "Where the model looked for the true class vs the "
-                                        "predicted one"),
-           ("confusion_matrix.png", "Confusion matrix of the test set"),
-           ("per_class_accuracy.png", "Accuracy per class")]
 
 
 class Classifier:
@@ -93,7 +87,8 @@ def gallery(checkpoint: Path, data_dir: str | None, arrays: CifarArrays | None,
         folder = Path(tempfile.mkdtemp(prefix="cifar_ray_app_"))
         print(f"app: computing the GradCAM report of the test set into {folder} ...", flush=True)
         gradcam.analyse(checkpoint, data_dir, folder, device="cpu", arrays=arrays)
-    items = [(str(folder / name), caption) for name, caption in FIGURES if (folder / name).is_file()]
+    items = [(str(folder / name), caption) for name, caption in gradcam.FIGURES.items()
+             if (folder / name).is_file()]
     summary = json.loads((folder / "misclassified.json").read_text())
     return items, (f"{summary['mistakes']} of the {summary['images']} {summary['split']} images "
                    f"misclassified (accuracy {summary['accuracy']:.1%}); GradCAM at "
@@ -151,7 +146,7 @@ def build(checkpoint: str | Path, data_dir: str | None = None, report_dir: str |
                                       label="Classes to show (top k)")
                     cam_class = gr.Dropdown([PREDICTED, *classifier.classes], value=PREDICTED,
                                             label="GradCAM for")
-                    layer = gr.Dropdown(LAYERS, value=gradcam.DEFAULT_LAYER, label="Layer")
+                    layer = gr.Dropdown(list(CAM_LAYERS), value=gradcam.DEFAULT_LAYER, label="Layer")
                     opacity = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="CAM opacity")
                 with gr.Column(scale=2):
                     status = gr.Markdown("Upload an image or pick a test image.", elem_id="status")

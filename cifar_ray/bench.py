@@ -5,7 +5,7 @@ augments, starts trials and explains, on this machine. Prints a table; `--json` 
               a plain PyTorch loop over the same model, batch size, precision and device, fed
               the same in-memory batches: `framework_ratio` = module / plain.
   augment     images/s of the Albumentations recipe (one process, and a DataLoader with one
-              worker per CPU) and of the batched tensor path on the device (gpu_augment.py).
+              worker per CPU) and of the batched tensor path on the device (augment.py's tensor engine).
   tune        a small real search (`python -m cifar_ray.tune`, 2 trials of 1 epoch): each
               trial's start to its first training step (`trial_overhead_s`: the median).
   gradcam     GradCAM images/s (the gradcam stage's CAM on the default layer).
@@ -36,13 +36,15 @@ import torch
 from torch.nn import functional as F
 
 from cifar_ray.config import AugmentConfig, Config
-from cifar_ray.data import SPECS, ImageArrayDataset, available_cpus, load_dataset, train_transform
+from cifar_ray.augment import augment_batch, normalize, train_transform
+from cifar_ray.cifar_files import SPECS, load_dataset
+from cifar_ray.data import ImageArrayDataset, available_cpus
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import write_json
-from cifar_ray.gpu_augment import augment_batch, normalize
 from cifar_ray.model import ResNet9
 from cifar_ray.module import LitResNet9
 from cifar_ray.pl import pl
+from cifar_ray.runtime import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,11 +132,7 @@ def module_seconds(batches, width: int, device: torch.device, warmup: int) -> fl
     """The same, through the project's LitResNet9 and Lightning's fit loop."""
     torch.manual_seed(0)
     clock = _StepClock(warmup, device)
-    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-                         precision="bf16-mixed" if device.type == "cuda" else "32-true",
-                         max_epochs=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, callbacks=[clock])
+    trainer = build_trainer(device.type, max_epochs=1, callbacks=[clock])
     trainer.fit(LitResNet9(width=width), train_dataloaders=_Iterable(batches))
     return clock.end - clock.start
 

@@ -1,253 +1,27 @@
-"""CIFAR data: download, safe reading and validation, the train/val split, augmentation, DataModule.
+"""From arrays to batches: datasets, device-resident batches, and the Lightning DataModule.
 
-Data flow: `<data_dir>/cifar-10-batches-py/*` (pickled batches) -> `read_cifar` -> uint8 arrays
-(N, 32, 32, 3) in memory -> `split_train_val` -> `ImageArrayDataset` + Albumentations -> batches
-of normalised float tensors (B, 3, 32, 32).
-
-The official files are Python 2 pickles. Unpickling can run code, so `_SafeUnpickler` accepts
-only the handful of globals a numpy array needs: a tampered batch file is refused, not executed.
+    CifarArrays (cifar_files.py) -> split -> augment.engine:
+        albumentations: ImageArrayDataset + DataLoader workers -> normalised float batches
+        tensors:        DeviceBatches (the split on the device as uint8) -> augment_batch in
+                        `on_after_batch_transfer` -> normalised float batches, channels-last
+    -> (B, 3, 32, 32) float32 batches for the module
 """
 
 from __future__ import annotations
 
+import math
 import os
-import pickle
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
-from urllib.error import URLError
+from typing import Iterator
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
-from albumentations.pytorch import ToTensorV2
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import download_and_extract_archive
 
-from cifar_ray.config import AugmentConfig, Config, DataConfig
-from cifar_ray.errors import DataError
-from cifar_ray.gpu_augment import DeviceBatches, augment_batch, normalize
+from cifar_ray.augment import augment_batch, eval_transform, normalize, reseed_worker, train_transform
+from cifar_ray.cifar_files import SPECS, CifarArrays, ensure_dataset, load_dataset, split_train_val
+from cifar_ray.config import Config
 from cifar_ray.pl import pl
-
-IMAGE_SIZE = 32
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Where a data set lives on disk and how its pickles are keyed (torchvision has the facts)."""
-
-    name: str
-    source: type  # the torchvision class whose url / md5 / file list we reuse
-    labels_key: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @property
-    def folder(self) -> str:
-        return self.source.base_folder
-
-    @property
-    def train_files(self) -> list[str]:
-        return [name for name, _md5 in self.source.train_list]
-
-    @property
-    def test_files(self) -> list[str]:
-        return [name for name, _md5 in self.source.test_list]
-
-    @property
-    def meta_file(self) -> str:
-        return self.source.meta["filename"]
-
-    @property
-    def meta_key(self) -> str:
-        return self.source.meta["key"]
-
-
-SPECS = {
-    "cifar10": DatasetSpec("cifar10", CIFAR10, "labels",
-                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetSpec("cifar100", CIFAR100, "fine_labels",
-                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-
-
-@dataclass
-class CifarArrays:
-    train_images: np.ndarray  # (N, 32, 32, 3) uint8, HWC as Albumentations wants
-    train_labels: np.ndarray  # (N,) int64
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    classes: list[str]
-
-
-# ---------------------------------------------------------------------------------------------
-# Download
-
-
-def ensure_dataset(data_dir: str | Path, dataset: str) -> Path:
-    """Return the data set's folder, downloading and md5-checking the archive if it is missing.
-
-    An existing folder is used as it is (it may be a user's own set in this format); `read_cifar`
-    validates it. Extraction goes to a temporary folder renamed into place, so an interrupted
-    download never leaves a half-written data set behind.
-    """
-    spec = SPECS[dataset]
-    data_dir = Path(data_dir).expanduser().resolve()
-    folder = data_dir / spec.folder
-    if folder.is_dir():
-        return folder
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=data_dir, prefix=".extract-") as tmp:
-            download_and_extract_archive(spec.source.url, download_root=str(data_dir),
-                                         extract_root=tmp, filename=spec.source.filename,
-                                         md5=spec.source.tgz_md5)
-            os.replace(Path(tmp) / spec.folder, folder)
-    except (URLError, OSError, RuntimeError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise DataError(
-            f"{spec.folder} not found in {data_dir} and the download from {spec.source.url} "
-            f"failed ({reason}); without network, extract {spec.source.filename} so that "
-            f"{folder} holds its files"
-        ) from None
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading and validation
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR batches (dicts of lists, strings and numpy arrays) and nothing else."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
-    }
-
-    def find_class(self, module: str, name: str):  # noqa: D102 (pickle's hook)
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _unpickle(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"{path}: file missing")
-    try:
-        with open(path, "rb") as f:
-            # latin1: the official files are Python 2 pickles whose strings are raw bytes.
-            obj = _SafeUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as exc:
-        raise DataError(f"{path}: not a CIFAR batch file ({exc})") from None
-    except Exception as exc:  # truncated or garbage files fail in many ways inside pickle
-        raise DataError(f"{path}: cannot be read, truncated or corrupt ({type(exc).__name__})") \
-            from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
-    return obj
-
-
-def _read_batch(path: Path, labels_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    batch = _unpickle(path)
-    for key in ("data", labels_key):
-        if key not in batch:
-            raise DataError(f"{path}: missing key '{key}'")
-    data = batch["data"]
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE:
-        got = f"{data.shape} {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise DataError(f"{path}: 'data' must be an N x 3072 uint8 array, got {got}")
-    try:
-        labels = np.asarray(batch[labels_key])
-        labels = labels.astype(np.int64) if labels.size == 0 else labels  # [] reads as float
-    except Exception:
-        labels = np.asarray([[]], dtype=object)  # ragged or odd: reported just below
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise DataError(f"{path}: '{labels_key}' must be a list of ints")
-    if len(labels) != len(data):
-        raise DataError(f"{path}: {len(labels)} labels for {len(data)} images")
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{path}: label {int(labels.max() if labels.max() >= num_classes else labels.min())} "
-                        f"out of range for the {num_classes} classes in the meta file")
-    # Rows are 1024 red, then 1024 green, then 1024 blue values: -> (N, 32, 32, 3).
-    images = data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), labels.astype(np.int64)
-
-
-def read_cifar(folder: str | Path, dataset: str) -> CifarArrays:
-    """Read and validate a folder in the official python-pickle format; DataError if anything is off."""
-    spec = SPECS[dataset]
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: data folder missing")
-    meta_path = folder / spec.meta_file
-    meta = _unpickle(meta_path)
-    classes = meta.get(spec.meta_key)
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise DataError(f"{meta_path}: '{spec.meta_key}' must be a non-empty list of class names")
-
-    def read_split(files: list[str], split: str) -> tuple[np.ndarray, np.ndarray]:
-        parts = [_read_batch(folder / name, spec.labels_key, len(classes)) for name in files]
-        images = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
-        if len(images) == 0:
-            raise DataError(f"{folder}: the {split} split is empty")
-        return images, labels
-
-    train_x, train_y = read_split(spec.train_files, "train")
-    test_x, test_y = read_split(spec.test_files, "test")
-    return CifarArrays(train_x, train_y, test_x, test_y, classes)
-
-
-def load_dataset(data: DataConfig) -> CifarArrays:
-    return read_cifar(ensure_dataset(data.data_dir, data.dataset), data.dataset)
-
-
-def split_train_val(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded random split of range(n) into (train indices, validation indices)."""
-    if val_size >= n:
-        raise DataError(f"data.val_size ({val_size}) must be smaller than the {n} training images")
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[val_size:]), np.sort(order[:val_size])
-
-
-# ---------------------------------------------------------------------------------------------
-# Augmentation
-
-
-def train_transform(aug: AugmentConfig, spec: DatasetSpec, seed: int | None = None) -> A.Compose:
-    """The reference recipe. Normalising first makes 0 the data set's mean, so the padding and
-    the cutout hole, both filled with 0, are filled with the mean."""
-    hole = (aug.cutout_size, aug.cutout_size)
-    return A.Compose([
-        A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0),
-        A.PadIfNeeded(min_height=aug.pad_to, min_width=aug.pad_to,
-                      border_mode=cv2.BORDER_CONSTANT, fill=0),
-        A.RandomCrop(height=IMAGE_SIZE, width=IMAGE_SIZE),
-        A.HorizontalFlip(p=aug.flip_p),
-        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=hole, hole_width_range=hole,
-                        fill=0, p=aug.cutout_p),
-        ToTensorV2(),
-    ], strict=True, seed=seed)
-
-
-def eval_transform(spec: DatasetSpec) -> A.Compose:
-    return A.Compose([A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0),
-                      ToTensorV2()], strict=True)
-
-
-def denormalize(images: torch.Tensor, dataset: str) -> torch.Tensor:
-    """(B, 3, H, W) normalised -> (B, H, W, 3) floats in [0, 1], for plotting."""
-    spec = SPECS[dataset]
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    return (images.cpu().float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
 
 
 class ImageArrayDataset(Dataset):
@@ -263,13 +37,27 @@ class ImageArrayDataset(Dataset):
         return self.transform(image=self.images[index])["image"], int(self.labels[index])
 
 
-def _reseed_worker(worker_id: int) -> None:
-    """Albumentations keeps its own RNG, which forked DataLoader workers would all inherit in
-    the same state (the same crops in every worker). Reseed it from torch's per-worker seed."""
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None:
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+class DeviceBatches:
+    """Batches of (uint8 images, labels) sliced from tensors already on the training device:
+    no DataLoader processes, no host-to-device copy per batch. Shuffled anew each epoch from
+    `seed`; under DDP each rank takes every `world`-th image of the shuffled order."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
+        self.images, self.labels = images, labels  # (N, 3, 32, 32) uint8, (N,) int64
+        self.batch_size, self.shuffle, self.rank, self.world = batch_size, shuffle, rank, world
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(range(self.rank, len(self.labels), self.world)) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order[self.rank::self.world].to(self.images.device)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            yield self.images[index], self.labels[index]
 
 
 def available_cpus() -> int:
@@ -317,11 +105,12 @@ class CifarDataModule(pl.LightningDataModule):
         self.test_set = ImageArrayDataset(arrays.test_images, arrays.test_labels, evaluate)
 
     def on_device(self) -> bool:
-        """Whether batches come from the device and are augmented there (gpu_augment.py)."""
-        runs_on = self.cfg.augment.runs_on
-        if runs_on == "auto":
+        """Whether batches come from the device and are augmented there (augment.py's tensor
+        engine), or from DataLoader workers running Albumentations."""
+        engine = self.cfg.augment.engine
+        if engine == "auto":
             return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return runs_on == "gpu"
+        return engine == "tensors"
 
     def _device_batches(self, dataset: ImageArrayDataset, shuffle: bool) -> DeviceBatches:
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
@@ -351,7 +140,7 @@ class CifarDataModule(pl.LightningDataModule):
         workers = self.num_workers()
         return DataLoader(dataset, batch_size=self.cfg.trainer.batch_size, shuffle=shuffle,
                           num_workers=workers, persistent_workers=workers > 0,
-                          worker_init_fn=_reseed_worker, pin_memory=torch.cuda.is_available())
+                          worker_init_fn=reseed_worker, pin_memory=torch.cuda.is_available())
 
     def _batches(self, dataset: ImageArrayDataset, shuffle: bool) -> DataLoader | DeviceBatches:
         if self.on_device():

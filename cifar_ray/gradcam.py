@@ -31,15 +31,26 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch.utils.data import DataLoader
 
 from cifar_ray.config import DataConfig
-from cifar_ray.data import (CifarArrays, ImageArrayDataset, SPECS, denormalize, eval_transform,
-                            load_dataset, split_train_val)
+from cifar_ray.augment import denormalize, eval_transform
+from cifar_ray.cifar_files import SPECS, CifarArrays, load_dataset, split_train_val
+from cifar_ray.data import ImageArrayDataset
 from cifar_ray.errors import ConfigError, UserError, cli_entry
 from cifar_ray.files import write_json, write_text
+from cifar_ray.runtime import resolve_device
+from cifar_ray.model import CAM_LAYERS
 from cifar_ray.module import LitResNet9, load_module
 from cifar_ray.plots import (plot_cam_grid, plot_confusion_matrix, plot_per_class_accuracy,
                              plot_true_vs_pred)
 
-DEFAULT_LAYER = "layer3_R"
+DEFAULT_LAYER = CAM_LAYERS[-1]
+# The report's figures, in the order index.html shows them, with what each shows.
+FIGURES = {
+    "misclassified.png": "The most confident mistakes, each beside its GradCAM for the predicted "
+                         "class (true / predicted (probability))",
+    "gradcam_true_vs_pred.png": "Where the model looked for the true class vs the predicted one",
+    "confusion_matrix.png": "Confusion matrix",
+    "per_class_accuracy.png": "Accuracy per class",
+}
 UPSCALE = 128  # CIFAR's 32x32 is too small to read: figures show images at 4x
 
 
@@ -118,14 +129,6 @@ def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55) -> n
     return show_cam_on_image(big.astype(np.float32), mask, use_rgb=True, image_weight=image_weight)
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is available")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
 def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path | None = None,
             num_images: int = 16, layer: str = DEFAULT_LAYER, split: str = "test",
             device: str = "auto", batch_size: int = 256,
@@ -135,7 +138,7 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
         raise ConfigError(f"--num-images must be >= 1, got {num_images}")
     checkpoint = Path(checkpoint).expanduser().resolve()
     out = Path(output_dir).expanduser().resolve() if output_dir else checkpoint.parent / "gradcam"
-    dev = resolve_device(device)
+    dev = torch.device(resolve_device(device))
     module = load_module(checkpoint).to(dev)
     h = module.hparams
     target_layer(module, layer)  # fail on a bad name before any heavy work
@@ -150,14 +153,15 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
     mistakes = find_mistakes(probs, labels, module.class_names)
     shown = mistakes[:num_images]
 
-    confusion = np.zeros((h.num_classes, h.num_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, probs.argmax(1)), 1)
-    per_class = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
+    module.test_confusion.update(torch.from_numpy(probs), torch.from_numpy(labels))
+    classes = module.class_report(module.test_confusion.compute().cpu())
+    module.test_confusion.reset()
+    confusion = np.asarray(classes["confusion_matrix"])
     accuracy = float(np.trace(confusion) / max(len(labels), 1))
 
-    figures = ["confusion_matrix.png", "per_class_accuracy.png"]
     plot_confusion_matrix(confusion, module.class_names, out / "confusion_matrix.png")
-    plot_per_class_accuracy(per_class, module.class_names, out / "per_class_accuracy.png")
+    plot_per_class_accuracy(list(classes["per_class_acc"].values()), module.class_names,
+                            out / "per_class_accuracy.png")
     if shown:
         batch = torch.stack([dataset[m.index][0] for m in shown])  # (N, 3, 32, 32)
         pictures = denormalize(batch, h.dataset).numpy()  # (N, 32, 32, 3) in [0, 1]
@@ -171,11 +175,11 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
                           [overlay(p, c) for p, c in zip(pictures, true_cams)],
                           [overlay(p, c) for p, c in zip(pictures, pred_cams)],
                           shown, out / "gradcam_true_vs_pred.png")
-        figures = ["misclassified.png", "gradcam_true_vs_pred.png"] + figures
 
     summary = {"checkpoint": str(checkpoint), "split": split, "images": int(len(labels)),
                "accuracy": accuracy, "mistakes": len(mistakes), "shown": len(shown),
-               "target_layer": layer, "figures": figures, "output_dir": str(out)}
+               "target_layer": layer, "output_dir": str(out),
+               "figures": [name for name in FIGURES if (out / name).is_file()]}
     write_json(out / "misclassified.json",
                {**summary, "misclassified": [m.__dict__ for m in mistakes]})
     write_text(out / "index.html", render_html(summary, confusion, module.class_names))
@@ -188,8 +192,8 @@ def render_html(summary: dict[str, Any], confusion: np.ndarray, classes: list[st
     pairs = np.dstack(np.unravel_index(np.argsort(-off_diagonal, axis=None), confusion.shape))[0]
     confused = "".join(f"<li>{html.escape(classes[t])} taken for {html.escape(classes[p])}: "
                        f"{off_diagonal[t, p]}</li>" for t, p in pairs[:5] if off_diagonal[t, p])
-    figures = "".join(f'<figure><img src="{f}" alt="{f}"><figcaption>{f}</figcaption></figure>'
-                      for f in summary["figures"])
+    figures = "".join(f'<figure><img src="{f}" alt="{f}"><figcaption>{html.escape(FIGURES[f])} '
+                      f'(<code>{f}</code>)</figcaption></figure>' for f in summary["figures"])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>cifar_ray GradCAM report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}img{{max-width:100%}}

@@ -15,7 +15,8 @@ from cifar_ray.errors import cli_entry
 from cifar_ray.files import save_figure, write_json
 from cifar_ray.module import LitResNet9
 from cifar_ray.pl import pl
-from cifar_ray.train import build_parser, precision, use_gpu
+from cifar_ray.runtime import build_trainer, resolve_device
+from cifar_ray.train import build_parser
 
 
 @cli_entry
@@ -32,10 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     data.prepare_data()
     data.setup()
     module = LitResNet9.from_config(cfg, data.classes)
-    trainer = pl.Trainer(accelerator="gpu" if use_gpu(cfg) else "cpu", devices=1,
-                         precision=precision(cfg), logger=False, enable_checkpointing=False,
-                         max_epochs=cfg.trainer.epochs, enable_model_summary=False,
-                         default_root_dir=out)
+    trainer = build_trainer(resolve_device(cfg.trainer.device), cfg.trainer.precision,
+                            max_epochs=cfg.trainer.epochs, default_root_dir=out)
     finder = pl.tuner.Tuner(trainer).lr_find(module, datamodule=data, min_lr=args.min_lr,
                                              max_lr=args.max_lr, num_training=args.steps)
     suggestion = finder.suggestion()

@@ -18,6 +18,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# The layers with a spatial map, shallow to deep: where GradCAM can look. The deepest one's
+# map (4x4) is the most class-specific, GradCAM's default.
+CAM_LAYERS = ("prep", "layer1_X", "layer1_R", "layer2_X", "layer3_X", "layer3_R")
+
 
 def conv_bn(in_ch: int, out_ch: int, pool: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)]

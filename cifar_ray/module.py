@@ -2,7 +2,7 @@
 
 Metric names are `train/loss`, `train/acc`, `val/loss`, `val/acc`, `test/loss`, `test/acc`, each
 stage with its own metric objects so their states never mix. The test stage also keeps per-class
-accuracy and the confusion matrix in `test_report`.
+accuracy and the confusion matrix in `test_report` (see `class_report`).
 
 `load_module` is the only way the project reads a checkpoint back: `torch.load(weights_only=True)`
 (no code in a checkpoint ever runs), then the model is rebuilt from the saved hyperparameters.
@@ -37,7 +37,6 @@ class LitResNet9(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_class_acc = MulticlassAccuracy(num_classes, average="none")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_report: dict[str, Any] = {}
 
@@ -81,17 +80,18 @@ class LitResNet9(pl.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         _, log_probs = self._step(batch, "test", self.test_acc)
-        self.test_class_acc.update(log_probs, batch[1])
         self.test_confusion.update(log_probs, batch[1])
 
     def on_test_epoch_end(self) -> None:
-        per_class = self.test_class_acc.compute().tolist()
-        self.test_report = {
-            "per_class_acc": dict(zip(self.class_names, per_class)),
-            "confusion_matrix": self.test_confusion.compute().tolist(),  # rows: true, cols: predicted
-        }
-        self.test_class_acc.reset()
+        self.test_report = self.class_report(self.test_confusion.compute())
         self.test_confusion.reset()
+
+    def class_report(self, confusion: torch.Tensor) -> dict[str, Any]:
+        """Per-class accuracy and the confusion matrix (rows: true, columns: predicted) from a
+        confusion matrix: the one definition the test stage and the GradCAM report share."""
+        per_class = confusion.diagonal() / confusion.sum(1).clamp(min=1)
+        return {"per_class_acc": dict(zip(self.class_names, per_class.tolist())),
+                "confusion_matrix": confusion.tolist()}
 
     def configure_optimizers(self):
         h = self.hparams

@@ -21,8 +21,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cifar_ray.config import Config, add_config_flags, resolve
 from cifar_ray.data import CifarArrays, CifarDataModule
 from cifar_ray.errors import ConfigError, cli_entry
@@ -30,23 +28,12 @@ from cifar_ray.files import write_json
 from cifar_ray.module import LitResNet9, load_module, read_checkpoint
 from cifar_ray.pl import pl
 from cifar_ray.plots import plot_curves
+from cifar_ray.runtime import build_trainer, device_name, resolve_device
 
 # We size DataLoader workers deliberately (see CifarDataModule.num_workers).
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 # The TensorBoard logger creates the output dir first; checkpoints beside the logs are intended.
 warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
-
-
-def use_gpu(cfg: Config) -> bool:
-    return cfg.trainer.accelerator == "gpu" or (
-        cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
-
-
-def precision(cfg: Config) -> str:
-    """bf16 mixed precision on a GPU, full precision on a CPU, unless the config says otherwise."""
-    if cfg.trainer.precision != "auto":
-        return cfg.trainer.precision
-    return "bf16-mixed" if use_gpu(cfg) else "32-true"
 
 
 class EpochHistory(pl.Callback):
@@ -109,19 +96,18 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
         save_top_k=1, save_last=True, auto_insert_metric_name=False,
         enable_version_counter=False)  # overwrite best.ckpt instead of writing best-v1.ckpt
     batches = math.ceil(len(data.train_set) / cfg.trainer.batch_size)
-    trainer = pl.Trainer(
-        max_epochs=cfg.trainer.epochs,
-        accelerator="gpu" if use_gpu(cfg) else "cpu",
+    device = resolve_device(cfg.trainer.device)
+    trainer = build_trainer(
+        device, cfg.trainer.precision,
         devices=cfg.trainer.devices,
-        precision=precision(cfg),
+        max_epochs=cfg.trainer.epochs,
         logger=pl.loggers.TensorBoardLogger(out, name="tensorboard", version="",
                                             default_hp_metric=False),
         callbacks=[checkpoint, history, pl.callbacks.LearningRateMonitor("step")],
+        enable_checkpointing=True,
         limit_val_batches=1.0 if has_val else 0,
-        num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, batches)),
         enable_progress_bar=cfg.trainer.progress_bar,
-        enable_model_summary=False,
     )
     start = time.perf_counter()
     # weights_only: resuming reads tensors and plain values only, like every load here.
@@ -144,7 +130,7 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
         "train_images": len(data.train_set),
         "train_seconds": round(train_seconds, 2),
         "train_images_per_second": round(images_seen / train_seconds, 1),
-        "device": torch.cuda.get_device_name() if use_gpu(cfg) else "cpu",
+        "device": device_name(device),
         "checkpoint": str(best_path),
         "history": history.rows,
         "config": cfg.to_dict(),

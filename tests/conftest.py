@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Small and fast: width-16 ResNet-9, no DataLoader workers, no progress bars.
 FAST_FLAGS = ["--width", "16", "--num-workers", "0", "--batch-size", "64", "--no-progress-bar",
-              "--accelerator", "cpu"]
+              "--device", "cpu"]
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cifar_ray.config import Config, SearchConfig, add_config_flags, resolve
+from cifar_ray.config import Config, add_config_flags, overlay, resolve
+from cifar_ray.search_config import SearchConfig
 from cifar_ray.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,3 +73,57 @@ def test_a_search_config_hands_out_independent_training_configs():
     run.trainer.epochs, run.data.val_size = 1, 0
     assert cfg.trainer.epochs == 24 and cfg.data.val_size == 5000
     assert not hasattr(run, "search")
+
+
+def test_a_sample_is_laid_over_the_base_config_by_its_keys():
+    base = SearchConfig()
+    run = overlay(base, {"optim.lr": 0.003, "model.width": 32, "augment.cutout_p": 0.25})
+    assert (run.optim.lr, run.model.width, run.augment.cutout_p) == (0.003, 32, 0.25)
+    assert run.optim.weight_decay == base.optim.weight_decay  # the rest is the base's
+    assert base.optim.lr == 0.01 and not hasattr(run, "search")  # a copy, training sections only
+    with pytest.raises(ConfigError, match="model.width must be >= 1"):
+        overlay(base, {"model.width": 0})
+
+
+@pytest.mark.parametrize("space, message", [
+    ("optim.lrr: {loguniform: [0.001, 0.1]}",
+     "search: unknown config key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("lr: [0.001, 0.1]", "search: unknown config key 'lr'; did you mean 'optim.lr'?"),
+    ("optim.lr: {normal: [0.01, 0.1]}", "search optim.lr: unknown distribution 'normal'"),
+    ("optim.lr: {choice: [fast, slow]}", "search optim.lr: 'fast' does not fit"),
+    ("optim.lr: {loguniform: [0, 0.1]}", "search optim.lr: loguniform needs low > 0, got 0"),
+    ("optim.lr: {uniform: [0.1, 0.01]}", "search optim.lr: empty or inverted range"),
+    ("optim.lr: {uniform: [0.1, 0.1]}", "search optim.lr: empty or inverted range"),
+    ("trainer.batch_size: {choice: []}", "search trainer.batch_size: choice needs at least one"),
+    ("model.width: {uniform: [8, 16]}", "uniform samples floats, but model.width is an int"),
+    ("model.width: {choice: [8, 0]}", "search model.width: 0 does not fit: model.width must be >= 1"),
+    ("augment.cutout_p: {uniform: [0, 2]}", "augment.cutout_p must be in [0, 1]"),
+    ("augment.engine: {uniform: [0, 1]}", "search augment.engine: augment.engine is a str"),
+    ("optim.lr: [0.001, 0.1]", "search optim.lr: expected one distribution"),
+])
+def test_search_space_mistakes_are_one_line_errors(tmp_path, space, message):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(f"search:\n  {space}\n")
+    with pytest.raises(ConfigError) as err:
+        _resolve("--config", str(cfg_file), kind=SearchConfig)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_any_config_key_with_any_of_tunes_helpers_is_a_valid_space(tmp_path):
+    cfg_file = tmp_path / "space.yaml"
+    cfg_file.write_text("search:\n"
+                        "  model.width: {choice: [8, 16]}\n"
+                        "  augment.cutout_p: {uniform: [0, 1]}\n"
+                        "  optim.pct_start: {quniform: [0.1, 0.5, 0.1]}\n"
+                        "  optim.lr: {qloguniform: [0.001, 0.1, 0.001]}\n"
+                        "  trainer.epochs: {randint: [2, 5]}\n"
+                        "  augment.engine: {choice: [albumentations, tensors]}\n")
+    cfg = _resolve("--config", str(cfg_file), kind=SearchConfig)
+    assert cfg.space() == {"model.width": ("choice", [8, 16]),
+                           "augment.cutout_p": ("uniform", [0, 1]),
+                           "optim.pct_start": ("quniform", [0.1, 0.5, 0.1]),
+                           "optim.lr": ("qloguniform", [0.001, 0.1, 0.001]),
+                           "trainer.epochs": ("randint", [2, 5]),
+                           "augment.engine": ("choice", ["albumentations", "tensors"])}
+    # The YAML's space replaces the default one whole.
+    assert list(SearchConfig().space()) == ["optim.lr", "optim.weight_decay", "trainer.batch_size"]

@@ -15,8 +15,9 @@ import torch
 from torchvision.datasets import CIFAR10
 
 from cifar_ray.config import AugmentConfig, Config
-from cifar_ray.data import (SPECS, CifarDataModule, ensure_dataset, eval_transform, read_cifar,
-                            split_train_val, train_transform)
+from cifar_ray.augment import eval_transform, train_transform
+from cifar_ray.cifar_files import SPECS, ensure_dataset, read_cifar, split_train_val
+from cifar_ray.data import CifarDataModule
 from cifar_ray.errors import DataError
 from tests.conftest import MarkerPayload
 from tests.cifar_fixture import dump_py2, write_cifar10, write_cifar100

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from cifar_ray.config import Config
-from cifar_ray.data import SPECS, eval_transform
+from cifar_ray.augment import eval_transform
+from cifar_ray.cifar_files import SPECS
 from cifar_ray.gradcam import DEFAULT_LAYER, compute_cams
 from cifar_ray.module import load_module
 from cifar_ray.train import run

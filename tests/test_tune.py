@@ -50,8 +50,10 @@ def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray)
     results = json.loads((out / "results.json").read_text())
     best_row = max(trials, key=lambda t: float(t["best_val_acc"] or -1))
     assert results["best_val_acc"] == pytest.approx(float(best_row["best_val_acc"]))
-    assert results["best_config"]["lr"] == pytest.approx(float(best_row["lr"]))
-    assert results["best_config"]["batch_size"] == int(best_row["batch_size"])
+    assert list(trials[0]) == ["trial_id", "optim.lr", "optim.weight_decay", "trainer.batch_size",
+                               "epochs", "best_val_acc", "status", "startup_s"]
+    assert results["best_config"]["optim.lr"] == pytest.approx(float(best_row["optim.lr"]))
+    assert results["best_config"]["trainer.batch_size"] == int(best_row["trainer.batch_size"])
     assert results["num_trials"] == len(trials)
     # Retrained and tested once: the planted signal is learned (10% of test labels are noise).
     assert results["test_acc"] > 0.6
@@ -68,11 +70,40 @@ def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray)
             image.verify()
             assert image.format == "PNG"
     assert (out / "summary.md").read_text().startswith("# Search summary")
-    assert "done: best lr=" in proc.stdout
+    assert "done: best optim.lr=" in proc.stdout
     assert "Trial status" in proc.stdout + proc.stderr  # Tune's progress table
     # Nothing left behind outside the output dir.
     assert not list(sys_tmp.glob("lightning_checkpoints*"))
     assert not (out / "tmp").exists()
+
+
+def test_a_search_over_other_config_keys(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
+    """Any config key can be searched: the model's width and the cutout probability here. Each
+    key is a column of trials.csv and a key of best_config, and the retrain builds the winner."""
+    space = tmp_path / "space.yaml"
+    space.write_text("search:\n  model.width: {choice: [8, 16]}\n"
+                     "  augment.cutout_p: {uniform: [0, 1]}\n")
+    out = tmp_path / "search"
+    proc = subprocess.run([sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--config", str(space),
+                           "--data-dir", str(noisy_data), "--output-dir", str(out),
+                           "--num-samples", "3", "--epochs", "2", "--grace-period", "2",
+                           "--retrain-epochs", "2", "--lr", "0.01"],
+                          cwd=ROOT, env=search_env(sys_tmp), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = _read_trials(out)
+    assert list(trials[0]) == ["trial_id", "model.width", "augment.cutout_p", "epochs",
+                               "best_val_acc", "status", "startup_s"]
+    assert {t["model.width"] for t in trials} <= {"8", "16"}
+    assert all(0 <= float(t["augment.cutout_p"]) <= 1 for t in trials)
+    results = json.loads((out / "results.json").read_text())
+    best = max(trials, key=lambda t: float(t["best_val_acc"]))
+    assert results["best_config"] == {"model.width": int(best["model.width"]),
+                                      "augment.cutout_p": pytest.approx(float(best["augment.cutout_p"]))}
+    from cifar_ray.module import load_module
+    assert load_module(results["checkpoint"]).hparams.width == int(best["model.width"])
+    assert f"model.width={best['model.width']}" in proc.stdout
+    assert "model.width = " in (out / "summary.md").read_text()
 
 
 def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
@@ -214,9 +245,13 @@ def _reports(state: Path, trial_id: str) -> int:
 
 
 @pytest.mark.parametrize("extra, yaml_text, message", [
-    ([], "search:\n  lr: [0.1, 0.001]\n", "search.lr: empty or inverted range"),
-    ([], "search:\n  momentum: [0.8, 0.9]\n", "unknown key 'search.momentum'"),
-    ([], "search:\n  batch_size: []\n", "search.batch_size must be a non-empty list"),
+    ([], "search:\n  optim.lr: {loguniform: [0.1, 0.001]}\n",
+     "search optim.lr: empty or inverted range"),
+    ([], "search:\n  optim.momentum: {uniform: [0.8, 0.9]}\n",
+     "unknown config key 'optim.momentum'"),
+    ([], "search:\n  trainer.batch_size: {choice: []}\n", "choice needs at least one value"),
+    ([], "search:\n  model.width: {uniform: [8, 16]}\n",
+     "uniform samples floats, but model.width is an int"),
     (["--address", f"127.0.0.1:{free_port()}"], "", "cannot reach a Ray cluster at 127.0.0.1:"),
     (["--workers-per-trial", "64"], "", "a trial needs 64 CPUs"),
 ])

@@ -1,4 +1,4 @@
-"""The batched tensor augmentation (cifar_ray/gpu_augment.py), run here on CPU tensors: the same
+"""The batched tensor augmentation (cifar_ray/augment.py's tensor engine), run here on CPU tensors: the same
 distribution as the Albumentations recipe (crop offsets within the pad, flip rate, hole size and
 fill), device batches that cover each epoch once, and a run that learns with it."""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from cifar_ray.config import AugmentConfig
-from cifar_ray.data import SPECS, train_transform
-from cifar_ray.gpu_augment import DeviceBatches, augment_batch, normalize
+from cifar_ray.augment import augment_batch, normalize, train_transform
+from cifar_ray.cifar_files import SPECS
+from cifar_ray.data import DeviceBatches
 from tests.conftest import FAST_FLAGS, run_cli
 from tests.test_data import find_shift
 
@@ -98,7 +99,7 @@ def test_training_with_the_tensor_augmentation_learns(cifar10, tmp_path):
     data_dir, _, _ = cifar10
     proc = run_cli("cifar_ray.train", "--data-dir", str(data_dir), "--output-dir", str(tmp_path),
                    "--epochs", "3", "--val-size", "200", "--lr", "0.01", *FAST_FLAGS,
-                   "--runs-on", "gpu")
+                   "--engine", "tensors")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     results = json.loads((tmp_path / "results.json").read_text())

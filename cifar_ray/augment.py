@@ -1,0 +1,112 @@
+"""The augmentation recipe, in its two engines side by side (`augment.engine`).
+
+    normalise -> pad to `pad_to` with 0 (the mean, after normalising) -> random 32x32 crop
+    -> horizontal flip with `flip_p` -> with `cutout_p`, one `cutout_size` square hole, fully
+    inside the image, filled with 0 (the mean)
+
+albumentations  `train_transform`: one image at a time (HWC uint8), in DataLoader worker
+                processes: about 5-8k images/s per CPU core, far below what a GPU trains on.
+tensors         `augment_batch`: a whole batch (B, 3, 32, 32) uint8 in a handful of tensor ops
+                on the training device, the same parameters and distribution, each image
+                drawing its own crop offset, flip and hole.
+auto            tensors when training on CUDA, albumentations otherwise (data.py decides).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import albumentations as A
+import cv2
+import torch
+from albumentations.pytorch import ToTensorV2
+
+from cifar_ray.cifar_files import IMAGE_SIZE, DatasetSpec, SPECS
+from cifar_ray.config import AugmentConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Albumentations: per image, in DataLoader workers
+
+
+def train_transform(aug: AugmentConfig, spec: DatasetSpec, seed: int | None = None) -> A.Compose:
+    """The reference recipe. Normalising first makes 0 the data set's mean, so the padding and
+    the cutout hole, both filled with 0, are filled with the mean."""
+    hole = (aug.cutout_size, aug.cutout_size)
+    return A.Compose([
+        A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0),
+        A.PadIfNeeded(min_height=aug.pad_to, min_width=aug.pad_to,
+                      border_mode=cv2.BORDER_CONSTANT, fill=0),
+        A.RandomCrop(height=IMAGE_SIZE, width=IMAGE_SIZE),
+        A.HorizontalFlip(p=aug.flip_p),
+        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=hole, hole_width_range=hole,
+                        fill=0, p=aug.cutout_p),
+        ToTensorV2(),
+    ], strict=True, seed=seed)
+
+
+def eval_transform(spec: DatasetSpec) -> A.Compose:
+    return A.Compose([A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0),
+                      ToTensorV2()], strict=True)
+
+
+def denormalize(images: torch.Tensor, dataset: str) -> torch.Tensor:
+    """(B, 3, H, W) normalised -> (B, H, W, 3) floats in [0, 1], for plotting."""
+    spec = SPECS[dataset]
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return (images.cpu().float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def reseed_worker(worker_id: int) -> None:
+    """Albumentations keeps its own RNG, which forked DataLoader workers would all inherit in
+    the same state (the same crops in every worker). Reseed it from torch's per-worker seed."""
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None:
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+# ---------------------------------------------------------------------------------------------
+# Tensors: per batch, on the training device
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32, per channel (x / 255 - mean) / std."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean_t) / std_t
+
+
+def augment_batch(images: torch.Tensor, aug: AugmentConfig, mean: Sequence[float],
+                  std: Sequence[float], generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 3, 32, 32) uint8 on any device -> augmented, normalised (B, 3, 32, 32) float32."""
+    b, _, h, w = images.shape
+    device = images.device
+    x = normalize(images, mean, std)
+
+    def uniform_ints(high: int) -> torch.Tensor:  # (B,) ints in [0, high]
+        return torch.randint(0, high + 1, (b,), device=device, generator=generator)
+
+    def coin(p: float) -> torch.Tensor:  # (B,) bools, True with probability p
+        return torch.rand(b, device=device, generator=generator) < p
+
+    # Pad and crop in one gather: output pixel (i, j) of image k reads padded pixel
+    # (top_k + i, left_k + j), i.e. source pixel (top_k + i - pad_top, ...), 0 outside the image.
+    pad_top, pad_left = max(0, aug.pad_to - h) // 2, max(0, aug.pad_to - w) // 2
+    top = uniform_ints(max(0, aug.pad_to - h)) - pad_top  # (B,)
+    left = uniform_ints(max(0, aug.pad_to - w)) - pad_left
+    rows = top[:, None] + torch.arange(h, device=device)  # (B, H) source rows
+    cols = left[:, None] + torch.arange(w, device=device)  # (B, W) source columns
+    cols = torch.where(coin(aug.flip_p)[:, None], cols.flip(1), cols)  # flip after the crop
+    inside = (((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :])
+    gathered = x[torch.arange(b, device=device)[:, None, None], :,
+                 rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]  # (B, H, W, 3)
+    x = gathered.permute(0, 3, 1, 2) * inside[:, None]  # (B, 3, H, W), padding = 0 = the mean
+
+    # Cutout: one size x size hole per chosen image, fully inside it.
+    size = min(aug.cutout_size, h, w)
+    y0, x0 = uniform_ints(h - size)[:, None], uniform_ints(w - size)[:, None]
+    ys, xs = torch.arange(h, device=device)[None], torch.arange(w, device=device)[None]
+    hole = (((ys >= y0) & (ys < y0 + size))[:, :, None] & ((xs >= x0) & (xs < x0 + size))[:, None, :])
+    hole &= coin(aug.cutout_p)[:, None, None]
+    return x.masked_fill(hole[:, None], 0.0)

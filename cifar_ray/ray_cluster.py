@@ -1,0 +1,151 @@
+"""Ray itself, for the search: start a local instance or join a cluster (with token
+authentication on), size the trials to the cluster's resources, check that results go to
+storage every node reaches, and turn Ctrl-C into a graceful stop of Tune.
+
+Ray is imported inside the functions: `configure_auth` must set Ray's variables before Ray is
+imported anywhere in the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from cifar_ray.errors import ConfigError, UserError
+from cifar_ray.search_config import SearchConfig
+
+HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not after Ray's long connection timeout, on a HOST:PORT nobody serves."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address must be local, auto or HOST:PORT, got '{address}'")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach a Ray cluster at {address}: {exc.strerror or exc}") from None
+
+
+def configure_auth(address: str) -> None:
+    """Token authentication for a local Ray instance, decided before Ray is imported (Ray reads
+    these variables once, at import).
+
+    A local instance gets a fresh random token in this process's environment, which Ray's
+    processes inherit: it is never printed, and never written into the home directory. A
+    token the user already provides (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) is kept. Joining a
+    cluster uses the token set up for that cluster, as Ray documents.
+    """
+    if address != "local":
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
+
+def start_ray(settings, temp_dir: Path) -> None:
+    """Start a local Ray instance (see configure_auth) or join a cluster."""
+    import ray
+
+    # Ray's Lightning callback stages checkpoints under the temp dir: keep them in the run's.
+    env = {"TMPDIR": str(temp_dir)}
+    if settings.address == "local":
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    if settings.address != "auto":
+        _check_reachable(settings.address)
+    try:
+        ray.init(address=settings.address, runtime_env={"env_vars": env})
+    except (ConnectionError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot join the Ray cluster at '{settings.address}': {first}") from None
+
+
+LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "overlay", "tmpfs", "apfs"}
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the file system holding `path` (its deepest mount point), from /proc/mounts."""
+    path, best, kind = path.resolve(), "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        fields = line.split()
+        mount = fields[1].replace("\\040", " ")
+        if (path == Path(mount) or Path(mount) in path.parents) and len(mount) > len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
+def plan_resources(cfg: SearchConfig, storage: Path) -> tuple[dict[str, Any], int]:
+    """Each trial's ScalingConfig and how many trials run at once.
+
+    A local instance must hold a trial now. A cluster may not yet: its autoscaler adds nodes when
+    trials ask for them, so there the search goes on and the trials wait (the GPU count is then
+    best given explicitly, `gpus_per_worker: 1`, since "auto" can only see the nodes up now).
+    """
+    import ray
+
+    t = cfg.tune
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    print(f"ray: {'local instance' if t.address == 'local' else 'cluster ' + t.address}, "
+          f"{nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs")
+    gpus_per_worker = (1.0 if gpus else 0.0) if t.gpus_per_worker < 0 else t.gpus_per_worker
+    need_cpu, need_gpu = t.workers_per_trial * t.cpus_per_worker, t.workers_per_trial * gpus_per_worker
+    fits = int(cpus // need_cpu)
+    if need_gpu:
+        fits = min(fits, int(gpus // need_gpu))
+    if not fits:
+        shortfall = (f"a trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs "
+                     f"({t.workers_per_trial} workers), but the cluster has {cpus:g} CPUs "
+                     f"and {gpus:g} GPUs")
+        if t.address == "local":
+            raise UserError(shortfall)
+        print(f"{shortfall} now: trials wait for the cluster's autoscaler to add nodes")
+    concurrent = min(t.max_concurrent or fits or t.num_samples, t.num_samples)
+    if nodes > 1 and (kind := filesystem_type(storage)) in LOCAL_FILESYSTEMS:
+        print(f"warning: results go to {storage}, on a local disk ({kind}): nodes on other "
+              "machines cannot write there; put the output dir (or tune.storage) on storage "
+              "every node mounts (NFS, EFS)")
+    scaling = {"num_workers": t.workers_per_trial, "use_gpu": gpus_per_worker > 0,
+               "resources_per_worker": {"CPU": t.cpus_per_worker, "GPU": gpus_per_worker}}
+    return scaling, max(1, concurrent)
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_tune() -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) during the search: the first one asks Tune to stop gracefully (save its
+    state, stop the trials, return), through Tune's own SIGUSR1 handler; a second one aborts.
+    Tune's SIGINT handler is turned off so that the event yielded here tells afterwards
+    whether the search was interrupted: neither the trials' statuses nor their last results
+    tell that reliably."""
+    interrupted = threading.Event()
+
+    def on_sigint(sig, frame) -> None:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        print("\nstopping the search (Ctrl-C again to abort) ...", flush=True)
+        interrupted.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    # Until Tune installs its SIGUSR1 handler, SIGUSR1 must not kill the process.
+    previous_usr1 = signal.signal(signal.SIGUSR1, lambda sig, frame: None)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGUSR1, previous_usr1)

@@ -1,0 +1,58 @@
+"""Where a run computes, in what precision, and the Lightning Trainer: decided here, once, for
+every caller (train, the search's workers, lr_find, bench).
+
+The project's one word for it is `device`: `auto` (CUDA when this process sees a GPU), `cpu` or
+`cuda`, in the config (`trainer.device`, `--device`) and in every command's flags.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cifar_ray.config import DEVICES
+from cifar_ray.errors import ConfigError
+from cifar_ray.pl import pl
+
+
+def resolve_device(choice: str) -> str:
+    """'auto' | 'cpu' | 'cuda' -> 'cpu' or 'cuda', as this process sees its devices."""
+    if choice not in DEVICES:
+        raise ConfigError(f"device must be one of {DEVICES}, got '{choice}'")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda asked for, but no CUDA device is available")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def resolve_precision(device: str, choice: str = "auto") -> str:
+    """bf16 mixed precision on a GPU, full precision on a CPU, unless asked otherwise."""
+    if choice != "auto":
+        return choice
+    return "bf16-mixed" if device == "cuda" else "32-true"
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def build_trainer(device: str, precision: str = "auto", **options: Any) -> pl.Trainer:
+    """A Lightning Trainer on `device` ('cpu' or 'cuda') with the project's defaults; `options`
+    are Trainer arguments that add to or replace them."""
+    if device == "cuda":
+        # fp32 matmuls outside autocast may use TF32 tensor cores: chosen here, on purpose
+        # (Lightning otherwise suggests it on every start).
+        torch.set_float32_matmul_precision("high")
+    defaults: dict[str, Any] = {
+        "accelerator": "gpu" if device == "cuda" else "cpu",
+        "devices": 1,
+        "precision": resolve_precision(device, precision),
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,  # validation runs at each epoch's end anyway
+    }
+    return pl.Trainer(**{**defaults, **options})

@@ -1,0 +1,138 @@
+"""The search stage: Ray Tune samples the config's `search:` space and runs each sample as a
+trial (`trial.run_trial`: a Ray Train run), ASHA stopping the weak ones on validation accuracy;
+then one row per trial, from Tune's results.
+
+    space (search_config) -> Tune's helpers -> Tuner(ASHA) -> ResultGrid -> rows -> trials.csv
+
+Every searched key travels under its own name: the sample Tune hands a trial, the trial's row,
+the CSV's column and the best configuration are all {"optim.lr": ..., ...}.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from cifar_ray.errors import UserError
+from cifar_ray.files import write_text
+from cifar_ray.ray_cluster import HEAD_NODE
+from cifar_ray.runtime import resolve_precision
+from cifar_ray.search_config import SearchConfig
+from cifar_ray.trial import CHECKPOINT_FILE, CHECKPOINT_PATH, METRIC, STARTUP, run_trial
+
+
+def storage_dir(cfg: SearchConfig, out: Path) -> Path:
+    """Where trials write: tune.storage, else the output dir."""
+    return Path(cfg.tune.storage).expanduser().resolve() if cfg.tune.storage else out
+
+
+def tune_space(cfg: SearchConfig) -> dict[str, Any]:
+    """The search space as Tune's sampling helpers (tune.loguniform(...), tune.choice([...]))."""
+    from ray import tune
+
+    return {key: getattr(tune, name)(args) if name == "choice" else getattr(tune, name)(*args)
+            for key, (name, args) in cfg.space().items()}
+
+
+def trial_base_config(cfg: SearchConfig, use_gpu: bool) -> dict[str, Any]:
+    """The training config every trial starts from (each trial lays its sample over it)."""
+    base = cfg.training_config()
+    base.data.num_workers = max(0, cfg.tune.cpus_per_worker - 1)  # the worker's own CPU trains
+    # Resolved here, from what the trial's workers are given: they see only their own devices.
+    base.trainer.device = "cuda" if use_gpu else "cpu"
+    base.trainer.precision = resolve_precision(base.trainer.device, base.trainer.precision)
+    base.trainer.progress_bar = False
+    return base.to_dict()
+
+
+def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
+               scaling: dict[str, Any]):
+    """Run (or resume) the Tune experiment to its end; return Tune's ResultGrid."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    t = cfg.tune
+    storage = storage_dir(cfg, out)
+    trainable = tune.with_parameters(
+        run_trial, base=trial_base_config(cfg, scaling["use_gpu"]),
+        scaling=scaling, storage=str(storage / "train_runs"), max_failures=t.max_failures)
+    # The trial function and its Ray Train controller only wait on the Train workers, which
+    # reserve the real resources. They hold no CPU and live on the head node: losing a worker
+    # node then costs only the workers on it, which Ray Train restarts from the last checkpoint.
+    # (Concurrency is bounded by max_concurrent_trials.)
+    trainable = tune.with_resources(trainable, {"CPU": 0, HEAD_NODE: 0.001})
+    experiment = storage / t.name
+    if resume:
+        if not tune.Tuner.can_restore(str(experiment)):
+            raise UserError(f"--resume: no search to resume in {experiment}")
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+        return tuner.fit()
+    tuner = tune.Tuner(
+        trainable,
+        param_space=tune_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode="max", num_samples=t.num_samples,
+            max_concurrent_trials=concurrent,
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.trainer.epochs,
+                                    grace_period=t.grace_period,
+                                    reduction_factor=t.reduction_factor),
+            search_alg=BasicVariantGenerator(random_state=t.search_seed)),
+        run_config=tune.RunConfig(
+            name=t.name, storage_path=str(storage),
+            # A trial whose own process dies (its node lost) is started again; its Ray
+            # Train run then goes on from the run's latest checkpoint in storage.
+            failure_config=tune.FailureConfig(max_failures=t.max_failures),
+            # Tune saves its experiment state (which trials finished) every ~10 s, but
+            # copies it to storage only every sync_period (default 300 s): a killed driver
+            # would resume from a state minutes old and run finished trials again.
+            sync_config=tune.SyncConfig(sync_period=10)),
+    )
+    return tuner.fit()
+
+
+def plain(value: Any) -> Any:
+    """A Python value for a numpy scalar that Tune sampled (JSON takes no numpy types)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, Any]]:
+    """One row per trial: its sample (a column per searched key), epochs, best validation
+    accuracy and the checkpoint of that epoch, status, start-up seconds."""
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        best_acc, best_ckpt = None, None
+        if history is not None and METRIC in history:
+            scored = history.dropna(subset=[METRIC]).sort_values(METRIC, ascending=False,
+                                                                 kind="stable")
+            if len(scored):
+                best_acc = float(scored[METRIC].iloc[0])
+                # Ray keeps the best-scoring checkpoint, but among equal scores it may have
+                # kept a later epoch's: take the best epoch whose checkpoint is still there.
+                kept = [p for p in scored.get(CHECKPOINT_PATH, []) if isinstance(p, str)
+                        and (Path(p) / CHECKPOINT_FILE).is_file()]
+                best_ckpt = kept[0] if kept else None
+        startup = None  # from the first report (a restarted worker group measures its own)
+        if history is not None and STARTUP in history and history[STARTUP].notna().any():
+            startup = round(float(history[STARTUP].dropna().iloc[0]), 2)
+        epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
+        status = "error" if result.error else ("completed" if epochs >= max_t else "stopped early")
+        rows.append({
+            "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
+            **{key: plain(result.config.get(key)) for key in searched},
+            "epochs": epochs, "best_val_acc": best_acc, "status": status,
+            "checkpoint": best_ckpt, "startup_s": startup,
+        })
+    return rows
+
+
+def write_trials_csv(rows: list[dict[str, Any]], searched: list[str], target: Path) -> None:
+    buffer = io.StringIO()
+    fields = ["trial_id", *searched, "epochs", "best_val_acc", "status", "startup_s"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(target, buffer.getvalue())

@@ -1,0 +1,162 @@
+"""The search's config: a training config plus the search space, Tune's settings and the retrain.
+
+The space is written in the training config's own keys, each with one of Ray Tune's sampling
+helpers, and nothing between the YAML and the run renames a key:
+
+    search:
+      optim.lr: {loguniform: [0.0001, 0.1]}
+      optim.weight_decay: {loguniform: [0.000001, 0.001]}
+      trainer.batch_size: {choice: [128, 256, 512]}
+
+A trial's sample ({"optim.lr": 0.003, ...}) is laid over the base config by `config.overlay`,
+the same function that builds the retrain from the best sample. `parse_space` checks the whole
+space before anything starts: every mistake is one line naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from cifar_ray.config import Config, check, keys, overlay, setting, validate
+from cifar_ray.errors import ConfigError
+
+# Ray Tune's helpers, by name -> the arguments each takes (`search.tune_space` calls them).
+DISTRIBUTIONS = {
+    "loguniform": "[low, high], low > 0",
+    "uniform": "[low, high]",
+    "qloguniform": "[low, high, q], low > 0: rounded to a multiple of q",
+    "quniform": "[low, high, q]: rounded to a multiple of q",
+    "randint": "[low, high]: an int, high excluded",
+    "choice": "[value, ...]",
+}
+FLOAT_ONLY = ("loguniform", "uniform", "qloguniform", "quniform")
+
+DEFAULT_SPACE = {
+    "optim.lr": {"loguniform": [1e-4, 1e-1]},
+    "optim.weight_decay": {"loguniform": [1e-6, 1e-3]},
+    "trainer.batch_size": {"choice": [128, 256, 512]},
+}
+
+
+def _closest(key: str, known: list[str]) -> str:
+    """' (did you mean 'optim.lr'?)' for a mistyped key or a bare field name, else ''."""
+    by_field = [k for k in known if k.split(".", 1)[1] == key.rsplit(".", 1)[-1]]
+    close = by_field or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_space(space: Any, base: Config) -> dict[str, tuple[str, list]]:
+    """Check a `search:` section against the training config `base`; return
+    {key: (distribution, arguments)}. ConfigError (one line) on any mistake."""
+    if not isinstance(space, dict) or not space:
+        raise ConfigError("search: expected a mapping of config keys to distributions, "
+                          "e.g. optim.lr: {loguniform: [0.0001, 0.1]}")
+    known = keys(base)
+    parsed = {}
+    for key, spec in space.items():
+        where = f"search {key}"
+        if key not in known:
+            raise ConfigError(f"search: unknown config key '{key}'{_closest(str(key), list(known))}")
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"{where}: expected one distribution, e.g. {{choice: [1, 2]}}, "
+                              f"got {spec!r}")
+        (name, args), = spec.items()
+        if name not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}: unknown distribution '{name}' "
+                              f"(valid: {', '.join(DISTRIBUTIONS)})")
+        check(isinstance(args, list), f"{where}: {name} takes {DISTRIBUTIONS[name]}, got {args!r}")
+        kind = known[key]
+        if name == "choice":
+            check(len(args) > 0, f"{where}: choice needs at least one value")
+            values = args
+        else:
+            size = 3 if name.startswith("q") else 2
+            check(len(args) == size and all(_number(a) for a in args),
+                   f"{where}: {name} takes {DISTRIBUTIONS[name]}, got {args!r}")
+            check(kind in (int, float), f"{where}: {key} is a {kind.__name__}; "
+                                         f"use choice: [...]")
+            check(name not in FLOAT_ONLY or kind is float,
+                   f"{where}: {name} samples floats, but {key} is an int; use randint or choice")
+            low, high = args[:2]
+            check(low < high, f"{where}: empty or inverted range {args!r}")
+            check("log" not in name or low > 0,
+                   f"{where}: {name} needs low > 0, got {low}")
+            check(args[size - 1] > 0 or size == 2, f"{where}: q must be > 0, got {args[-1]}")
+            check(name != "randint" or all(isinstance(a, int) for a in args),
+                   f"{where}: randint takes int bounds, got {args!r}")
+            values = [low, high - 1] if name == "randint" else [low, high]
+        for value in values:  # each choice / bound must make a valid config
+            try:
+                overlay(base, {key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {value!r} does not fit: {exc}") from None
+        parsed[key] = (name, list(args))
+    return parsed
+
+
+def format_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def describe(values: dict[str, Any]) -> str:
+    """'optim.lr=0.003 trainer.batch_size=256': a sample, for the console and summaries."""
+    return " ".join(f"{key}={format_value(value)}" for key, value in values.items())
+
+
+@dataclass
+class TuneSettings:
+    num_samples: int = setting(16, "trials to sample from the search space")
+    max_concurrent: int = setting(0, "trials at once (0: as many as the cluster's resources hold)")
+    grace_period: int = setting(2, "ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: int = setting(3, "ASHA: keep the best 1/reduction_factor at each rung")
+    workers_per_trial: int = setting(1, "Ray Train workers per trial (DDP when > 1)")
+    cpus_per_worker: int = setting(1, "CPUs each worker reserves (also its DataLoader processes)")
+    gpus_per_worker: float = setting(-1.0, "GPUs each worker reserves (-1: 1 if the cluster has GPUs, else 0)")
+    max_failures: int = setting(2, "retries of a trial whose worker dies, from its last checkpoint")
+    address: str = setting("local", "local (start Ray here), auto, or HOST:PORT of a running cluster")
+    storage: str = setting("", "where trials write results; must be shared storage on a multi-node "
+                          "cluster (default: the output dir)")
+    name: str = setting("search", "name of the Tune experiment folder inside the output dir")
+    search_seed: int = setting(0, "seed of the random search")
+
+
+@dataclass
+class RetrainSettings:
+    init: str = setting("checkpoint", "checkpoint (start from the best trial's weights) or scratch")
+    retrain_epochs: int = setting(24, "epochs of the final retrain on train + validation")
+
+
+@dataclass
+class SearchConfig(Config):
+    search: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SPACE.items()})
+    tune: TuneSettings = field(default_factory=TuneSettings)
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
+
+    def space(self) -> dict[str, tuple[str, list]]:
+        """The checked search space: {key: (distribution, arguments)}."""
+        return parse_space(self.search, self.training_config())
+
+    def validate(self) -> None:
+        validate(self)
+        self.space()
+        t, r = self.tune, self.retrain
+        check(t.num_samples >= 1, f"tune.num_samples must be >= 1, got {t.num_samples}")
+        check(t.max_concurrent >= 0, f"tune.max_concurrent must be >= 0, got {t.max_concurrent}")
+        check(1 <= t.grace_period <= self.trainer.epochs,
+               f"tune.grace_period must be in [1, epochs={self.trainer.epochs}], got {t.grace_period}")
+        check(t.reduction_factor >= 2, f"tune.reduction_factor must be >= 2, got {t.reduction_factor}")
+        check(t.workers_per_trial >= 1, f"tune.workers_per_trial must be >= 1, got {t.workers_per_trial}")
+        check(t.cpus_per_worker >= 1, f"tune.cpus_per_worker must be >= 1, got {t.cpus_per_worker}")
+        check(t.gpus_per_worker == -1 or t.gpus_per_worker >= 0,
+               f"tune.gpus_per_worker must be -1 (auto) or >= 0, got {t.gpus_per_worker}")
+        check(t.max_failures >= -1, f"tune.max_failures must be >= -1, got {t.max_failures}")
+        check(bool(t.name) and "/" not in t.name, f"tune.name must be a folder name, got '{t.name}'")
+        check(r.init in ("checkpoint", "scratch"),
+               f"retrain.init must be checkpoint or scratch, got '{r.init}'")
+        check(r.retrain_epochs >= 1, f"retrain.retrain_epochs must be >= 1, got {r.retrain_epochs}")
