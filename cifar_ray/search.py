@@ -75,11 +75,15 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
         param_space=tune_space(cfg),
         tune_config=tune.TuneConfig(
             metric=METRIC, mode="max", num_samples=t.num_samples,
-            max_concurrent_trials=concurrent,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.trainer.epochs,
                                     grace_period=t.grace_period,
                                     reduction_factor=t.reduction_factor),
-            search_alg=BasicVariantGenerator(random_state=t.search_seed)),
+            # The limit goes to the generator itself: Tune ignores `max_concurrent_trials`
+            # beside a search_alg like this one (it only warns), and every trial then started
+            # at once, their Train runs queueing for the workers' CPUs. The generator's state,
+            # the limit with it, is what `--resume` restores.
+            search_alg=BasicVariantGenerator(random_state=t.search_seed,
+                                             max_concurrent=concurrent)),
         run_config=tune.RunConfig(
             name=t.name, storage_path=str(storage),
             # A trial whose own process dies (its node lost) is started again; its Ray
