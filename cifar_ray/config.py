@@ -176,6 +176,11 @@ def keys(cfg: Config) -> dict[str, type]:
             for f in dataclasses.fields(sec)}
 
 
+def plain(value: Any) -> Any:
+    """A Python value for a numpy scalar that Tune sampled (JSON and the checks take no numpy)."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def overlay(cfg: Config, values: dict[str, Any]) -> Config:
     """A validated copy of the training config `cfg` with `values` ({'optim.lr': 0.003, ...})
     set: how a search trial's sample, and later the best one, becomes a run's config."""
@@ -184,7 +189,7 @@ def overlay(cfg: Config, values: dict[str, Any]) -> Config:
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"unknown config key '{key}'")
-        value = value.item() if hasattr(value, "item") else value  # a numpy scalar from Tune
+        value = plain(value)
         sec_name, name = key.split(".", 1)
         setattr(getattr(out, sec_name), name, _coerce(value, known[key], key))
     out.validate()

@@ -15,6 +15,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from cifar_ray.config import plain
 from cifar_ray.errors import UserError
 from cifar_ray.files import write_text
 from cifar_ray.ray_cluster import HEAD_NODE
@@ -95,11 +96,6 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
             sync_config=tune.SyncConfig(sync_period=10)),
     )
     return tuner.fit()
-
-
-def plain(value: Any) -> Any:
-    """A Python value for a numpy scalar that Tune sampled (JSON takes no numpy types)."""
-    return value.item() if hasattr(value, "item") else value
 
 
 def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, Any]]:
