@@ -27,6 +27,7 @@ DATASETS = ("cifar10", "cifar100")
 DEVICES = ("auto", "cpu", "cuda")  # see runtime.py
 ENGINES = ("auto", "albumentations", "tensors")  # see augment.py
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
+COMPILE_MODES = ("off", "default", "reduce-overhead")  # see module.py
 
 
 def setting(default: Any, help: str) -> Any:
@@ -76,6 +77,8 @@ class TrainerConfig:
     device: str = setting("auto", "cpu, cuda, or auto (cuda when there is a GPU)")
     devices: int = setting(1, "devices (GPUs) for this run")
     precision: str = setting("auto", "auto (bf16-mixed on GPU, 32-true on CPU) or a Lightning precision")
+    compile: str = setting("off", "torch.compile the training forward on CUDA: off, default, or "
+                                  "reduce-overhead (CUDA graphs); costs seconds of compiling")
     seed: int = setting(1, "seed for the split, the weights and the augmentation")
     output_dir: str = setting("outputs/train", "where checkpoints, logs, plots and results go")
     progress_bar: bool = setting(True, "show Lightning's per-epoch progress bar")
@@ -274,6 +277,7 @@ def validate(cfg: Config) -> None:
     check(t.batch_size >= 1, f"trainer.batch_size must be >= 1, got {t.batch_size}")
     check(t.device in DEVICES, f"trainer.device must be one of {DEVICES}, got '{t.device}'")
     check(t.devices >= 1, f"trainer.devices must be >= 1, got {t.devices}")
+    check(t.compile in COMPILE_MODES, f"trainer.compile must be one of {COMPILE_MODES}, got '{t.compile}'")
     check(t.precision in PRECISIONS,
            f"trainer.precision must be one of {PRECISIONS}, got '{t.precision}'")
     check(bool(t.output_dir), "trainer.output_dir must not be empty")

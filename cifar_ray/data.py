@@ -37,25 +37,37 @@ class ImageArrayDataset(Dataset):
         return self.transform(image=self.images[index])["image"], int(self.labels[index])
 
 
+def drop_partial(images: int, batch_size: int) -> bool:
+    """Whether training drops each epoch's last, partial batch: yes when there is a full one.
+    Every training step then has the same shape (one compiled graph, one CUDA graph), and no
+    step's BatchNorm statistics come from a handful of images; the images left out differ
+    each epoch, since the order is shuffled."""
+    return images >= batch_size
+
+
 class DeviceBatches:
     """Batches of (uint8 images, labels) sliced from tensors already on the training device:
     no DataLoader processes, no host-to-device copy per batch. Shuffled anew each epoch from
-    `seed`; under DDP each rank takes every `world`-th image of the shuffled order."""
+    `seed` (then the partial last batch is dropped, see `drop_partial`); under DDP each rank
+    takes every `world`-th image of the shuffled order."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
         self.images, self.labels = images, labels  # (N, 3, 32, 32) uint8, (N,) int64
         self.batch_size, self.shuffle, self.rank, self.world = batch_size, shuffle, rank, world
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.count = len(range(rank, len(labels), world))  # this rank's images
+        self.drop_last = shuffle and drop_partial(self.count, batch_size)
 
     def __len__(self) -> int:
-        return math.ceil(len(range(self.rank, len(self.labels), self.world)) / self.batch_size)
+        rounding = math.floor if self.drop_last else math.ceil
+        return rounding(self.count / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order[self.rank::self.world].to(self.images.device)
-        for start in range(0, len(order), self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
             yield self.images[index], self.labels[index]
 
@@ -104,6 +116,11 @@ class CifarDataModule(pl.LightningDataModule):
                                          arrays.train_labels[val_idx], evaluate)
         self.test_set = ImageArrayDataset(arrays.test_images, arrays.test_labels, evaluate)
 
+    def train_images_per_epoch(self) -> int:
+        """Images trained on per epoch: the training set less the dropped partial batch."""
+        n, batch = len(self.train_set), self.cfg.trainer.batch_size
+        return n // batch * batch if drop_partial(n, batch) else n
+
     def on_device(self) -> bool:
         """Whether batches come from the device and are augmented there (augment.py's tensor
         engine), or from DataLoader workers running Albumentations."""
@@ -137,8 +154,9 @@ class CifarDataModule(pl.LightningDataModule):
         return min(available_cpus(), 8) if n < 0 else n
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        workers = self.num_workers()
-        return DataLoader(dataset, batch_size=self.cfg.trainer.batch_size, shuffle=shuffle,
+        workers, batch = self.num_workers(), self.cfg.trainer.batch_size
+        return DataLoader(dataset, batch_size=batch, shuffle=shuffle,
+                          drop_last=shuffle and drop_partial(len(dataset), batch),
                           num_workers=workers, persistent_workers=workers > 0,
                           worker_init_fn=reseed_worker, pin_memory=torch.cuda.is_available())
 

@@ -4,6 +4,12 @@ Metric names are `train/loss`, `train/acc`, `val/loss`, `val/acc`, `test/loss`, 
 stage with its own metric objects so their states never mix. The test stage also keeps per-class
 accuracy and the confusion matrix in `test_report` (see `class_report`).
 
+A training step never waits for the GPU: the metrics only accumulate on the device (no input
+validation, no per-batch value computed) and are computed once per epoch, and Adam is the fused
+one-kernel version. Any host-device synchronisation in a step would stall the CPU until the GPU
+has drained its queue, and on a fast GPU the next step's launches then cost as much as its
+arithmetic (tests/test_module.py counts them: zero).
+
 `load_module` is the only way the project reads a checkpoint back: `torch.load(weights_only=True)`
 (no code in a checkpoint ever runs), then the model is rebuilt from the saved hyperparameters.
 """
@@ -15,6 +21,7 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from cifar_ray.config import Config
@@ -34,19 +41,27 @@ class LitResNet9(pl.LightningModule):
         # exactly the data this model was trained and validated on.
         self.save_hyperparameters()
         self.model = ResNet9(num_classes, width)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        # validate_args=False: the checks (torch.unique of the labels, ...) read values back
+        # from the device on every update. nan_strategy="disable": the same for the NaN check
+        # (a NaN loss then shows as a NaN epoch loss).
+        self.train_acc, self.val_acc, self.test_acc = (
+            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3))
+        self.train_loss, self.val_loss, self.test_loss = (
+            MeanMetric(nan_strategy="disable") for _ in range(3))
+        self.test_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
         self.test_report: dict[str, Any] = {}
+        self.compile_mode = "off"  # how to run the training forward on CUDA (see `setup`)
+        self._compiled = None
 
     @classmethod
     def from_config(cls, cfg: Config, class_names: list[str]) -> "LitResNet9":
         o = cfg.optim
-        return cls(num_classes=len(class_names), width=cfg.model.width, lr=o.lr,
-                   weight_decay=o.weight_decay, pct_start=o.pct_start, div_factor=o.div_factor,
-                   final_div_factor=o.final_div_factor, class_names=list(class_names),
-                   dataset=cfg.data.dataset, val_size=cfg.data.val_size, seed=cfg.trainer.seed)
+        module = cls(num_classes=len(class_names), width=cfg.model.width, lr=o.lr,
+                     weight_decay=o.weight_decay, pct_start=o.pct_start, div_factor=o.div_factor,
+                     final_div_factor=o.final_div_factor, class_names=list(class_names),
+                     dataset=cfg.data.dataset, val_size=cfg.data.val_size, seed=cfg.trainer.seed)
+        module.compile_mode = cfg.trainer.compile  # how it runs, not what it is: no hparam
+        return module
 
     @property
     def class_names(self) -> list[str]:
@@ -57,29 +72,41 @@ class LitResNet9(pl.LightningModule):
         # (the GPU data path hands over channels-last batches too).
         if self.trainer.strategy.root_device.type == "cuda":
             self.to(memory_format=torch.channels_last)
+            if self.compile_mode != "off" and self._compiled is None:
+                # Kept out of the module's children (object.__setattr__), so the state dict
+                # and every checkpoint stay those of the plain model.
+                object.__setattr__(self, "_compiled", torch.compile(self.model, mode=self.compile_mode))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Only training steps run compiled: one graph, one batch shape (the training batches
+        # are all full, see data.py); evaluation and GradCAM run the plain model.
+        if self._compiled is not None and self.training and torch.is_grad_enabled():
+            return self._compiled(x)
         return self.model(x)
 
-    def _step(self, batch, stage: str, accuracy: MulticlassAccuracy) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
-        log_probs = self(x)
-        loss = F.nll_loss(log_probs, y)
-        accuracy(log_probs, y)
-        # sync_dist: under DDP the epoch loss is averaged over all workers (a no-op on one).
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test",
-                 sync_dist=True)
+        log_probs = self(x)  # (B, classes)
+        losses = F.nll_loss(log_probs, y, reduction="none")  # (B,)
+        mean_loss, accuracy = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+        # update(), not the metrics' forward(), which would also compute each batch's value.
+        # Logged as metric objects: Lightning computes them (across DDP ranks too) and resets
+        # them at each epoch's end.
+        mean_loss.update(losses.detach())
+        accuracy.update(log_probs.detach(), y)
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True,
+                 prog_bar=stage != "test")
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return loss, log_probs
+        return losses.mean(), log_probs
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train", self.train_acc)[0]
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
+        self._step(batch, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        _, log_probs = self._step(batch, "test", self.test_acc)
+        _, log_probs = self._step(batch, "test")
         self.test_confusion.update(log_probs, batch[1])
 
     def on_test_epoch_end(self) -> None:
@@ -95,13 +122,20 @@ class LitResNet9(pl.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
+        optimizer = torch.optim.Adam(self.parameters(), **adam_options(h.lr, h.weight_decay))
         # estimated_stepping_batches comes from the real train loader (and any batch limit).
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=h.lr, total_steps=int(self.trainer.estimated_stepping_batches),
             pct_start=h.pct_start, div_factor=h.div_factor, final_div_factor=h.final_div_factor,
             anneal_strategy="linear", three_phase=False)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def adam_options(lr: float, weight_decay: float) -> dict[str, Any]:
+    """The recipe's Adam, shared with the bench's plain loop so that their ratio stays fair.
+    fused: one kernel for every parameter, with its step count kept on the device (the
+    default implementation reads each parameter's step back with .item())."""
+    return {"lr": lr, "weight_decay": weight_decay, "fused": True}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -118,7 +118,7 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
     best = load_module(best_path)
     tested = trainer.test(best, datamodule=data, verbose=False)[0]
     best_val = float(checkpoint.best_model_score) if has_val and checkpoint.best_model_score is not None else None
-    images_seen = len(data.train_set) * (trainer.current_epoch - history.first_epoch)
+    images_seen = data.train_images_per_epoch() * (trainer.current_epoch - history.first_epoch)
     results = {
         "test_acc": tested["test/acc"],
         "test_loss": tested["test/loss"],

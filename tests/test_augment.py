@@ -79,19 +79,26 @@ def test_cutout_is_one_square_hole_inside_the_image_filled_with_the_mean():
                        .expand(int((~with_hole).sum()), -1, -1, -1))
 
 
-def test_device_batches_cover_each_epoch_once_reshuffled_and_split_across_ranks():
+def test_device_batches_cover_each_epoch_reshuffled_and_split_across_ranks():
+    """Training batches are all full (each epoch leaves out the last 3 of a new order); the
+    evaluation batches cover every image once, the last batch partial."""
     images, labels = _batch(103), torch.arange(103)
     batches = DeviceBatches(images, labels, batch_size=10, shuffle=True, seed=0)
-    assert len(batches) == 11
-    epochs = [torch.cat([y for _, y in batches]) for _ in range(2)]
+    assert len(batches) == 10
+    epochs = [[y for _, y in batches] for _ in range(2)]
     for order in epochs:
-        assert sorted(order.tolist()) == list(range(103))
-    assert not torch.equal(epochs[0], epochs[1])
-    x, y = next(iter(DeviceBatches(images, labels, 10, shuffle=False)))
+        assert [len(y) for y in order] == [10] * 10
+        assert len(set(torch.cat(order).tolist())) == 100
+    assert set(torch.cat(epochs[0]).tolist()) != set(torch.cat(epochs[1]).tolist())
+    evaluation = DeviceBatches(images, labels, 10, shuffle=False)
+    assert len(evaluation) == 11 and torch.equal(torch.cat([y for _, y in evaluation]), labels)
+    x, y = next(iter(evaluation))
     assert torch.equal(x, images[:10]) and torch.equal(y, labels[:10])
     ranks = [torch.cat([y for _, y in DeviceBatches(images, labels, 10, True, seed=3, rank=r,
                                                     world=2)]) for r in (0, 1)]
-    assert sorted(torch.cat(ranks).tolist()) == list(range(103))
+    assert len(set(torch.cat(ranks).tolist())) == 100  # 51 + 52 images: 50 + 50 trained
+    small = DeviceBatches(images[:7], labels[:7], 10, shuffle=True)  # no full batch: keep it
+    assert [len(y) for _, y in small] == [7]
 
 
 @pytest.mark.slow
