@@ -21,7 +21,8 @@ from cifar_ray.files import write_text
 from cifar_ray.ray_cluster import HEAD_NODE
 from cifar_ray.runtime import resolve_precision
 from cifar_ray.search_config import SearchConfig
-from cifar_ray.trial import CHECKPOINT_FILE, CHECKPOINT_PATH, METRIC, STARTUP, run_trial
+from cifar_ray.trial import (CHECKPOINT_FILE, CHECKPOINT_PATH, FIRST_STEP_AT, METRIC, PHASES,
+                             REPORTED_AT, STARTUP, run_trial)
 
 
 def storage_dir(cfg: SearchConfig, out: Path) -> Path:
@@ -49,8 +50,10 @@ def trial_base_config(cfg: SearchConfig, use_gpu: bool) -> dict[str, Any]:
 
 
 def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
-               scaling: dict[str, Any]):
-    """Run (or resume) the Tune experiment to its end; return Tune's ResultGrid."""
+               scaling: dict[str, Any], data=None):
+    """Run (or resume) the Tune experiment to its end; return Tune's ResultGrid. `data`: an
+    object reference to the data set's arrays, which every trial's workers then read from
+    Ray's object store instead of unpickling the files again."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -59,7 +62,8 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     storage = storage_dir(cfg, out)
     trainable = tune.with_parameters(
         run_trial, base=trial_base_config(cfg, scaling["use_gpu"]),
-        scaling=scaling, storage=str(storage / "train_runs"), max_failures=t.max_failures)
+        scaling=scaling, storage=str(storage / "train_runs"), max_failures=t.max_failures,
+        data=[data] if data is not None else None)
     # The trial function and its Ray Train controller only wait on the Train workers, which
     # reserve the real resources. They hold no CPU and live on the head node: losing a worker
     # node then costs only the workers on it, which Ray Train restarts from the last checkpoint.
@@ -115,23 +119,60 @@ def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, An
                 kept = [p for p in scored.get(CHECKPOINT_PATH, []) if isinstance(p, str)
                         and (Path(p) / CHECKPOINT_FILE).is_file()]
                 best_ckpt = kept[0] if kept else None
-        startup = None  # from the first report (a restarted worker group measures its own)
-        if history is not None and STARTUP in history and history[STARTUP].notna().any():
-            startup = round(float(history[STARTUP].dropna().iloc[0]), 2)
+        # Start-up: from the first report (a restarted worker group measures its own).
+        first = {key: first_value(history, key)
+                 for key in (STARTUP, FIRST_STEP_AT, *(f"time/{p}_s" for p in PHASES))}
+        last_report = last_value(history, REPORTED_AT)
+        trained = (last_report - first[FIRST_STEP_AT]
+                   if last_report is not None and first[FIRST_STEP_AT] is not None else None)
         epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
         status = "error" if result.error else ("completed" if epochs >= max_t else "stopped early")
         rows.append({
             "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
             **{key: plain(result.config.get(key)) for key in searched},
             "epochs": epochs, "best_val_acc": best_acc, "status": status,
-            "checkpoint": best_ckpt, "startup_s": startup,
+            "checkpoint": best_ckpt, "startup_s": _round(first[STARTUP]),
+            **{f"{phase}_s": _round(first[f"time/{phase}_s"]) for phase in PHASES},
+            "train_s": _round(trained),
+            "trained_from": first[FIRST_STEP_AT], "trained_to": last_report,
         })
     return rows
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def first_value(history, key: str) -> float | None:
+    if history is None or key not in history or not history[key].notna().any():
+        return None
+    return float(history[key].dropna().iloc[0])
+
+
+def last_value(history, key: str) -> float | None:
+    if history is None or key not in history or not history[key].notna().any():
+        return None
+    return float(history[key].dropna().iloc[-1])
+
+
+def training_seconds(rows: list[dict[str, Any]]) -> float:
+    """Seconds in which at least one trial was training (the union of the trials' spans from
+    first step to last report): the search's wall time less this is what it spent on anything
+    else (start-ups, waiting, scheduling)."""
+    spans = sorted((r["trained_from"], r["trained_to"]) for r in rows
+                   if r["trained_from"] is not None and r["trained_to"] is not None)
+    total, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
 def write_trials_csv(rows: list[dict[str, Any]], searched: list[str], target: Path) -> None:
     buffer = io.StringIO()
-    fields = ["trial_id", *searched, "epochs", "best_val_acc", "status", "startup_s"]
+    fields = ["trial_id", *searched, "epochs", "best_val_acc", "status", "startup_s",
+              *(f"{phase}_s" for phase in PHASES), "train_s"]
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -32,17 +33,22 @@ from cifar_ray.config import add_config_flags, overlay, resolve
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import write_json, write_text
 from cifar_ray.ray_cluster import configure_auth, ctrl_c_stops_tune, plan_resources, start_ray
-from cifar_ray.search import run_search, storage_dir, summarise_trials, write_trials_csv
+from cifar_ray.search import (run_search, storage_dir, summarise_trials, training_seconds,
+                              write_trials_csv)
 from cifar_ray.search_config import SearchConfig, describe, format_value
-from cifar_ray.trial import CHECKPOINT_FILE, METRIC
+from cifar_ray.trial import CHECKPOINT_FILE, METRIC, PHASES
 
 
 class Interrupted(UserError):
     exit_code = 130
 
 
-def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Runs on a Ray worker with one trial worker's resources (a GPU node on a cluster)."""
+def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
+                        data: list) -> dict[str, Any]:
+    """Runs on a Ray worker with one trial worker's resources (a GPU node on a cluster);
+    `data`: [the object reference to the data set's arrays]."""
+    import ray
+
     from cifar_ray import gradcam, train
 
     final = overlay(cfg, best["config"])  # the same overlay the trial made
@@ -56,10 +62,33 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path) -> d
             raise UserError(f"trial {best['trial_id']} left no checkpoint to retrain from; "
                             "use retrain.init: scratch")
         init = str(Path(best["checkpoint"]) / CHECKPOINT_FILE)
-    results = train.run(final, init_checkpoint=init, overwrite=True)
+    arrays = ray.get(data[0])
+    results = train.run(final, arrays=arrays, init_checkpoint=init, overwrite=True)
     report = gradcam.analyse(results["checkpoint"], final.data.data_dir, out / "gradcam",
-                             split="test")
+                             split="test", arrays=arrays)
     return {"retrain": results, "gradcam": report}
+
+
+def median_phases(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The median seconds of each start-up phase over the trials that measured it."""
+    out = {}
+    for phase in [*PHASES, "startup"]:
+        values = sorted(r[f"{phase}_s"] for r in rows if r[f"{phase}_s"] is not None)
+        if values:
+            out[phase] = round(statistics.median(values), 2)
+    return out
+
+
+def startup_summary(rows: list[dict[str, Any]], tune_seconds: float) -> str:
+    """Two lines: where the trials' start-up went, and how much of the search was training."""
+    phases = median_phases(rows)
+    if "startup" not in phases:
+        return "search: no trial reached its first training step"
+    parts = ", ".join(f"{phase} {phases[phase]:.1f}" for phase in PHASES if phase in phases)
+    busy = training_seconds(rows)
+    return (f"trial start-up, median {phases['startup']:.1f} s: {parts}\n"
+            f"search: {tune_seconds:.0f} s, of which some trial was training {busy:.0f} s "
+            f"({busy / max(tune_seconds, 1e-9):.0%})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,9 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir(out, cfg, args.resume, args.overwrite)
     start = time.perf_counter()
 
-    # Prepare (download / validate) the data set once, before any trial starts.
+    # Prepare (download / validate / read) the data set once, before any trial starts.
     data_dir = Path(cfg.data.data_dir).expanduser().resolve()
-    read_cifar(ensure_dataset(data_dir, cfg.data.dataset), cfg.data.dataset)
+    arrays = read_cifar(ensure_dataset(data_dir, cfg.data.dataset), cfg.data.dataset)
     cfg.data.data_dir = str(data_dir)  # absolute: Ray changes each trial's working directory
 
     configure_auth(cfg.tune.address)
@@ -135,18 +164,23 @@ def main(argv: list[str] | None = None) -> int:
     start_ray(cfg.tune, tmp)
     searched = list(cfg.search)
     try:
+        data = ray.put(arrays)  # read once; every trial's workers map it from the object store
+        del arrays
         scaling, concurrent = plan_resources(cfg, storage_dir(cfg, out))
         print(f"search: {', '.join(searched)}; {cfg.tune.num_samples} trials, {concurrent} at a time, "
               f"{cfg.tune.workers_per_trial} worker(s) each; ASHA max_t={cfg.trainer.epochs} "
               f"grace={cfg.tune.grace_period} reduction={cfg.tune.reduction_factor}")
+        tune_started = time.perf_counter()
         with ctrl_c_stops_tune() as interrupted:
-            grid = run_search(cfg, out, args.resume, concurrent, scaling)
+            grid = run_search(cfg, out, args.resume, concurrent, scaling, data)
         if interrupted.is_set():
             raise Interrupted(f"search interrupted; its state is saved in {out / cfg.tune.name}: "
                               f"run the same command with --resume to continue")
         search_seconds = time.perf_counter() - start
+        tune_seconds = time.perf_counter() - tune_started
         rows = summarise_trials(grid, searched, cfg.trainer.epochs)
         write_trials_csv(rows, searched, out / "trials.csv")
+        print(startup_summary(rows, tune_seconds))
         scored = [r for r in rows if r["best_val_acc"] is not None]
         if not scored:
             raise UserError(f"no trial reported {METRIC}; see the errors in {out / cfg.tune.name}")
@@ -159,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             num_cpus=cfg.tune.cpus_per_worker,
             num_gpus=1 if scaling["use_gpu"] else 0)
         try:
-            final = ray.get(finish.remote(cfg, best, out))
+            final = ray.get(finish.remote(cfg, best, out, [data]))
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, UserError):  # one line for the user, not Ray's traceback
                 raise exc.cause from None
@@ -183,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         "retrain_epochs": cfg.retrain.retrain_epochs,
         "retrain_init": cfg.retrain.init,
         "search_seconds": round(search_seconds, 1),
+        "tune_seconds": round(tune_seconds, 1),
+        "training_seconds": round(training_seconds(rows), 1),
+        "startup_phases_s": median_phases(rows),
         "total_seconds": round(time.perf_counter() - start, 1),
         "trials_csv": str(out / "trials.csv"),
         "experiment_dir": str(out / cfg.tune.name),

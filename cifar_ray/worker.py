@@ -1,0 +1,145 @@
+"""Inside one Ray Train worker of a search trial: the Lightning run and what it reports.
+
+    train(config): the trial's Config -> CifarDataModule (arrays from Ray's object store) +
+        LitResNet9 + a Lightning Trainer with Ray's DDP strategy -> fit, going on from the
+        run's latest checkpoint when Ray Train has one
+    EpochReports: every epoch's metrics and checkpoint to Ray Train (and so to Tune and ASHA),
+        and the trial's start-up, phase by phase (trial.PHASES)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+
+from cifar_ray.config import Config
+from cifar_ray.data import CifarDataModule
+from cifar_ray.module import LitResNet9
+from cifar_ray.pl import pl
+from cifar_ray.runtime import build_trainer
+from cifar_ray.trial import CHECKPOINT_FILE, CHECKPOINT_PATH, FIRST_STEP_AT, REPORTED_AT, STARTUP
+
+
+class EpochReports(pl.Callback):
+    """Reports each epoch's metrics and checkpoint to Ray Train (and, through Ray's
+    TuneReportCallback, to Tune and ASHA), and keeps every report in the checkpoint, marked
+    with the Tune session of the trial that received it.
+
+    Why the marks: Tune saves its experiment state every few seconds, while Ray Train resumes a
+    run of the same name from that run's latest checkpoint. A driver killed between two saves
+    leaves trials that Tune's state lists as not started (on `--resume` they start a new
+    session, counting epochs from zero) whose Train runs went on, perhaps to their last epoch.
+    Such a run resumes past the epochs this session never received (a finished one reports
+    nothing at all, which Tune rejects). So once the checkpoint is restored, the epochs in it
+    that this session has not received are reported first, in order: Tune sees every epoch
+    once, whatever the lag. A worker group Ray Train restarts within the same session replays
+    nothing, since its checkpoint's reports carry this session's mark.
+
+    Also measures the trial's start-up (`time/startup_s`: the trial function's start to this
+    worker's first training step) and its phases (`time/<phase>_s`, trial.PHASES), from
+    `marks`: the unix time at which each phase ended, in order.
+    """
+
+    def __init__(self, session: str, run_dir: str, marks: dict[str, float]):
+        self.session, self.run_dir, self.marks = session, run_dir, marks
+        self.startup: dict[str, float] = {}
+        self.first_step_at: float | None = None
+        self.reports: list[dict[str, Any]] = []  # {"session": ..., "metrics": {...}} per epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reports": self.reports}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reports = [dict(report) for report in state["reports"]]
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Lightning restores callback state before this hook, and calls it even when the
+        # restored run has no epoch left to train.
+        self.marks["lightning"] = time.time()
+        for report in self.reports:
+            if report["session"] != self.session:
+                report["session"] = self.session
+                ray.train.report(report["metrics"])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = self.marks["first_step"] = time.time()
+            times = list(self.marks.values())  # trial start, then each phase's end
+            self.startup = {f"time/{phase}_s": round(end - start, 3)
+                            for phase, start, end in zip(list(self.marks)[1:], times, times[1:])}
+            self.startup[STARTUP] = round(times[-1] - times[0], 2)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # Validation has run by now: its metrics are in callback_metrics too.
+        name = f"epoch_{trainer.current_epoch:04d}"  # a name the reports can point to
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        metrics.update({"epoch": trainer.current_epoch, "step": trainer.global_step,
+                        **self.startup, FIRST_STEP_AT: self.first_step_at,
+                        REPORTED_AT: time.time(), CHECKPOINT_PATH: str(Path(self.run_dir) / name)})
+        self.reports.append({"session": self.session, "metrics": metrics})
+        with tempfile.TemporaryDirectory(prefix="report-") as folder:  # saved with this report
+            trainer.save_checkpoint(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=name)
+
+
+def process_started(launched: float) -> float:
+    """When this worker process started (Linux's /proc), or `launched` if Ray had started it
+    before the trial asked for it (an idle worker taken from Ray's pool) or it cannot be told."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return max(launched, boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return launched
+
+
+def train(config: dict[str, Any], entered: float) -> None:
+    """The Lightning run of one Ray Train worker; `config` is trial.run_trial's loop config,
+    `entered` when the training function started (before it imported this module)."""
+    marks = {"start": config["trial_started"], "trial": config["launched"],
+             "controller": process_started(config["launched"]), "worker": entered,
+             "imports": time.time()}
+    logging.getLogger(pl.__name__).setLevel(logging.WARNING)  # no per-trial banners
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning vs newer torch, harmless
+    cfg = Config.from_dict(config["config"])
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    # The arrays the driver read once and put in Ray's object store (zero-copy here), else
+    # read from the data dir by this worker.
+    arrays = ray.get(config["data"][0]) if config.get("data") else None
+    data = CifarDataModule(cfg, arrays)
+    data.setup()
+    marks["data"] = time.time()
+    module = LitResNet9.from_config(cfg, data.classes)
+    reports = EpochReports(config["session"], cfg.trainer.output_dir, marks)
+    # The device was resolved by the driver (this worker was given a GPU or not); Ray's
+    # strategy and environment place each rank on its own.
+    trainer = build_trainer(
+        cfg.trainer.device, cfg.trainer.precision, devices="auto",
+        max_epochs=cfg.trainer.epochs,
+        strategy=RayDDPStrategy(),
+        plugins=[RayLightningEnvironment()],
+        callbacks=[reports],  # it checkpoints every epoch
+        logger=pl.loggers.TensorBoardLogger(cfg.trainer.output_dir, name="tensorboard",
+                                            default_hp_metric=False),
+        log_every_n_steps=1,
+    )
+    trainer = prepare_trainer(trainer)
+    # Set when Ray Train restarts a failed worker group, or resumes this run after the search
+    # was interrupted: go on from the run's latest checkpoint.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            trainer.fit(module, datamodule=data, weights_only=True,
+                        ckpt_path=os.path.join(folder, CHECKPOINT_FILE))
+    else:
+        trainer.fit(module, datamodule=data)
