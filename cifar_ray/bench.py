@@ -1,17 +1,25 @@
-"""`python -m cifar_ray.bench [--device cpu|cuda] [--json OUT]`: how fast this project trains,
-augments, starts trials and explains, on this machine. Prints a table; `--json` writes it.
+"""`python -m cifar_ray.bench [--device cpu|cuda] [--json OUT] [--sections a,b]`: how fast this
+project trains, augments, starts trials and explains, on this machine. Prints a table; `--json`
+writes the numbers after every section, so a section that fails or runs out of time
+(`--section-timeout`) records its error and the others still run.
 
   framework   training images/s of the project's LightningModule (Lightning's fit loop) and of
-              a plain PyTorch loop over the same model, batch size, precision and device, fed
-              the same in-memory batches: `framework_ratio` = module / plain.
+              a plain PyTorch loop over the same model, optimiser, batch size, precision and
+              device, fed the same in-memory batches: `framework_ratio` = module / plain; at
+              each of `--batch-sizes` (the search samples several). On CUDA also whether a
+              training step synchronises with the host (torch's sync debug mode).
+  compile     (CUDA) the module with `trainer.compile` default and reduce-overhead (CUDA
+              graphs): images/s, and the seconds its first steps took (compiling).
   augment     images/s of the Albumentations recipe (one process, and a DataLoader with one
               worker per CPU) and of the batched tensor path on the device (augment.py's tensor engine).
-  tune        a small real search (`python -m cifar_ray.tune`, 2 trials of 1 epoch): each
-              trial's start to its first training step (`trial_overhead_s`: the median).
-  gradcam     GradCAM images/s (the gradcam stage's CAM on the default layer).
+  gradcam     GradCAM images/s (the gradcam stage's CAM on the default layer, in batches).
   flops       training FLOPs per image (counted by torch's FlopCounterMode), the achieved
               TFLOP/s of the module, and on CUDA the device's measured peak (a large bf16
               matmul) and the fraction of it reached.
+  train       `python -m cifar_ray.train` end to end (validation included): images/s over the run.
+  search      a real search (`python -m cifar_ray.tune`) per GPU share in `--search-shares`:
+              its wall time, the time some trial was training, their ratio, trial-epochs per
+              second, and the trials' start-up phases (`trial_overhead_s`: the median start-up).
 
 Numbers go in docs/benchmarks.md with the machine they came from.
 """
@@ -20,13 +28,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -42,9 +53,10 @@ from cifar_ray.data import ImageArrayDataset, available_cpus
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import write_json
 from cifar_ray.model import ResNet9
-from cifar_ray.module import LitResNet9
+from cifar_ray.module import LitResNet9, adam_options
 from cifar_ray.pl import pl
 from cifar_ray.runtime import build_trainer
+from cifar_ray.trial import PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +93,7 @@ def plain_loop_seconds(batches, width: int, device: torch.device, warmup: int) -
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), **adam_options(0.01, 1e-4))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=len(batches),
                                                     anneal_strategy="linear")
     start = 0.0
@@ -113,40 +125,91 @@ class _Iterable:
 
 
 class _StepClock(pl.Callback):
-    """Wall time from the start of batch `warmup` to the end of the last batch."""
+    """Wall time of the warm-up batches, and from the start of batch `warmup` to the end of
+    the last batch (the GPU drained at both ends, never in between). On CUDA, with
+    `count_syncs`, torch's sync debug mode counts the host-device synchronisations made by
+    the timed steps (each a warning)."""
 
-    def __init__(self, warmup: int, device: torch.device):
-        self.warmup, self.device, self.start, self.end = warmup, device, 0.0, 0.0
+    def __init__(self, warmup: int, device: torch.device, count_syncs: bool = False):
+        self.warmup, self.device, self.count_syncs = warmup, device, count_syncs
+        self.fit_start = self.start = self.end = 0.0
+        self.syncs: list[str] = []
+        self._recording = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        sync(self.device)
+        self.fit_start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.warmup:
             sync(self.device)
             self.start = time.perf_counter()
+            if self.count_syncs and self.device.type == "cuda":
+                self._recording = warnings.catch_warnings(record=True)
+                self.syncs = self._recording.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._recording is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._recording.__exit__(None, None, None)
+            self.syncs = [str(w.message) for w in self.syncs]
+            self._recording = None
         sync(self.device)
         self.end = time.perf_counter()
 
 
-def module_seconds(batches, width: int, device: torch.device, warmup: int) -> float:
-    """The same, through the project's LitResNet9 and Lightning's fit loop."""
+def module_run(batches, width: int, device: torch.device, warmup: int, compile: str = "off",
+               count_syncs: bool = False) -> _StepClock:
+    """The same batches through the project's LitResNet9 and Lightning's fit loop."""
     torch.manual_seed(0)
-    clock = _StepClock(warmup, device)
+    clock = _StepClock(warmup, device, count_syncs)
     trainer = build_trainer(device.type, max_epochs=1, callbacks=[clock])
-    trainer.fit(LitResNet9(width=width), train_dataloaders=_Iterable(batches))
-    return clock.end - clock.start
+    module = LitResNet9(width=width)
+    module.compile_mode = compile
+    trainer.fit(module, train_dataloaders=_Iterable(batches))
+    return clock
 
 
-def bench_framework(device: torch.device, width: int, batch: int, steps: int,
+def bench_framework(device: torch.device, width: int, batches_sizes: list[int], steps: int,
                     warmup: int) -> dict[str, Any]:
+    """At each batch size: the plain loop and the module, alternated twice (each one's best
+    kept: less noise from the machine). The first batch size's figures are the headline."""
+    out: dict[str, Any] = {"by_batch_size": {}}
+    for batch in batches_sizes:
+        batches = synthetic_batches(warmup + steps, batch, device)
+        images = steps * batch
+        plain, module, syncs = [], [], None
+        for attempt in range(2):
+            plain.append(images / plain_loop_seconds(batches, width, device, warmup))
+            clock = module_run(batches, width, device, warmup, count_syncs=attempt == 0)
+            module.append(images / (clock.end - clock.start))
+            syncs = clock.syncs if attempt == 0 else syncs
+        row = {"plain_loop_images_s": max(plain), "module_images_s": max(module),
+               "framework_ratio": max(module) / max(plain)}
+        if device.type == "cuda":
+            row["syncs_in_timed_steps"] = len(syncs)
+            row["sync_examples"] = syncs[:2]
+        out["by_batch_size"][str(batch)] = row
+        del batches
+    out.update(out["by_batch_size"][str(batches_sizes[0])])
+    return out
+
+
+def bench_compile(device: torch.device, width: int, batch: int, steps: int,
+                  warmup: int) -> dict[str, Any]:
+    """The module with trainer.compile: images/s after `warmup` steps, and the warm-up's
+    seconds (tracing, compiling, recording CUDA graphs)."""
     batches = synthetic_batches(warmup + steps, batch, device)
-    images = steps * batch
-    plain, module = [], []
-    for _ in range(2):  # alternate, keep each one's best: less noise from the machine
-        plain.append(images / plain_loop_seconds(batches, width, device, warmup))
-        module.append(images / module_seconds(batches, width, device, warmup))
-    return {"plain_loop_images_s": max(plain), "module_images_s": max(module),
-            "framework_ratio": max(module) / max(plain)}
+    out: dict[str, Any] = {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        clock = module_run(batches, width, device, warmup, compile=mode)
+        key = mode.replace("-", "_")
+        out[f"compile_{key}_images_s"] = steps * batch / (clock.end - clock.start)
+        out[f"compile_{key}_warmup_s"] = clock.start - clock.fit_start
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,47 +244,99 @@ def bench_augment(images: np.ndarray, labels: np.ndarray, device: torch.device,
 
 
 # ---------------------------------------------------------------------------------------------
-# Tune: trial start to first training step
+# Whole commands: a training run, and searches
 
 
-def bench_tune(data_dir: Path) -> dict[str, Any]:
+def run_command(module: str, args: list[str], timeout: float, tmp: str) -> float:
+    """Run `python -m module args` from the project root; its wall seconds. UserError with
+    its last line when it fails."""
+    env = dict(os.environ, TMPDIR=tmp)  # Ray's sockets: a short path
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(f"{module} failed: {last}")
+    return time.perf_counter() - started
+
+
+def bench_train(data_dir: Path, on_gpu: bool, epochs: int, timeout: float) -> dict[str, Any]:
+    """`python -m cifar_ray.train` with the default recipe (on a CPU a small one)."""
+    small = [] if on_gpu else ["--width", "16", "--limit-train", "2000", "--val-size", "500",
+                                 "--batch-size", "128", "--num-workers", "0"]
     with tempfile.TemporaryDirectory(prefix="bench-", dir="/tmp") as tmp:
-        out = Path(tmp) / "search"
-        cmd = [sys.executable, "-m", "cifar_ray.tune", "--config",
-               str(ROOT / "experiments/search_smoke.yaml"), "--data-dir", str(data_dir),
-               "--output-dir", str(out), "--num-samples", "2", "--epochs", "1",
-               "--grace-period", "1", "--retrain-epochs", "1", "--limit-train", "512",
-               "--val-size", "256", "--num-workers", "0"]
-        env = dict(os.environ, TMPDIR=tmp)  # Ray's sockets: a short path
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise UserError(f"the benchmark search failed: {last}")
-        with open(out / "trials.csv") as f:
-            startups = [float(row["startup_s"]) for row in csv.DictReader(f) if row["startup_s"]]
-    if not startups:
-        raise UserError("the benchmark search reported no trial start-up times")
-    return {"trial_overhead_s": statistics.median(startups), "trial_startups_s": startups}
+        out = Path(tmp) / "train"
+        wall = run_command("cifar_ray.train", ["--data-dir", str(data_dir), "--output-dir",
+                                               str(out), "--epochs", str(epochs),
+                                               "--no-progress-bar", *small], timeout, tmp)
+        results = json.loads((out / "results.json").read_text())
+    return {"train_images_per_second": results["train_images_per_second"],
+            "train_seconds": results["train_seconds"], "train_wall_s": round(wall, 1),
+            "train_epochs": epochs, "train_test_acc": results["test_acc"]}
+
+
+def bench_search(data_dir: Path, on_gpu: bool, shares: list[float], trials: int, epochs: int,
+                 timeout: float) -> dict[str, Any]:
+    """One real search per GPU share (each trial a fraction of a GPU, as many at once as fit),
+    every trial running all `epochs` (ASHA's grace period = epochs), a 1-epoch retrain. On a
+    CPU, the smoke search's small trials, two at a time."""
+    out: dict[str, Any] = {"by_share": {}}
+    for share in shares if on_gpu else [0.0]:
+        if on_gpu:
+            plan = ["--config", str(ROOT / "experiments/search.yaml"), "--gpus-per-worker",
+                    str(share), "--max-concurrent", str(max(1, round(1 / share))),
+                    "--cpus-per-worker", "2"]
+        else:
+            plan = ["--config", str(ROOT / "experiments/search_smoke.yaml"), "--limit-train",
+                    "512", "--val-size", "256", "--num-workers", "0"]
+        with tempfile.TemporaryDirectory(prefix="bench-", dir="/tmp") as tmp:
+            search = Path(tmp) / "search"
+            wall = run_command("cifar_ray.tune", [
+                *plan, "--data-dir", str(data_dir), "--output-dir", str(search),
+                "--num-samples", str(trials), "--epochs", str(epochs), "--grace-period",
+                str(epochs), "--retrain-epochs", "1"], timeout, tmp)
+            results = json.loads((search / "results.json").read_text())
+            with open(search / "trials.csv") as f:
+                rows = list(csv.DictReader(f))
+        startups = [float(r["startup_s"]) for r in rows if r["startup_s"]]
+        if not startups:
+            raise UserError("the benchmark search reported no trial start-up times")
+        trial_epochs = sum(int(r["epochs"]) for r in rows)
+        out["by_share"][str(share)] = {
+            "search_wall_s": results["tune_seconds"],
+            "search_training_s": results["training_seconds"],
+            "search_wall_over_training": results["tune_seconds"] / max(results["training_seconds"], 1e-9),
+            "trial_epochs": trial_epochs,
+            "trial_epochs_per_s": trial_epochs / results["tune_seconds"],
+            "trial_overhead_s": statistics.median(startups), "trial_startups_s": startups,
+            "startup_phases_s": results["startup_phases_s"], "command_wall_s": round(wall, 1)}
+    best = max(out["by_share"], key=lambda k: out["by_share"][k]["trial_epochs_per_s"])
+    out.update(out["by_share"][best], best_share=float(best))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # GradCAM
 
 
-def bench_gradcam(images: np.ndarray, device: torch.device, width: int) -> dict[str, Any]:
-    """The gradcam stage's own CAM call (one GradCAM object, reused) on 64 test images."""
+def bench_gradcam(images: np.ndarray, device: torch.device, width: int,
+                  batch: int = 256) -> dict[str, Any]:
+    """The gradcam stage's own CAM call (one GradCAM object, reused) on up to 2,048 test
+    images in batches of `batch`, each batch shape warmed up first."""
     from pytorch_grad_cam import GradCAM
 
     from cifar_ray.gradcam import DEFAULT_LAYER, compute_cams, target_layer
 
     module = LitResNet9(width=width).to(device).eval()
     spec = SPECS["cifar10"]
-    x = normalize(torch.from_numpy(images[:64]).permute(0, 3, 1, 2), spec.mean, spec.std)  # (64, 3, 32, 32)
-    classes = [0] * len(x)
+    x = normalize(torch.from_numpy(images[:2048]).permute(0, 3, 1, 2), spec.mean, spec.std)  # (N, 3, 32, 32)
+    chunks = list(torch.split(x, batch))
     with GradCAM(model=module, target_layers=[target_layer(module, DEFAULT_LAYER)]) as cam:
-        compute_cams(module, x[:8], classes[:8], DEFAULT_LAYER, device, cam)  # warm-up
-        seconds = timed(lambda: compute_cams(module, x, classes, DEFAULT_LAYER, device, cam), device)
-    return {"gradcam_images_s": len(x) / seconds}
+        for chunk in {len(c): c for c in chunks}.values():  # warm-up, once per shape
+            compute_cams(module, chunk, [0] * len(chunk), DEFAULT_LAYER, device, cam)
+        seconds = timed(lambda: [compute_cams(module, c, [0] * len(c), DEFAULT_LAYER, device, cam)
+                                 for c in chunks], device)
+    return {"gradcam_images_s": len(x) / seconds, "gradcam_batch_size": batch}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,17 +365,49 @@ def peak_bf16_tflops(device: torch.device, n: int = 8192, repeats: int = 20) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+SECTIONS = ("framework", "compile", "augment", "gradcam", "flops", "train", "search")
+
+
+class SectionTimeout(Exception):
+    pass
+
+
+def run_section(name: str, section: Callable[[], dict[str, Any]], limit: float) -> dict[str, Any]:
+    """One section's numbers, or its error: a failure or a section past `limit` seconds is
+    recorded, never lost with the rest."""
+    def expire(signum, frame):
+        raise SectionTimeout(f"passed its limit of {limit:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    started = time.perf_counter()
+    try:
+        result = section()
+    except (Exception, SectionTimeout) as exc:  # noqa: BLE001 (recorded, then the next section)
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        print(f"bench: {name} failed: {message}", flush=True)
+        traceback.print_exc(limit=4)
+        result = {f"{name}_error": message}
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    result[f"{name}_seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
     on_gpu = device.type == "cuda"
     width = args.width or (64 if on_gpu else 16)
-    batch = args.batch_size or (512 if on_gpu else 128)
+    sizes = args.batch_sizes or ([512, 256, 128] if on_gpu else [128])
+    batch = sizes[0]
     steps = args.steps or (50 if on_gpu else 8)
     cfg = Config()
     cfg.data.data_dir = str(Path(args.data_dir).expanduser().resolve())
     arrays = load_dataset(cfg.data)
+    data_dir = Path(cfg.data.data_dir)
     torch.set_num_threads(available_cpus())
     logging.getLogger(pl.__name__).setLevel(logging.WARNING)  # no banners between the sections
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning vs newer torch
@@ -268,22 +415,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({available_cpus()} cores)",
         "torch": torch.__version__, "width": width, "batch_size": batch, "steps": steps,
+        "sections": sections,
     }
-    sections = [("framework", lambda: bench_framework(device, width, batch, steps, args.warmup)),
-                ("augment", lambda: bench_augment(arrays.train_images, arrays.train_labels,
-                                                  device, batch)),
-                ("gradcam", lambda: bench_gradcam(arrays.test_images, device, width)),
-                ("tune", lambda: bench_tune(Path(cfg.data.data_dir)))]
-    for name, section in sections:
-        print(f"bench: {name} ...", flush=True)
-        report.update(section())
 
-    flops = train_flops_per_image(width)
-    report["train_gflop_per_image"] = flops / 1e9
-    report["achieved_tflops"] = report["module_images_s"] * flops / 1e12
-    report["peak_tflops"] = peak_bf16_tflops(device) if on_gpu else None
-    report["fraction_of_peak"] = (report["achieved_tflops"] / report["peak_tflops"]
-                                  if on_gpu else None)
+    def flops() -> dict[str, Any]:
+        per_image = train_flops_per_image(width)
+        out = {"train_gflop_per_image": per_image / 1e9}
+        if "module_images_s" in report:
+            out["achieved_tflops"] = report["module_images_s"] * per_image / 1e12
+        if on_gpu:
+            out["peak_tflops"] = peak_bf16_tflops(device)
+            if "achieved_tflops" in out:
+                out["fraction_of_peak"] = out["achieved_tflops"] / out["peak_tflops"]
+        return out
+
+    available = {
+        "framework": lambda: bench_framework(device, width, sizes, steps, args.warmup),
+        "compile": lambda: (bench_compile(device, width, batch, steps, args.warmup) if on_gpu
+                            else {"compile_note": "CUDA only"}),
+        "augment": lambda: bench_augment(arrays.train_images, arrays.train_labels, device, batch),
+        "gradcam": lambda: bench_gradcam(arrays.test_images, device, width,
+                                         batch=1024 if on_gpu else 256),
+        "flops": flops,
+        "train": lambda: bench_train(data_dir, on_gpu, args.train_epochs or (24 if on_gpu else 1),
+                                     args.section_timeout),
+        "search": lambda: bench_search(data_dir, on_gpu, args.search_shares,
+                                       args.search_trials or (8 if on_gpu else 2),
+                                       args.search_epochs or (4 if on_gpu else 1),
+                                       args.section_timeout),
+    }
+    for name in sections:
+        print(f"bench: {name} ...", flush=True)
+        report.update(run_section(name, available[name], args.section_timeout))
+        if args.json:
+            write_json(args.json, report)  # after every section: nothing measured is lost
     return report
 
 
@@ -295,8 +460,15 @@ ROWS = [  # (key, label, format)
     ("albumentations_all_workers_images_s", "augmentation, Albumentations, all workers", "{:,.0f} images/s"),
     ("tensor_path_images_s", "augmentation, tensor path on the device", "{:,.0f} images/s"),
     ("tensor_path_speedup", "tensor path / Albumentations (all workers)", "{:.1f}x"),
-    ("trial_overhead_s", "trial start to first step (median)", "{:.1f} s"),
+    ("compile_default_images_s", "training, module, torch.compile", "{:,.0f} images/s"),
+    ("compile_reduce_overhead_images_s", "training, module, compile + CUDA graphs", "{:,.0f} images/s"),
     ("gradcam_images_s", "GradCAM", "{:,.0f} images/s"),
+    ("train_images_per_second", "cifar_ray.train over a whole run", "{:,.0f} images/s"),
+    ("trial_overhead_s", "trial start to first step (median)", "{:.1f} s"),
+    ("search_wall_s", "search wall time", "{:.1f} s"),
+    ("search_training_s", "search time with a trial training", "{:.1f} s"),
+    ("search_wall_over_training", "search wall / training", "{:.2f}"),
+    ("trial_epochs_per_s", "trial-epochs per second", "{:.2f}"),
     ("train_gflop_per_image", "training GFLOP per image", "{:.3f}"),
     ("achieved_tflops", "achieved by the module", "{:.3f} TFLOP/s"),
     ("peak_tflops", "device peak (bf16 matmul)", "{:.1f} TFLOP/s"),
@@ -310,6 +482,19 @@ def table(report: dict[str, Any]) -> str:
     for key, label, fmt in ROWS:
         value = report.get(key)
         lines.append(f"  {label:<46} {'-' if value is None else fmt.format(value)}")
+    for size, row in report.get("by_batch_size", {}).items():
+        lines.append(f"  batch {size:>5}: plain {row['plain_loop_images_s']:,.0f}, module "
+                     f"{row['module_images_s']:,.0f} images/s (ratio {row['framework_ratio']:.3f})")
+    for share, row in report.get("by_share", {}).items():
+        lines.append(f"  search at {share} GPU per trial: {row['search_wall_s']:.0f} s wall, "
+                     f"{row['trial_epochs_per_s']:.2f} trial-epochs/s, start-up "
+                     f"{row['trial_overhead_s']:.1f} s")
+    if report.get("startup_phases_s"):
+        lines.append("  start-up phases (median s): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in report["startup_phases_s"].items()))
+    for name in report.get("sections", []):
+        if f"{name}_error" in report:
+            lines.append(f"  {name}: FAILED: {report[name + '_error']}")
     return "\n".join(lines)
 
 
@@ -322,19 +507,61 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default="data",
                         help="CIFAR-10 (downloaded there if missing), for real images")
     parser.add_argument("--width", type=int, default=0, help="ResNet-9 width (0: 64 on CUDA, 16 on CPU)")
-    parser.add_argument("--batch-size", type=int, default=0, help="0: 512 on CUDA, 128 on CPU")
+    parser.add_argument("--batch-sizes", type=_ints, default=[],
+                        help="training batch sizes, the first the headline (default: 512,256,128 "
+                             "on CUDA, 128 on CPU)")
     parser.add_argument("--steps", type=int, default=0, help="timed training steps (0: 50 on CUDA, 8 on CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
+    parser.add_argument("--sections", type=_names, default=list(SECTIONS),
+                        help=f"comma-separated, of {','.join(SECTIONS)}")
+    parser.add_argument("--section-timeout", type=float, default=600,
+                        help="seconds a section may run before it is recorded as failed")
+    parser.add_argument("--train-epochs", type=int, default=0, help="0: 24 on CUDA, 1 on CPU")
+    parser.add_argument("--search-trials", type=int, default=0, help="0: 8 on CUDA, 2 on CPU")
+    parser.add_argument("--search-epochs", type=int, default=0, help="0: 4 on CUDA, 1 on CPU")
+    parser.add_argument("--search-shares", type=_floats, default=[0.25],
+                        help="GPU share per trial for each search (CUDA), e.g. 1,0.5,0.25")
     return parser
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got '{text}'")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'")
+    if any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"GPU shares must be in (0, 1], got '{text}'")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or text!r}; "
+                                         f"valid: {', '.join(SECTIONS)}")
+    return names
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("width", "batch_size", "steps", "warmup"):
+    for name in ("width", "steps", "warmup", "train_epochs", "search_trials", "search_epochs"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    report = run(args)
+    if args.section_timeout <= 0:
+        raise UserError(f"--section-timeout must be > 0, got {args.section_timeout}")
+    report = run(args, args.sections)
     print(table(report))
     if args.json:
         write_json(args.json, report)

@@ -21,6 +21,11 @@ from cifar_ray.errors import ConfigError, UserError
 from cifar_ray.search_config import SearchConfig
 
 HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
+# What `gpus_per_worker: -1` (auto) gives each trial worker on a cluster with GPUs: a quarter
+# of a GPU, so four trials share one. A ResNet-9 trial alone leaves an H200 idle through its
+# start-up and its small-batch steps; measured with `python -m cifar_ray.bench --sections
+# search --search-shares 1,0.5,0.25` (docs/benchmarks.md: trial-epochs per second).
+AUTO_GPU_SHARE = 0.25
 
 
 def _check_reachable(address: str) -> None:
@@ -102,7 +107,7 @@ def plan_resources(cfg: SearchConfig, storage: Path) -> tuple[dict[str, Any], in
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
     print(f"ray: {'local instance' if t.address == 'local' else 'cluster ' + t.address}, "
           f"{nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs")
-    gpus_per_worker = (1.0 if gpus else 0.0) if t.gpus_per_worker < 0 else t.gpus_per_worker
+    gpus_per_worker = (AUTO_GPU_SHARE if gpus else 0.0) if t.gpus_per_worker < 0 else t.gpus_per_worker
     need_cpu, need_gpu = t.workers_per_trial * t.cpus_per_worker, t.workers_per_trial * gpus_per_worker
     fits = int(cpus // need_cpu)
     if need_gpu:
@@ -119,6 +124,11 @@ def plan_resources(cfg: SearchConfig, storage: Path) -> tuple[dict[str, Any], in
         print(f"warning: results go to {storage}, on a local disk ({kind}): nodes on other "
               "machines cannot write there; put the output dir (or tune.storage) on storage "
               "every node mounts (NFS, EFS)")
+    if gpus_per_worker:
+        how = "auto: " if t.gpus_per_worker < 0 else ""
+        print(f"each trial worker takes {gpus_per_worker:g} GPU ({how}"
+              f"{1 / gpus_per_worker:g} trials per GPU) and {t.cpus_per_worker} CPUs; "
+              f"{max(1, concurrent)} trials at a time")
     scaling = {"num_workers": t.workers_per_trial, "use_gpu": gpus_per_worker > 0,
                "resources_per_worker": {"CPU": t.cpus_per_worker, "GPU": gpus_per_worker}}
     return scaling, max(1, concurrent)

@@ -117,7 +117,8 @@ class TuneSettings:
     reduction_factor: int = setting(3, "ASHA: keep the best 1/reduction_factor at each rung")
     workers_per_trial: int = setting(1, "Ray Train workers per trial (DDP when > 1)")
     cpus_per_worker: int = setting(1, "CPUs each worker reserves (also its DataLoader processes)")
-    gpus_per_worker: float = setting(-1.0, "GPUs each worker reserves (-1: 1 if the cluster has GPUs, else 0)")
+    gpus_per_worker: float = setting(-1.0, "GPUs each worker reserves (-1: a quarter, four trials per GPU, if "
+                                             "the cluster has GPUs, else 0)")
     max_failures: int = setting(2, "retries of a trial whose worker dies, from its last checkpoint")
     address: str = setting("local", "local (start Ray here), auto, or HOST:PORT of a running cluster")
     storage: str = setting("", "where trials write results; must be shared storage on a multi-node "

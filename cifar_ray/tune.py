@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
               f"retraining for {cfg.retrain.retrain_epochs} epochs on train + validation")
         finish = ray.remote(retrain_and_analyse).options(
             num_cpus=cfg.tune.cpus_per_worker,
-            num_gpus=1 if scaling["use_gpu"] else 0)
+            num_gpus=scaling["resources_per_worker"]["GPU"])
         try:
             final = ray.get(finish.remote(cfg, best, out, [data]))
         except ray.exceptions.RayTaskError as exc:
