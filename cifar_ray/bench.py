@@ -150,14 +150,16 @@ class _StepClock(pl.Callback):
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self._recording is not None:
-            torch.cuda.set_sync_debug_mode("default")
-            self._recording.__exit__(None, None, None)
-            self.syncs = [str(w.message) for w in self.syncs]
-            self._recording = None
-        sync(self.device)
-        self.end = time.perf_counter()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == trainer.num_training_batches - 1:  # the steps' end, not the epoch's
+            if self._recording is not None:
+                torch.cuda.set_sync_debug_mode("default")
+                self._recording.__exit__(None, None, None)
+                self.syncs = [str(w.message) for w in self.syncs
+                              if "prototype feature" not in str(w.message)]
+                self._recording = None
+            sync(self.device)
+            self.end = time.perf_counter()
 
 
 def module_run(batches, width: int, device: torch.device, warmup: int, compile: str = "off",
@@ -249,15 +251,38 @@ def bench_augment(images: np.ndarray, labels: np.ndarray, device: torch.device,
 
 def run_command(module: str, args: list[str], timeout: float, tmp: str) -> float:
     """Run `python -m module args` from the project root; its wall seconds. UserError with
-    its last line when it fails."""
+    its last line when it fails. It runs in a process group of its own, which is ended whole
+    if it fails or runs out of time: a search's Ray processes must not outlive it and slow
+    the next section."""
     env = dict(os.environ, TMPDIR=tmp)  # Ray's sockets: a short path
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise UserError(f"{module} failed: {last}")
+    with open(Path(tmp) / "output.log", "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except BaseException:  # a time-out, this section's limit, Ctrl-C
+            end_group(proc)
+            raise
+        if returncode != 0:
+            end_group(proc)
+            log.seek(0)
+            last = (log.read().strip().splitlines() or ["(no output)"])[-1]
+            raise UserError(f"{module} failed: {last}")
     return time.perf_counter() - started
+
+
+def end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, to the process group `proc` leads (by its id, never by name)."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def bench_train(data_dir: Path, on_gpu: bool, epochs: int, timeout: float) -> dict[str, Any]:
@@ -548,8 +573,8 @@ def _names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in SECTIONS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or text!r}; "
-                                         f"valid: {', '.join(SECTIONS)}")
+        what = f"unknown section(s) {', '.join(unknown)}" if unknown else "no section given"
+        raise argparse.ArgumentTypeError(f"{what}; valid: {', '.join(SECTIONS)}")
     return names
 
 

@@ -1,37 +1,72 @@
 """`python -m cifar_ray.bench` on CPU: it runs end to end on small settings, prints its table and
-writes every documented figure to JSON, with values that make sense."""
+writes every documented figure to JSON, with values that make sense; a section that fails or
+runs out of time is recorded and the others still run."""
 
 import json
 
 import pytest
 
-from cifar_ray.bench import ROWS
+from cifar_ray.bench import SECTIONS
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
 
-def test_bench_on_cpu_writes_every_field(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
+def test_bench_on_cpu_writes_every_section(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
     out = tmp_path / "bench.json"
     proc = run_cli("cifar_ray.bench", "--device", "cpu", "--json", str(out), "--data-dir",
-                   str(noisy_data), "--width", "8", "--batch-size", "32", "--steps", "3",
+                   str(noisy_data), "--width", "8", "--batch-sizes", "32,16", "--steps", "3",
                    "--warmup", "1", timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    for key, label, _ in ROWS:
-        assert key in report, key
-        assert label in proc.stdout
+    assert report["sections"] == list(SECTIONS)
+    for name in SECTIONS:
+        assert f"{name}_seconds" in report and f"{name}_error" not in report, name
     for key in ("plain_loop_images_s", "module_images_s", "albumentations_one_worker_images_s",
                 "albumentations_all_workers_images_s", "tensor_path_images_s", "gradcam_images_s",
-                "trial_overhead_s", "train_gflop_per_image", "achieved_tflops"):
+                "trial_overhead_s", "train_gflop_per_image", "achieved_tflops",
+                "train_images_per_second", "search_wall_s", "search_training_s",
+                "trial_epochs_per_s"):
         assert report[key] > 0, key
+    assert set(report["by_batch_size"]) == {"32", "16"}
+    assert report["module_images_s"] == report["by_batch_size"]["32"]["module_images_s"]
     assert report["framework_ratio"] == pytest.approx(
         report["module_images_s"] / report["plain_loop_images_s"])
     assert 0.2 < report["framework_ratio"] < 5
     assert len(report["trial_startups_s"]) == 2
+    # The start-up's phases add up to it (each trial's; the medians roughly).
+    phases = report["startup_phases_s"]
+    assert set(phases) >= {"trial", "controller", "worker", "imports", "data", "lightning",
+                           "first_step", "startup"}
+    assert sum(v for k, v in phases.items() if k != "startup") == pytest.approx(
+        phases["startup"], rel=0.5)
+    # Some trial was training for part of the search, never for longer than the search ran.
+    assert 0 < report["search_training_s"] <= report["search_wall_s"]
     # Width 8 is 1/64 of ResNet-9's FLOPs (channels squared): 2.3 GFLOP / 64 per image.
     assert 0.02 < report["train_gflop_per_image"] < 0.06
-    assert report["peak_tflops"] is None and report["fraction_of_peak"] is None  # CPU
+    assert "peak_tflops" not in report  # CPU
+    assert "framework ratio (module / plain)" in proc.stdout
+
+
+def test_a_failing_section_is_recorded_and_the_others_still_run(noisy_data, tmp_path, sys_tmp,
+                                                                no_leftover_ray):
+    """The search cannot start Ray in 3 s: its section ends at the limit, with its error, its
+    Ray processes stopped (no_leftover_ray), and the next section still runs and is written."""
+    out = tmp_path / "bench.json"
+    proc = run_cli("cifar_ray.bench", "--device", "cpu", "--json", str(out), "--data-dir",
+                   str(noisy_data), "--width", "8", "--sections", "search,flops",
+                   "--section-timeout", "3", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["search_error"] == "passed its limit of 3 s"
+    assert report["train_gflop_per_image"] > 0 and "flops_error" not in report
+    assert "search: FAILED: passed its limit of 3 s" in proc.stdout
+
+
+def test_bench_rejects_an_unknown_section(tmp_path):
+    proc = run_cli("cifar_ray.bench", "--sections", "framework,warp", "--data-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert "unknown section(s) warp" in proc.stderr
 
 
 def test_bench_refuses_cuda_where_there_is_none(tmp_path):
