@@ -301,10 +301,11 @@ def bench_train(data_dir: Path, on_gpu: bool, epochs: int, timeout: float) -> di
 
 
 def bench_search(data_dir: Path, on_gpu: bool, shares: list[float], trials: int, epochs: int,
-                 timeout: float) -> dict[str, Any]:
+                 timeout: float, record: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """One real search per GPU share (each trial a fraction of a GPU, as many at once as fit),
     every trial running all `epochs` (ASHA's grace period = epochs), a 1-epoch retrain. On a
-    CPU, the smoke search's small trials, two at a time."""
+    CPU, the smoke search's small trials, two at a time. Each search's numbers are handed to
+    `record` as soon as it ends (the section may run out of time in a later one)."""
     out: dict[str, Any] = {"by_share": {}}
     for share in shares if on_gpu else [0.0]:
         if on_gpu:
@@ -335,6 +336,7 @@ def bench_search(data_dir: Path, on_gpu: bool, shares: list[float], trials: int,
             "trial_epochs_per_s": trial_epochs / results["tune_seconds"],
             "trial_overhead_s": statistics.median(startups), "trial_startups_s": startups,
             "startup_phases_s": results["startup_phases_s"], "command_wall_s": round(wall, 1)}
+        record({"by_share": out["by_share"]})
     best = max(out["by_share"], key=lambda k: out["by_share"][k]["trial_epochs_per_s"])
     out.update(out["by_share"][best], best_share=float(best))
     return out
@@ -416,7 +418,7 @@ def run_section(name: str, section: Callable[[], dict[str, Any]], limit: float) 
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    result[f"{name}_seconds"] = round(time.perf_counter() - started, 1)
+    result[f"section_{name}_s"] = round(time.perf_counter() - started, 1)
     return result
 
 
@@ -443,6 +445,11 @@ def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
         "sections": sections,
     }
 
+    def record(partial: dict[str, Any]) -> None:
+        report.update(partial)
+        if args.json:
+            write_json(args.json, report)
+
     def flops() -> dict[str, Any]:
         per_image = train_flops_per_image(width)
         out = {"train_gflop_per_image": per_image / 1e9}
@@ -467,13 +474,11 @@ def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
         "search": lambda: bench_search(data_dir, on_gpu, args.search_shares,
                                        args.search_trials or (8 if on_gpu else 2),
                                        args.search_epochs or (4 if on_gpu else 1),
-                                       args.section_timeout),
+                                       args.section_timeout, record),
     }
     for name in sections:
         print(f"bench: {name} ...", flush=True)
-        report.update(run_section(name, available[name], args.section_timeout))
-        if args.json:
-            write_json(args.json, report)  # after every section: nothing measured is lost
+        record(run_section(name, available[name], args.section_timeout))  # nothing measured is lost
     return report
 
 

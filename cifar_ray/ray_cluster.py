@@ -62,6 +62,10 @@ def start_ray(settings, temp_dir: Path) -> None:
     # Ray's Lightning callback stages checkpoints under the temp dir: keep them in the run's.
     env = {"TMPDIR": str(temp_dir)}
     if settings.address == "local":
+        # Ray Train starts a PreemptionWatcher process per trial, for cloud nodes that are
+        # taken back; one machine has none to watch for, and the process costs a trial
+        # start-up time (docs/benchmarks.md).
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env}, log_to_driver=True)
         return

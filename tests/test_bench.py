@@ -21,7 +21,7 @@ def test_bench_on_cpu_writes_every_section(noisy_data, tmp_path, sys_tmp, no_lef
     report = json.loads(out.read_text())
     assert report["sections"] == list(SECTIONS)
     for name in SECTIONS:
-        assert f"{name}_seconds" in report and f"{name}_error" not in report, name
+        assert f"section_{name}_s" in report and f"{name}_error" not in report, name
     for key in ("plain_loop_images_s", "module_images_s", "albumentations_one_worker_images_s",
                 "albumentations_all_workers_images_s", "tensor_path_images_s", "gradcam_images_s",
                 "trial_overhead_s", "train_gflop_per_image", "achieved_tflops",
@@ -44,6 +44,7 @@ def test_bench_on_cpu_writes_every_section(noisy_data, tmp_path, sys_tmp, no_lef
     assert 0 < report["search_training_s"] <= report["search_wall_s"]
     # Width 8 is 1/64 of ResNet-9's FLOPs (channels squared): 2.3 GFLOP / 64 per image.
     assert 0.02 < report["train_gflop_per_image"] < 0.06
+    assert 0 < report["train_seconds"] < report["train_wall_s"]  # the fit, within the command
     assert "peak_tflops" not in report  # CPU
     assert "framework ratio (module / plain)" in proc.stdout
 
