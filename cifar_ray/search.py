@@ -120,9 +120,9 @@ def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, An
                         and (Path(p) / CHECKPOINT_FILE).is_file()]
                 best_ckpt = kept[0] if kept else None
         # Start-up: from the first report (a restarted worker group measures its own).
-        first = {key: first_value(history, key)
+        first = {key: reported(history, key, 0)
                  for key in (STARTUP, FIRST_STEP_AT, *(f"time/{p}_s" for p in PHASES))}
-        last_report = last_value(history, REPORTED_AT)
+        last_report = reported(history, REPORTED_AT, -1)
         trained = (last_report - first[FIRST_STEP_AT]
                    if last_report is not None and first[FIRST_STEP_AT] is not None else None)
         epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
@@ -143,16 +143,11 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
-def first_value(history, key: str) -> float | None:
+def reported(history, key: str, index: int) -> float | None:
+    """The `index`-th value a trial reported under `key` (0: the first, -1: the last)."""
     if history is None or key not in history or not history[key].notna().any():
         return None
-    return float(history[key].dropna().iloc[0])
-
-
-def last_value(history, key: str) -> float | None:
-    if history is None or key not in history or not history[key].notna().any():
-        return None
-    return float(history[key].dropna().iloc[-1])
+    return float(history[key].dropna().iloc[index])
 
 
 def training_seconds(rows: list[dict[str, Any]]) -> float:

@@ -95,7 +95,7 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
         dirpath=out, filename="best", monitor="val/acc" if has_val else None, mode="max",
         save_top_k=1, save_last=True, auto_insert_metric_name=False,
         enable_version_counter=False)  # overwrite best.ckpt instead of writing best-v1.ckpt
-    batches = math.ceil(len(data.train_set) / cfg.trainer.batch_size)
+    batches = math.ceil(data.train_images_per_epoch() / cfg.trainer.batch_size)
     device = resolve_device(cfg.trainer.device)
     trainer = build_trainer(
         device, cfg.trainer.precision,

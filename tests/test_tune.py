@@ -25,6 +25,9 @@ from tests.processes import files_containing, free_port, pids_with
 
 pytestmark = pytest.mark.slow
 
+PHASE_COLUMNS = ["trial_s", "controller_s", "worker_s", "imports_s", "data_s", "lightning_s",
+                 "first_step_s"]
+
 
 def _read_trials(out: Path) -> list[dict]:
     with open(out / "trials.csv") as f:
@@ -52,7 +55,14 @@ def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray)
     best_row = max(trials, key=lambda t: float(t["best_val_acc"] or -1))
     assert results["best_val_acc"] == pytest.approx(float(best_row["best_val_acc"]))
     assert list(trials[0]) == ["trial_id", "optim.lr", "optim.weight_decay", "trainer.batch_size",
-                               "epochs", "best_val_acc", "status", "startup_s"]
+                               "epochs", "best_val_acc", "status", "startup_s", *PHASE_COLUMNS,
+                               "train_s"]
+    # Each trial's start-up, phase by phase: the phases add up to it.
+    for t in trials:
+        phases = [float(t[column]) for column in PHASE_COLUMNS]
+        assert all(p >= 0 for p in phases), t
+        assert sum(phases) == pytest.approx(float(t["startup_s"]), abs=0.05), t
+        assert 0 < float(t["train_s"]) < 300, t
     assert results["best_config"]["optim.lr"] == pytest.approx(float(best_row["optim.lr"]))
     assert results["best_config"]["trainer.batch_size"] == int(best_row["trainer.batch_size"])
     assert results["num_trials"] == len(trials)
@@ -97,7 +107,7 @@ def test_a_search_over_other_config_keys(noisy_data, tmp_path, sys_tmp, no_lefto
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = _read_trials(out)
     assert list(trials[0]) == ["trial_id", "model.width", "augment.cutout_p", "epochs",
-                               "best_val_acc", "status", "startup_s"]
+                               "best_val_acc", "status", "startup_s", *PHASE_COLUMNS, "train_s"]
     assert {t["model.width"] for t in trials} <= {"8", "16"}
     assert all(0 <= float(t["augment.cutout_p"]) <= 1 for t in trials)
     results = json.loads((out / "results.json").read_text())
