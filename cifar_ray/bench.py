@@ -554,24 +554,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'")
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got '{text}'")
-    return values
+def _numbers(kind: type, ok: Callable[[Any], bool], rule: str) -> Callable[[str], list]:
+    """An argparse type: comma-separated numbers of `kind`, each passing `ok`."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'")
+        if not all(ok(v) for v in values):
+            raise argparse.ArgumentTypeError(f"{rule}, got '{text}'")
+        return values
+    return parse
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'")
-    if any(not 0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"GPU shares must be in (0, 1], got '{text}'")
-    return values
+_ints = _numbers(int, lambda v: v >= 1, "batch sizes must be >= 1")
+_floats = _numbers(float, lambda v: 0 < v <= 1, "GPU shares must be in (0, 1]")
 
 
 def _names(text: str) -> list[str]:
