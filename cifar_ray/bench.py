@@ -56,7 +56,6 @@ from cifar_ray.model import ResNet9
 from cifar_ray.module import LitResNet9, adam_options
 from cifar_ray.pl import pl
 from cifar_ray.runtime import build_trainer
-from cifar_ray.trial import PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
 
