@@ -23,8 +23,9 @@ from cifar_ray.search_config import SearchConfig
 HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
 # What `gpus_per_worker: -1` (auto) gives each trial worker on a cluster with GPUs: a quarter
 # of a GPU, so four trials share one. A ResNet-9 trial alone leaves an H200 idle through its
-# start-up and its small-batch steps; measured with `python -m cifar_ray.bench --sections
-# search --search-shares 1,0.5,0.25` (docs/benchmarks.md: trial-epochs per second).
+# start-up and its small-batch steps, and four trials at 0.25 GPU each ran well on one. Not yet
+# compared with 1 and 2 per GPU: `python -m cifar_ray.bench --sections search --search-shares
+# 1,0.5,0.25` measures trial-epochs per second for each (docs/benchmarks.md).
 AUTO_GPU_SHARE = 0.25
 
 
