@@ -13,19 +13,27 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from cifar_ray.files import save_figure  # noqa: E402
 
 
+CURVE_PANELS = [("train/loss", "Training loss"), ("train/acc", "Training accuracy"),
+                ("val/loss", "Validation loss"), ("val/acc", "Validation accuracy")]
+
+
+def curve_panels(history: list[dict[str, float]]) -> list[tuple[str, str]]:
+    """The panels of CURVE_PANELS that `history` has values for (a run trained on train +
+    validation, like the search's retrain, has no validation panels)."""
+    return [panel for panel in CURVE_PANELS if any(panel[0] in row for row in history)]
+
+
 def plot_curves(history: list[dict[str, float]], target: str | Path) -> None:
-    """The four plots of the reference: training/validation loss and accuracy against epoch."""
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), constrained_layout=True)
-    panels = [("train/loss", "Training loss"), ("train/acc", "Training accuracy"),
-              ("val/loss", "Validation loss"), ("val/acc", "Validation accuracy")]
+    """The plots of the reference: training (and validation) loss and accuracy against epoch."""
+    panels = curve_panels(history) or CURVE_PANELS[:2]
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4 * rows), constrained_layout=True,
+                             squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
         points = [(row["epoch"], row[key]) for row in history if key in row]
         if points:
             epochs, values = zip(*points)
             ax.plot(epochs, values, marker="o")
-        else:
-            ax.text(0.5, 0.5, "no validation set", ha="center", va="center",
-                    transform=ax.transAxes, color="grey")
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

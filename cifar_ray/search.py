@@ -15,6 +15,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from cifar_ray import tracking
 from cifar_ray.config import plain
 from cifar_ray.errors import UserError
 from cifar_ray.files import write_text
@@ -49,6 +50,36 @@ def trial_base_config(cfg: SearchConfig, use_gpu: bool) -> dict[str, Any]:
     return base.to_dict()
 
 
+def searcher(cfg: SearchConfig, concurrent: int):
+    """Tune's search algorithm for tune.search_alg, at most `concurrent` trials at once.
+
+    random: Tune's own generator. optuna: Optuna's TPE through Ray's OptunaSearch; its first
+    trials sample at random (n_startup_trials: a third of the trials, 2 to 10), the rest are
+    drawn where the finished trials scored best. A trial that ASHA stopped counts with the
+    accuracy of its last epoch. constant_liar: trials still running count as bad guesses, so
+    trials started together do not all land on the same spot."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    t = cfg.tune
+    if t.search_alg == "random":
+        # The limit goes to the generator itself: Tune ignores `max_concurrent_trials` beside
+        # a search_alg like this one (it only warns), and every trial then started at once,
+        # their Train runs queueing for the workers' CPUs. The generator's state, the limit
+        # with it, is what `--resume` restores.
+        return BasicVariantGenerator(random_state=t.search_seed, max_concurrent=concurrent)
+    try:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise UserError("tune.search_alg optuna needs Optuna: pip install optuna") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial
+    sampler = optuna.samplers.TPESampler(
+        seed=t.search_seed, n_startup_trials=max(2, min(10, t.num_samples // 3)),
+        constant_liar=True)
+    return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrent)
+
+
 def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
                scaling: dict[str, Any], data=None):
     """Run (or resume) the Tune experiment to its end; return Tune's ResultGrid. `data`: an
@@ -56,7 +87,6 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     Ray's object store instead of unpickling the files again."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     t = cfg.tune
     storage = storage_dir(cfg, out)
@@ -70,9 +100,12 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     # (Concurrency is bounded by max_concurrent_trials.)
     trainable = tune.with_resources(trainable, {"CPU": 0, HEAD_NODE: 0.001})
     experiment = storage / t.name
+    callbacks = tracking.tune_callbacks(cfg.tracking)
     if resume:
         if not tune.Tuner.can_restore(str(experiment)):
             raise UserError(f"--resume: no search to resume in {experiment}")
+        # The searcher (its generator's or Optuna's state) and the callbacks (MLflow) are
+        # restored with the experiment.
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
         return tuner.fit()
     tuner = tune.Tuner(
@@ -83,14 +116,9 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.trainer.epochs,
                                     grace_period=t.grace_period,
                                     reduction_factor=t.reduction_factor),
-            # The limit goes to the generator itself: Tune ignores `max_concurrent_trials`
-            # beside a search_alg like this one (it only warns), and every trial then started
-            # at once, their Train runs queueing for the workers' CPUs. The generator's state,
-            # the limit with it, is what `--resume` restores.
-            search_alg=BasicVariantGenerator(random_state=t.search_seed,
-                                             max_concurrent=concurrent)),
+            search_alg=searcher(cfg, concurrent)),
         run_config=tune.RunConfig(
-            name=t.name, storage_path=str(storage),
+            name=t.name, storage_path=str(storage), callbacks=callbacks,
             # A trial whose own process dies (its node lost) is started again; its Ray
             # Train run then goes on from the run's latest checkpoint in storage.
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
@@ -104,7 +132,7 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
 
 def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, Any]]:
     """One row per trial: its sample (a column per searched key), epochs, best validation
-    accuracy and the checkpoint of that epoch, status, start-up seconds."""
+    accuracy and the checkpoint of that epoch, status, start-up seconds, and its curve."""
     rows = []
     for result in grid:
         history = result.metrics_dataframe
@@ -126,6 +154,10 @@ def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, An
         trained = (last_report - first[FIRST_STEP_AT]
                    if last_report is not None and first[FIRST_STEP_AT] is not None else None)
         epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
+        curve = []  # (epoch, validation accuracy) for every epoch the trial reported
+        if history is not None and METRIC in history and "training_iteration" in history:
+            curve = [(int(epoch), float(acc)) for epoch, acc
+                     in zip(history["training_iteration"], history[METRIC]) if acc == acc]
         status = "error" if result.error else ("completed" if epochs >= max_t else "stopped early")
         rows.append({
             "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
@@ -134,7 +166,7 @@ def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, An
             "checkpoint": best_ckpt, "startup_s": _round(first[STARTUP]),
             **{f"{phase}_s": _round(first[f"time/{phase}_s"]) for phase in PHASES},
             "train_s": _round(trained),
-            "trained_from": first[FIRST_STEP_AT], "trained_to": last_report,
+            "trained_from": first[FIRST_STEP_AT], "trained_to": last_report, "curve": curve,
         })
     return rows
 

@@ -32,6 +32,7 @@ DISTRIBUTIONS = {
     "choice": "[value, ...]",
 }
 FLOAT_ONLY = ("loguniform", "uniform", "qloguniform", "quniform")
+SEARCH_ALGS = ("random", "optuna")  # search.searcher builds each
 
 DEFAULT_SPACE = {
     "optim.lr": {"loguniform": [1e-4, 1e-1]},
@@ -100,6 +101,20 @@ def parse_space(space: Any, base: Config) -> dict[str, tuple[str, list]]:
     return parsed
 
 
+def optuna_distribution(name: str, args: list):
+    """The Optuna distribution of one parsed key (what the report's figures and importance
+    read; Ray's OptunaSearch converts Tune's helpers the same way for the search itself)."""
+    from optuna.distributions import (CategoricalDistribution, FloatDistribution,
+                                      IntDistribution)
+
+    if name == "choice":
+        return CategoricalDistribution(args)
+    if name == "randint":
+        return IntDistribution(args[0], args[1] - 1)
+    step = args[2] if name == "quniform" else None  # Optuna has no quantised log scale
+    return FloatDistribution(args[0], args[1], log="log" in name, step=step)
+
+
 def format_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
@@ -124,7 +139,17 @@ class TuneSettings:
     storage: str = setting("", "where trials write results; must be shared storage on a multi-node "
                           "cluster (default: the output dir)")
     name: str = setting("search", "name of the Tune experiment folder inside the output dir")
-    search_seed: int = setting(0, "seed of the random search")
+    search_alg: str = setting("random", "how trials are sampled: random, or optuna (Optuna's TPE, "
+                                        "which learns from the finished trials; ASHA still stops "
+                                        "the weak ones)")
+    search_seed: int = setting(0, "seed of the search's sampler")
+
+
+@dataclass
+class TrackingSettings:
+    mlflow_uri: str = setting("", "MLflow tracking URI (http://..., sqlite:///path.db, databricks); "
+                                  "empty: MLflow is off")
+    mlflow_experiment: str = setting("cifar_ray", "MLflow experiment that holds the runs")
 
 
 @dataclass
@@ -138,6 +163,7 @@ class SearchConfig(Config):
     search: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SPACE.items()})
     tune: TuneSettings = field(default_factory=TuneSettings)
     retrain: RetrainSettings = field(default_factory=RetrainSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
 
     def space(self) -> dict[str, tuple[str, list]]:
         """The checked search space: {key: (distribution, arguments)}."""
@@ -157,6 +183,8 @@ class SearchConfig(Config):
         check(t.gpus_per_worker == -1 or t.gpus_per_worker >= 0,
                f"tune.gpus_per_worker must be -1 (auto) or >= 0, got {t.gpus_per_worker}")
         check(t.max_failures >= -1, f"tune.max_failures must be >= -1, got {t.max_failures}")
+        check(t.search_alg in SEARCH_ALGS,
+               f"tune.search_alg must be one of {SEARCH_ALGS}, got '{t.search_alg}'")
         check(bool(t.name) and "/" not in t.name, f"tune.name must be a folder name, got '{t.name}'")
         check(r.init in ("checkpoint", "scratch"),
                f"retrain.init must be checkpoint or scratch, got '{r.init}'")

@@ -29,6 +29,7 @@ from cifar_ray.module import LitResNet9, load_module, read_checkpoint
 from cifar_ray.pl import pl
 from cifar_ray.plots import plot_curves
 from cifar_ray.runtime import build_trainer, device_name, resolve_device
+from cifar_ray.tracking import tensorboard_hparams
 
 # We size DataLoader workers deliberately (see CifarDataModule.num_workers).
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -76,8 +77,11 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> Path | None:
 
 
 def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | Path | None = None,
-        overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
-    """Train, test the best checkpoint, write the outputs; return the results dict."""
+        overwrite: bool = False, resume: bool = False, hparams: dict[str, Any] | None = None,
+        mlflow=None) -> dict[str, Any]:
+    """Train, test the best checkpoint, write the outputs; return the results dict.
+    `hparams`: values to show in TensorBoard's HParams tab (the retrain: the best sample);
+    `mlflow`: an MLflow logger that gets the same metrics (tracking.retrain_logger)."""
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     resume_from = check_output_dir(out, overwrite, resume)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -97,12 +101,15 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
         enable_version_counter=False)  # overwrite best.ckpt instead of writing best-v1.ckpt
     batches = math.ceil(data.train_images_per_epoch() / cfg.trainer.batch_size)
     device = resolve_device(cfg.trainer.device)
+    tensorboard = pl.loggers.TensorBoardLogger(out, name="tensorboard", version="",
+                                               default_hp_metric=False)
+    if hparams:
+        tensorboard_hparams(tensorboard, hparams)
     trainer = build_trainer(
         device, cfg.trainer.precision,
         devices=cfg.trainer.devices,
         max_epochs=cfg.trainer.epochs,
-        logger=pl.loggers.TensorBoardLogger(out, name="tensorboard", version="",
-                                            default_hp_metric=False),
+        logger=[tensorboard, mlflow] if mlflow else tensorboard,
         callbacks=[checkpoint, history, pl.callbacks.LearningRateMonitor("step")],
         enable_checkpointing=True,
         limit_val_batches=1.0 if has_val else 0,
@@ -133,6 +140,7 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
         "device": device_name(device),
         "checkpoint": str(best_path),
         "history": history.rows,
+        "mlflow_run_id": mlflow.run_id if mlflow else None,
         "config": cfg.to_dict(),
     }
     plot_curves(history.rows, out / "curves.png")

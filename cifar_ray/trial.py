@@ -71,7 +71,8 @@ def run_trial(sample: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
     trainer = TorchTrainer(
         train_worker,
         # session: this call of the trial function, as Tune sees it (see worker.EpochReports).
-        train_loop_config={"config": cfg.to_dict(), "data": data, "session": uuid.uuid4().hex,
+        train_loop_config={"config": cfg.to_dict(), "sample": sample, "data": data,
+                           "session": uuid.uuid4().hex,
                            "trial_started": trial_started, "launched": time.time()},
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(

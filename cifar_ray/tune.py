@@ -15,6 +15,7 @@ Output dir:
     trials.csv        one row per trial, a column per searched key
     retrain/          the final single run (best.ckpt, tensorboard/, curves.png, results.json)
     gradcam/          the misclassification report of the retrained model
+    report.html       the whole run on one page (figures in report/)
     results.json      best config, search and test numbers, paths
     summary.md        the same, for people
 """
@@ -28,11 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cifar_ray import tracking
 from cifar_ray.cifar_files import ensure_dataset, read_cifar
 from cifar_ray.config import add_config_flags, overlay, resolve
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import write_json, write_text
 from cifar_ray.ray_cluster import configure_auth, ctrl_c_stops_tune, plan_resources, start_ray
+from cifar_ray.report import asha_rungs, write_report
 from cifar_ray.search import (run_search, storage_dir, summarise_trials, training_seconds,
                               write_trials_csv)
 from cifar_ray.search_config import SearchConfig, describe, format_value
@@ -49,7 +52,7 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
     `data`: [the object reference to the data set's arrays]."""
     import ray
 
-    from cifar_ray import gradcam, train
+    from cifar_ray import gradcam, tracking, train
 
     final = overlay(cfg, best["config"])  # the same overlay the trial made
     final.trainer.epochs = cfg.retrain.retrain_epochs
@@ -63,7 +66,9 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
                             "use retrain.init: scratch")
         init = str(Path(best["checkpoint"]) / CHECKPOINT_FILE)
     arrays = ray.get(data[0])
-    results = train.run(final, arrays=arrays, init_checkpoint=init, overwrite=True)
+    results = train.run(final, arrays=arrays, init_checkpoint=init, overwrite=True,
+                        hparams=best["config"],
+                        mlflow=tracking.retrain_logger(cfg.tracking, best["config"]))
     report = gradcam.analyse(results["checkpoint"], final.data.data_dir, out / "gradcam",
                              split="test", arrays=arrays)
     return {"retrain": results, "gradcam": report}
@@ -135,8 +140,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
 - **test accuracy: {results['test_acc']:.4f}** (test loss {results['test_loss']:.4f})
 - search time: {results['search_seconds']:.0f} s, total: {results['total_seconds']:.0f} s
 
-Files: `trials.csv`, `retrain/` (checkpoint `{Path(results['checkpoint']).name}`, TensorBoard
-logs, `curves.png`), `gradcam/index.html` (misclassified images and their GradCAMs).
+The whole run on one page: `report.html`. Files: `trials.csv`, `retrain/` (checkpoint
+`{Path(results['checkpoint']).name}`, TensorBoard logs, `curves.png`), `gradcam/index.html`
+(misclassified images and their GradCAMs).
 """
 
 
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     cfg.trainer.output_dir = str(out)
     check_output_dir(out, cfg, args.resume, args.overwrite)
+    if cfg.tracking.mlflow_uri:
+        tracking.require_mlflow()
     start = time.perf_counter()
 
     # Prepare (download / validate / read) the data set once, before any trial starts.
@@ -167,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         data = ray.put(arrays)  # read once; every trial's workers map it from the object store
         del arrays
         scaling, concurrent = plan_resources(cfg, storage_dir(cfg, out))
-        print(f"search: {', '.join(searched)}; {cfg.tune.num_samples} trials, {concurrent} at a time, "
+        print(f"search ({cfg.tune.search_alg}): {', '.join(searched)}; "
+              f"{cfg.tune.num_samples} trials, {concurrent} at a time, "
               f"{cfg.tune.workers_per_trial} worker(s) each; ASHA max_t={cfg.trainer.epochs} "
               f"grace={cfg.tune.grace_period} reduction={cfg.tune.reduction_factor}")
         tune_started = time.perf_counter()
@@ -202,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    retrain, report = final["retrain"], final["gradcam"]
+    retrain, gradcam_report = final["retrain"], final["gradcam"]
     results = {
         "best_config": best["config"],
         "best_val_acc": best["best_val_acc"],
@@ -213,24 +222,33 @@ def main(argv: list[str] | None = None) -> int:
         "test_loss": retrain["test_loss"],
         "per_class_acc": retrain["per_class_acc"],
         "checkpoint": retrain["checkpoint"],
-        "gradcam_dir": report["output_dir"],
+        "gradcam_dir": gradcam_report["output_dir"],
         "retrain_epochs": cfg.retrain.retrain_epochs,
         "retrain_init": cfg.retrain.init,
+        "search_alg": cfg.tune.search_alg,
         "search_seconds": round(search_seconds, 1),
         "tune_seconds": round(tune_seconds, 1),
         "training_seconds": round(training_seconds(rows), 1),
         "startup_phases_s": median_phases(rows),
         "total_seconds": round(time.perf_counter() - start, 1),
         "trials_csv": str(out / "trials.csv"),
+        "report": str(out / "report.html"),
+        "mlflow_run_id": retrain["mlflow_run_id"],
         "experiment_dir": str(out / cfg.tune.name),
         "config": cfg.to_dict(),
     }
+    t = cfg.tune
+    page = write_report(out, results, rows, cfg.space(),
+                        asha_rungs(cfg.trainer.epochs, t.grace_period, t.reduction_factor),
+                        gradcam_report)
     write_json(out / "results.json", results)
     write_text(out / "summary.md", summary_markdown(results))
+    tracking.log_artifacts(cfg.tracking, retrain["mlflow_run_id"], [results["checkpoint"], page])
     print(f"\ndone: best {describe(best['config'])} (val_acc {best['best_val_acc']:.4f}); "
           f"test_acc={results['test_acc']:.4f}\n"
+          f"  report:  {page}\n"
           f"  results: {out / 'results.json'}\n  summary: {out / 'summary.md'}\n"
-          f"  model:   {results['checkpoint']}\n  gradcam: {Path(report['output_dir']) / 'index.html'}")
+          f"  model:   {results['checkpoint']}\n  gradcam: {Path(gradcam_report['output_dir']) / 'index.html'}")
     return 0
 
 

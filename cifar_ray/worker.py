@@ -20,11 +20,12 @@ from typing import Any
 import ray.train
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
-from cifar_ray.config import Config
+from cifar_ray.config import Config, plain
 from cifar_ray.data import CifarDataModule
 from cifar_ray.module import LitResNet9
 from cifar_ray.pl import pl
 from cifar_ray.runtime import build_trainer
+from cifar_ray.tracking import tensorboard_hparams
 from cifar_ray.trial import CHECKPOINT_FILE, CHECKPOINT_PATH, FIRST_STEP_AT, REPORTED_AT, STARTUP
 
 
@@ -121,6 +122,11 @@ def train(config: dict[str, Any], entered: float) -> None:
     marks["data"] = time.time()
     module = LitResNet9.from_config(cfg, data.classes)
     reports = EpochReports(config["session"], cfg.trainer.output_dir, marks)
+    logger = pl.loggers.TensorBoardLogger(cfg.trainer.output_dir, name="tensorboard",
+                                          default_hp_metric=False)
+    # Rank 0 alone: what the HParams dashboard lists is this trial, not each of its workers.
+    if ray.train.get_context().get_world_rank() == 0:
+        tensorboard_hparams(logger, {key: plain(value) for key, value in config["sample"].items()})
     # The device was resolved by the driver (this worker was given a GPU or not); Ray's
     # strategy and environment place each rank on its own.
     trainer = build_trainer(
@@ -129,8 +135,7 @@ def train(config: dict[str, Any], entered: float) -> None:
         strategy=RayDDPStrategy(),
         plugins=[RayLightningEnvironment()],
         callbacks=[reports],  # it checkpoints every epoch
-        logger=pl.loggers.TensorBoardLogger(cfg.trainer.output_dir, name="tensorboard",
-                                            default_hp_metric=False),
+        logger=logger,
         log_every_n_steps=1,
     )
     trainer = prepare_trainer(trainer)

@@ -1,0 +1,216 @@
+"""One page for a whole search: `report.html` in the search's output dir, its figures in
+`report/` beside it (the page works offline, opened from disk).
+
+    the outcome        best configuration, validation and test accuracy, times
+    report/curves.png  every trial's validation accuracy against epoch: ASHA's rungs, where it
+                       stopped each trial, the best trial
+    report/parallel_coordinates.png, report/slices.png, report/importance.png
+                       the searched keys against validation accuracy, drawn by Optuna's
+                       visualisations from the finished trials (whatever the searcher was)
+    the trials table   values, epochs, best accuracy, status, start-up seconds
+    the retrain        retrain/curves.png
+    GradCAM            the figures of gradcam/index.html, which this page links to
+
+A trial's score here is its best validation accuracy, as for the choice of the best trial.
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifar_ray.files import save_figure, write_text
+from cifar_ray.search_config import format_value, optuna_distribution
+
+FOLDER = "report"
+# The evaluator of hyperparameter importance, and how the page names it.
+IMPORTANCE = ("fANOVA (Optuna's FanovaImportanceEvaluator: the share of the accuracy's "
+              "variance each key explains, from a random forest fitted to the trials)")
+
+
+def asha_rungs(max_t: int, grace_period: int, reduction_factor: int) -> list[int]:
+    """The epochs at which ASHA compares trials and stops the weaker ones."""
+    rungs, epoch = [], grace_period
+    while epoch < max_t:
+        rungs.append(epoch)
+        epoch *= reduction_factor
+    return rungs
+
+
+def plot_trial_curves(rows: list[dict[str, Any]], best_id: str, rungs: list[int],
+                      target: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")
+    for rung in rungs:
+        ax.axvline(rung, color="grey", linestyle=":", linewidth=1)
+    stopped_label = "stopped by ASHA"
+    for row in sorted(rows, key=lambda r: r["trial_id"] == best_id):  # the best drawn last
+        if not row["curve"]:
+            continue
+        epochs, accs = zip(*row["curve"])
+        best = row["trial_id"] == best_id
+        ax.plot(epochs, accs, marker="o", markersize=3, linewidth=2.5 if best else 1,
+                alpha=1 if best else 0.6, color="tab:red" if best else None, zorder=3 if best else 2,
+                label=f"best: {row['trial_id']}" if best else None)
+        if row["status"] == "stopped early":
+            ax.plot(epochs[-1], accs[-1], "kx", markersize=8, label=stopped_label)
+            stopped_label = None  # one legend entry
+    if rungs:
+        ax.plot([], [], color="grey", linestyle=":", label="ASHA rungs")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"Validation accuracy of the {len(rows)} trials")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    save_figure(fig, target, dpi=100)
+
+
+def optuna_study(rows: list[dict[str, Any]], space: dict[str, tuple[str, list]]):
+    """An in-memory Optuna study of the trials that scored, whichever searcher ran them."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    distributions = {key: optuna_distribution(*spec) for key, spec in space.items()}
+    for row in rows:
+        if row["best_val_acc"] is not None:
+            study.add_trial(optuna.trial.create_trial(
+                params={key: row[key] for key in space}, distributions=distributions,
+                value=row["best_val_acc"]))
+    return study
+
+
+def plot_search_space(study, keys: list[str], folder: Path) -> dict[str, str]:
+    """Optuna's figures of the searched keys against accuracy; {file name: why it is missing}
+    for any that could not be drawn (too few trials, one key only)."""
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as vis
+
+    missing = {}
+    value = "validation accuracy"
+    figures = {
+        "parallel_coordinates.png": lambda: vis.plot_parallel_coordinate(study, target_name=value),
+        "slices.png": lambda: vis.plot_slice(study, target_name=value),
+        "importance.png": lambda: vis.plot_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+            target_name=value),
+    }
+    scored = len(study.trials)
+    for name, draw in figures.items():
+        if scored < 2:
+            missing[name] = f"needs at least 2 scored trials ({scored} here)"
+            continue
+        if name == "parallel_coordinates.png" and len(keys) < 2:
+            missing[name] = "needs at least 2 searched keys"
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib figures experimental
+            try:
+                axes = draw()
+            except (ValueError, RuntimeError) as exc:
+                missing[name] = f"not computed: {exc}"
+                plt.close("all")
+                continue
+        fig = np.atleast_1d(axes).flat[0].figure  # one Axes, or an array of them
+        fig.set_size_inches(*{"slices.png": (4.5 * len(keys), 4.5),
+                              "parallel_coordinates.png": (2.2 * len(keys) + 4, 5.5)}.get(name, (9, 1.2 * len(keys) + 2)))
+        # bbox "tight": Optuna's axes labels (long config keys) reach past the figure's edge.
+        save_figure(fig, folder / name, dpi=100, bbox_inches="tight")
+    return missing
+
+
+def _table(headers: list[str], rows: list[list[str]], highlight: int | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(
+        f"<tr{' class=best' if i == highlight else ''}>"
+        + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+        for i, row in enumerate(rows))
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _figure(src: str, caption: str) -> str:
+    return (f'<figure><img src="{html.escape(src)}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else format_value(value)
+
+
+def write_report(out: Path, results: dict[str, Any], rows: list[dict[str, Any]],
+                 space: dict[str, tuple[str, list]], rungs: list[int],
+                 gradcam_summary: dict[str, Any]) -> Path:
+    """Draws the figures and writes `out/report.html`; returns its path."""
+    from cifar_ray.gradcam import FIGURES as GRADCAM_FIGURES
+
+    folder = out / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = list(space)
+    best_id = results["best_trial"]
+    plot_trial_curves(rows, best_id, rungs, folder / "curves.png")
+    missing = plot_search_space(optuna_study(rows, space), keys, folder)
+
+    def figure(name: str, caption: str) -> str:
+        if name in missing:
+            return f"<p class=note>{html.escape(caption)}: {html.escape(missing[name])}.</p>"
+        return _figure(f"{FOLDER}/{name}", caption)
+
+    best = results["best_config"]
+    outcome = _table(["", ""], [
+        ["best configuration", ", ".join(f"{k} = {format_value(v)}" for k, v in best.items())],
+        ["best trial", f"{best_id}: validation accuracy {results['best_val_acc']:.4f}"],
+        ["test accuracy", f"{results['test_acc']:.4f} (loss {results['test_loss']:.4f}), after "
+                          f"a retrain of {results['retrain_epochs']} epochs on train + "
+                          f"validation (init: {results['retrain_init']})"],
+        ["trials", f"{results['num_trials']} ({results['trials_stopped_early']} stopped early "
+                   f"by ASHA), searcher: {results['search_alg']}"],
+        ["times", f"search {results['search_seconds']:.0f} s (some trial training for "
+                  f"{results['training_seconds']:.0f} s), total {results['total_seconds']:.0f} s"],
+        ["files", "results.json, summary.md, trials.csv, "
+                  f"checkpoint {results['checkpoint']}"],
+    ])
+    ranked = sorted(rows, key=lambda r: -1 if r["best_val_acc"] is None else r["best_val_acc"],
+                    reverse=True)
+    trials = _table(
+        ["trial", *keys, "epochs", "best val acc", "status", "start-up s"],
+        [[r["trial_id"], *(_cell(r[k]) for k in keys), str(r["epochs"]),
+          _cell(r["best_val_acc"]), r["status"], _cell(r["startup_s"])] for r in ranked],
+        highlight=next((i for i, r in enumerate(ranked) if r["trial_id"] == best_id), None))
+    gradcam_dir = Path(gradcam_summary["output_dir"])
+    link = Path(gradcam_dir.relative_to(out) if gradcam_dir.is_relative_to(out) else gradcam_dir)
+    gradcam = "".join(_figure(f"{link.as_posix()}/{name}", GRADCAM_FIGURES[name])
+                      for name in gradcam_summary["figures"])
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>cifar_ray search report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}img{{max-width:100%}}
+figure{{margin:1.5em 0}}td,th{{padding:2px 10px;text-align:left}}tr.best{{background:#fde2e1}}
+table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}.note{{color:#666}}</style>
+</head><body>
+<h1>Search report</h1>
+<h2>Outcome</h2>
+{outcome}
+<h2>Trials</h2>
+{_figure(f"{FOLDER}/curves.png", "Validation accuracy of every trial against epoch; dotted: ASHA's rungs, x: where ASHA stopped a trial; red: the best trial")}
+{figure("parallel_coordinates.png", "Parallel coordinates: each line a trial, its searched values, coloured by its best validation accuracy")}
+{figure("slices.png", "Each searched key against the best validation accuracy of each trial (log axes for log-sampled keys)")}
+{figure("importance.png", "Hyperparameter importance by " + IMPORTANCE)}
+<h2>Trials table</h2>
+{trials}
+<h2>The retrain</h2>
+{_figure("retrain/curves.png", "The retrain's training loss and accuracy (trained on train + validation: no validation curves)")}
+<h2>Mistakes of the retrained model (GradCAM)</h2>
+<p>The full report: <a href="{html.escape(link.as_posix())}/index.html">{html.escape(link.as_posix())}/index.html</a>.</p>
+{gradcam}
+</body></html>
+"""
+    target = out / "report.html"
+    write_text(target, page)
+    return target

@@ -1,0 +1,89 @@
+"""Where a search's runs are tracked besides its own files: TensorBoard's HParams dashboard, and
+MLflow for teams that track there.
+
+    TensorBoard  every Lightning run (each trial's, the retrain's) writes its hyperparameters
+                 beside its curves (`tensorboard_hparams`), so `tensorboard --logdir <output
+                 dir>` lists the trials side by side in the HParams tab with their metrics.
+    MLflow       `tracking.mlflow_uri`: Ray's MLflowLoggerCallback makes each trial a run (its
+                 sample as params, every epoch's report as metrics); the retrain is a run of
+                 Lightning's MLFlowLogger (`retrain_logger`), and the driver adds the checkpoint
+                 and report.html to it as artifacts (`log_artifacts`). All under one
+                 experiment, `tracking.mlflow_experiment`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from cifar_ray.errors import UserError
+
+# The metrics the HParams dashboard shows for each run: the tags Lightning logs them under.
+HPARAM_METRICS = ("val/acc", "val/loss", "train/acc", "train/loss", "test/acc")
+INSTALL_MLFLOW = "tracking.mlflow_uri needs MLflow: pip install 'cifar_ray[mlflow]'"
+
+
+def tensorboard_hparams(logger, params: dict[str, Any]) -> None:
+    """Writes `params` ({"optim.lr": 0.003, ...}) as this TensorBoard run's hyperparameters.
+
+    Lightning's own `log_hyperparams` writes them only with a metric value it logs at step 0
+    (a false point on the curve); the HParams dashboard needs only the metrics' names, and reads
+    their values from the scalars the run logs anyway."""
+    from torch.utils.tensorboard.summary import hparams
+
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(params, {name: 0.0 for name in HPARAM_METRICS}):
+        writer.add_summary(summary)
+    writer.flush()
+
+
+def require_mlflow() -> None:
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise UserError(INSTALL_MLFLOW) from None
+
+
+def tune_callbacks(settings) -> list:
+    """Tune's loggers for the search: its JSON and CSV results (`result.json`, which the
+    summaries read), and one MLflow run per trial when MLflow is on. Not Tune's TensorBoard
+    logger: each trial's Lightning logs are its TensorBoard run, with its hyperparameters; a
+    second run per trial would list every trial twice in the HParams tab."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # only the loggers given here
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback()]
+    if settings.mlflow_uri:
+        require_mlflow()
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(MLflowLoggerCallback(tracking_uri=settings.mlflow_uri,
+                                              experiment_name=settings.mlflow_experiment,
+                                              tags={"cifar_ray": "trial"}))
+    return callbacks
+
+
+def retrain_logger(settings, params: dict[str, Any]):
+    """Lightning's MLflow logger for the retrain (None when MLflow is off), `params` logged."""
+    if not settings.mlflow_uri:
+        return None
+    require_mlflow()
+    from cifar_ray.pl import pl
+
+    logger = pl.loggers.MLFlowLogger(experiment_name=settings.mlflow_experiment,
+                                     tracking_uri=settings.mlflow_uri, run_name="retrain",
+                                     tags={"cifar_ray": "retrain"})
+    logger.log_hyperparams(params)
+    return logger
+
+
+def log_artifacts(settings, run_id: str | None, paths: list[Path]) -> None:
+    """Adds files to an MLflow run (the retrain's checkpoint and report.html)."""
+    if not settings.mlflow_uri or not run_id:
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=settings.mlflow_uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path))
