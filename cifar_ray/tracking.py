@@ -4,8 +4,8 @@ MLflow for teams that track there.
     TensorBoard  every Lightning run (each trial's, the retrain's) writes its hyperparameters
                  beside its curves (`tensorboard_hparams`), so `tensorboard --logdir <output
                  dir>` lists the trials side by side in the HParams tab with their metrics.
-    MLflow       `tracking.mlflow_uri`: Ray's MLflowLoggerCallback makes each trial a run (its
-                 sample as params, every epoch's report as metrics); the retrain is a run of
+    MLflow       `tracking.mlflow_uri`: Ray's MLflowLoggerCallback (mlflow_runs.py) makes each
+                 trial a run (its sample as params, every epoch's report as metrics); the retrain is a run of
                  Lightning's MLFlowLogger (`retrain_logger`), and the driver adds the checkpoint
                  and report.html to it as artifacts (`log_artifacts`). All under one
                  experiment, `tracking.mlflow_experiment`.
@@ -56,11 +56,11 @@ def tune_callbacks(settings) -> list:
     callbacks = [JsonLoggerCallback(), CSVLoggerCallback()]
     if settings.mlflow_uri:
         require_mlflow()
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
+        from cifar_ray.mlflow_runs import TrialRuns
 
-        callbacks.append(MLflowLoggerCallback(tracking_uri=settings.mlflow_uri,
-                                              experiment_name=settings.mlflow_experiment,
-                                              tags={"cifar_ray": "trial"}))
+        callbacks.append(TrialRuns(tracking_uri=settings.mlflow_uri,
+                                   experiment_name=settings.mlflow_experiment,
+                                   tags={"cifar_ray": "trial"}))
     return callbacks
 
 

@@ -91,3 +91,26 @@ def no_leftover_ray():
     left = wait_gone(pids_with(*RAY_PROCESS_NAMES) - before, timeout=45)
     kill_all(left)
     assert not left, f"Ray processes left running: {sorted(left)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages in a real browser (tests/test_app.py, the search's report.html)
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As root in a container, with no network: no sandbox, no background connections.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+# Screenshots the tests keep for people to look at (ignored by git).
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium, headless, driven by Playwright."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's chromium (see .ci/run)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, SMOKE, run_cli, search_env
+from tests.conftest import ARTIFACTS, ROOT, SMOKE, run_cli, search_env
 from tests.processes import files_containing, free_port, pids_with
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def _read_trials(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
+def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray, browser):
     out = tmp_path / "search"
     # The user's own Ray token, and a home directory to see what gets written into it.
     token, home = secrets.token_hex(32), sys_tmp / "home"
@@ -89,6 +89,59 @@ def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray)
     # Nothing left behind outside the output dir.
     assert not list(sys_tmp.glob("lightning_checkpoints*"))
     assert not (out / "tmp").exists()
+    # The console's last lines name the report page first.
+    assert proc.stdout.strip().splitlines()[-5] == f"  report:  {out / 'report.html'}"
+    assert results["report"] == str(out / "report.html")
+    _check_tensorboard_hparams(out, trials)
+    _check_report_page(out, browser)
+
+
+def _check_tensorboard_hparams(out: Path, trials: list[dict]) -> None:
+    """`tensorboard --logdir <out>`: one run per trial (its Lightning logs) and the retrain,
+    each with its sampled values in the HParams tab and its val/acc curve; no second run per
+    trial from Tune's own logger."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    logs = EventMultiplexer()
+    logs.AddRunsFromDirectory(str(out))
+    logs.Reload()
+    hparams = {}
+    for run, tags in logs.PluginRunToTagToContent("hparams").items():
+        for content in tags.values():
+            data = plugin_data_pb2.HParamsPluginData.FromString(content)
+            if data.HasField("session_start_info"):
+                hparams[run] = {key: value.number_value
+                                for key, value in data.session_start_info.hparams.items()}
+    assert len(hparams) == len(trials) + 1, sorted(hparams)
+    for t in trials:
+        (run,) = [r for r in hparams if f"train-{t['trial_id']}/" in r]
+        assert hparams[run] == {"optim.lr": pytest.approx(float(t["optim.lr"])),
+                                "optim.weight_decay": pytest.approx(float(t["optim.weight_decay"])),
+                                "trainer.batch_size": int(t["trainer.batch_size"])}
+        assert len(logs.Scalars(run, "val/acc")) == int(t["epochs"])
+    retrain = hparams["retrain/tensorboard"]
+    assert retrain["optim.lr"] == pytest.approx(json.loads(
+        (out / "results.json").read_text())["best_config"]["optim.lr"])
+
+
+def _check_report_page(out: Path, browser) -> None:
+    """report.html opened from disk in Chromium: every figure loads (none broken), in the
+    order the page promises; the screenshot is kept in test-artifacts/."""
+    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    page.goto((out / "report.html").as_uri())
+    page.wait_for_load_state("load")
+    images = page.evaluate("Array.from(document.images).map(i => "
+                           "[i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
+    assert [src for src, _ in images][:5] == [
+        "report/curves.png", "report/parallel_coordinates.png", "report/slices.png",
+        "report/importance.png", "retrain/curves.png"]
+    assert any(src.startswith("gradcam/") for src, _ in images)
+    assert all(loaded for _, loaded in images), images
+    assert page.locator("h1").inner_text() == "Search report"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "search_report.png"), full_page=True)
+    page.close()
 
 
 def test_a_search_over_other_config_keys(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
@@ -164,6 +217,62 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
         assert int(trials[trial_id]["epochs"]) == epochs
         assert _reports(state, trial_id) == epochs  # each epoch reported once: no second run
     assert json.loads((out / "results.json").read_text())["num_trials"] == 5
+
+
+def test_an_optuna_search_resumes_its_searcher_and_is_tracked_in_mlflow(
+        noisy_data, tmp_path, sys_tmp, no_leftover_ray):
+    """Optuna's TPE, interrupted after two trials and resumed: four trials in all, each
+    sampled once. Optuna is seeded, so a searcher started afresh on --resume would draw the
+    first trials' values again; restored, it draws new ones. Each trial is one MLflow run
+    (its sample as params, each epoch's val/acc once), the retrain one more, with its
+    checkpoint and report.html; all in a real MLflow store on disk."""
+    out = tmp_path / "search"
+    state = out / "search"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
+            "--output-dir", str(out), "--retrain-epochs", "1", "--num-samples", "4",
+            "--max-concurrent", "1", "--search-alg", "optuna", "--mlflow-uri", store]
+    driver, log = _start(args, tmp_path / "first.log", sys_tmp)
+    _wait_for_finished_trials(state, 2, driver)
+    driver.send_signal(signal.SIGINT)
+    driver.wait(timeout=300)
+    assert driver.returncode == 130, log.read_text()[-3000:]
+    assert "search (optuna)" in log.read_text()
+    first = _finished_trials(state)
+
+    proc = subprocess.run([*args, "--resume"], cwd=ROOT, env=search_env(sys_tmp),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = {t["trial_id"]: t for t in _read_trials(out)}
+    assert len(trials) == 4 and all(t["status"] != "error" for t in trials.values()), trials
+    samples = {(t["optim.lr"], t["optim.weight_decay"], t["trainer.batch_size"])
+               for t in trials.values()}
+    assert len(samples) == 4, trials  # no value drawn twice: the searcher went on
+    for trial_id, epochs in first.items():  # the finished trials were kept, not re-run
+        assert int(trials[trial_id]["epochs"]) == epochs
+        assert _reports(state, trial_id) == epochs
+    results = json.loads((out / "results.json").read_text())
+    assert results["search_alg"] == "optuna"
+
+    from mlflow import MlflowClient
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("cifar_ray")
+    runs = client.search_runs([experiment.experiment_id])
+    trial_runs = [r for r in runs if r.data.tags.get("cifar_ray") == "trial"]
+    assert len(trial_runs) == 4, [r.info.run_name for r in runs]
+    for run in trial_runs:
+        assert run.info.status == "FINISHED"
+        (trial,) = [t for t in trials.values() if t["trial_id"] in run.info.run_name]
+        assert float(run.data.params["optim.lr"]) == pytest.approx(float(trial["optim.lr"]))
+        assert run.data.params["trainer.batch_size"] == trial["trainer.batch_size"]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
+        assert steps == list(range(1, int(trial["epochs"]) + 1)), (trial, steps)
+    (retrain,) = [r for r in runs if r.data.tags.get("cifar_ray") == "retrain"]
+    assert retrain.info.run_id == results["mlflow_run_id"]
+    assert retrain.data.metrics["test/acc"] == pytest.approx(results["test_acc"], abs=1e-6)
+    assert float(retrain.data.params["optim.lr"]) == pytest.approx(results["best_config"]["optim.lr"])
+    assert {a.path for a in client.list_artifacts(retrain.info.run_id)} == {"best.ckpt",
+                                                                           "report.html"}
 
 
 def test_a_search_whose_saved_state_lags_its_train_runs_resumes(noisy_data, tmp_path, sys_tmp,
