@@ -153,7 +153,8 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
     mistakes = find_mistakes(probs, labels, module.class_names)
     shown = mistakes[:num_images]
 
-    module.test_confusion.update(torch.from_numpy(probs).to(dev), torch.from_numpy(labels).to(dev))
+    # torch.tensor copies: `labels` may be a read-only view of Ray's object store.
+    module.test_confusion.update(torch.from_numpy(probs).to(dev), torch.tensor(labels, device=dev))
     classes = module.class_report(module.test_confusion.compute().cpu())
     module.test_confusion.reset()
     confusion = np.asarray(classes["confusion_matrix"])

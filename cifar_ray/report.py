@@ -68,7 +68,7 @@ def plot_trial_curves(rows: list[dict[str, Any]], best_id: str, rungs: list[int]
     ax.set_title(f"Validation accuracy of the {len(rows)} trials")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not on them
     save_figure(fig, target, dpi=100)
 
 
