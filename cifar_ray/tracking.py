@@ -45,6 +45,24 @@ def require_mlflow() -> None:
         raise UserError(INSTALL_MLFLOW) from None
 
 
+def prepare_experiment(settings) -> None:
+    """Creates the MLflow experiment if it is new. With a local `sqlite:///path.db` store, its
+    artifacts (the checkpoint, report.html) go beside the database, in `mlruns/`: MLflow's
+    default for such a store is `./mlruns` under whatever folder the command ran in. A
+    server (`http://...`) chooses for itself."""
+    require_mlflow()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=settings.mlflow_uri)
+    if client.get_experiment_by_name(settings.mlflow_experiment) is not None:
+        return
+    location = None
+    if settings.mlflow_uri.startswith("sqlite:///"):
+        database = Path(settings.mlflow_uri[len("sqlite:///"):]).expanduser().resolve()
+        location = (database.parent / "mlruns").as_uri()
+    client.create_experiment(settings.mlflow_experiment, artifact_location=location)
+
+
 def tune_callbacks(settings) -> list:
     """Tune's loggers for the search: its JSON and CSV results (`result.json`, which the
     summaries read), and one MLflow run per trial when MLflow is on. Not Tune's TensorBoard

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.trainer.output_dir = str(out)
     check_output_dir(out, cfg, args.resume, args.overwrite)
     if cfg.tracking.mlflow_uri:
-        tracking.require_mlflow()
+        tracking.prepare_experiment(cfg.tracking)
     start = time.perf_counter()
 
     # Prepare (download / validate / read) the data set once, before any trial starts.

@@ -273,6 +273,9 @@ def test_an_optuna_search_resumes_its_searcher_and_is_tracked_in_mlflow(
     assert float(retrain.data.params["optim.lr"]) == pytest.approx(results["best_config"]["optim.lr"])
     assert {a.path for a in client.list_artifacts(retrain.info.run_id)} == {"best.ckpt",
                                                                            "report.html"}
+    # Beside the store, not in whatever folder the command ran in.
+    assert retrain.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
+    assert not (ROOT / "mlruns").exists()
 
 
 def test_a_search_whose_saved_state_lags_its_train_runs_resumes(noisy_data, tmp_path, sys_tmp,
