@@ -23,15 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cifar_ray import gradcam
 from cifar_ray.config import DataConfig
-from cifar_ray.augment import eval_transform
-from cifar_ray.cifar_files import SPECS, CifarArrays, load_dataset
-from cifar_ray.errors import UserError, cli_entry
+from cifar_ray.cifar_files import CifarArrays, load_dataset
+from cifar_ray.errors import DataError, UserError, cli_entry
+from cifar_ray.image_folders import read_image
 from cifar_ray.model import CAM_LAYERS
 from cifar_ray.module import LitResNet9, load_module
+from cifar_ray.predict import classify, prepare
 
 PREDICTED = "the predicted class"
 
@@ -41,11 +42,11 @@ class Classifier:
 
     def __init__(self, checkpoint: str | Path):
         self.module: LitResNet9 = load_module(checkpoint)  # weights_only=True, eval mode, CPU
-        self.transform = eval_transform(SPECS[self.module.hparams.dataset])
         self.classes = self.module.class_names
 
     def read(self, path: str | None) -> np.ndarray:
-        """An uploaded file -> a (32, 32, 3) uint8 RGB image; UserError if it is not an image."""
+        """An uploaded file -> a (32, 32, 3) uint8 RGB image, read as `predict` and the
+        training data read images; UserError if it is not an image."""
         if not path:
             raise UserError("No image yet: upload an image file (PNG, JPEG, BMP, GIF, WebP, ...) "
                             "or pick an example.")
@@ -53,19 +54,16 @@ class Classifier:
         if os.path.getsize(path) == 0:
             raise UserError(f"'{name}' is empty (0 bytes): upload an image file.")
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise UserError(f"'{name}' is not an image this app can read "
-                            f"({type(exc).__name__}): upload a PNG, JPEG, BMP, GIF or WebP file.")
-        return np.asarray(image.resize((32, 32), Image.Resampling.BICUBIC))
+            return read_image(path)
+        except DataError:
+            raise UserError(f"'{name}' is not an image this app can read: "
+                            "upload a PNG, JPEG, BMP, GIF or WebP file.") from None
 
     def explain(self, picture: np.ndarray, top_k: int, cam_class: str, layer: str,
                 opacity: float) -> tuple[dict[str, float], np.ndarray, str]:
         """Top-k probabilities, the CAM overlay, and a one-line caption."""
-        x = self.transform(image=picture)["image"][None]  # (1, 3, 32, 32)
-        with torch.no_grad():
-            probs = self.module(x).exp()[0].numpy()
+        x = prepare(self.module, picture[None])  # (1, 3, 32, 32)
+        probs = classify(self.module, picture[None])[0]
         order = np.argsort(-probs)[:top_k]
         top = {self.classes[i]: float(probs[i]) for i in order}
         class_id = int(order[0]) if cam_class == PREDICTED else self.classes.index(cam_class)

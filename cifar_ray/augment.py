@@ -21,7 +21,7 @@ import cv2
 import torch
 from albumentations.pytorch import ToTensorV2
 
-from cifar_ray.cifar_files import IMAGE_SIZE, DatasetSpec, SPECS
+from cifar_ray.cifar_files import IMAGE_SIZE, Normalization
 from cifar_ray.config import AugmentConfig
 
 
@@ -29,9 +29,10 @@ from cifar_ray.config import AugmentConfig
 # Albumentations: per image, in DataLoader workers
 
 
-def train_transform(aug: AugmentConfig, spec: DatasetSpec, seed: int | None = None) -> A.Compose:
+def train_transform(aug: AugmentConfig, spec: Normalization, seed: int | None = None) -> A.Compose:
     """The reference recipe. Normalising first makes 0 the data set's mean, so the padding and
-    the cutout hole, both filled with 0, are filled with the mean."""
+    the cutout hole, both filled with 0, are filled with the mean. `spec`: the data set's
+    Normalization (a DatasetSpec, with its mean and std, serves too)."""
     hole = (aug.cutout_size, aug.cutout_size)
     return A.Compose([
         A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0),
@@ -45,14 +46,13 @@ def train_transform(aug: AugmentConfig, spec: DatasetSpec, seed: int | None = No
     ], strict=True, seed=seed)
 
 
-def eval_transform(spec: DatasetSpec) -> A.Compose:
+def eval_transform(spec: Normalization) -> A.Compose:
     return A.Compose([A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0),
                       ToTensorV2()], strict=True)
 
 
-def denormalize(images: torch.Tensor, dataset: str) -> torch.Tensor:
+def denormalize(images: torch.Tensor, spec: Normalization) -> torch.Tensor:
     """(B, 3, H, W) normalised -> (B, H, W, 3) floats in [0, 1], for plotting."""
-    spec = SPECS[dataset]
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     return (images.cpu().float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)

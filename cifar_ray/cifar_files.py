@@ -66,13 +66,30 @@ SPECS = {
 }
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std of a data set's pixels in [0, 1]: what every stage subtracts
+    and divides by. CIFAR's are fixed (SPECS); a class-folder set's are computed from its
+    training images. The model carries them (module.py)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
 @dataclass
 class CifarArrays:
+    """A data set in memory, whatever it was read from (these pickles, or class folders:
+    image_folders.py)."""
+
     train_images: np.ndarray  # (N, 32, 32, 3) uint8, HWC as Albumentations wants
     train_labels: np.ndarray  # (N,) int64
     test_images: np.ndarray
     test_labels: np.ndarray
     classes: list[str]
+    norm: Normalization
+    # A validation set of its own (a class-folder set's val/), instead of a held-out split.
+    val_images: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,8 +103,13 @@ def ensure_dataset(data_dir: str | Path, dataset: str) -> Path:
     validates it. Extraction goes to a temporary folder renamed into place, so an interrupted
     download never leaves a half-written data set behind.
     """
-    spec = SPECS[dataset]
     data_dir = Path(data_dir).expanduser().resolve()
+    if dataset == "folder":  # the user's own images: nothing to download
+        if not data_dir.is_dir():
+            raise DataError(f"{data_dir}: data folder missing (--dataset folder reads "
+                            "train/<class>/<images> and test/<class>/<images> there)")
+        return data_dir
+    spec = SPECS[dataset]
     folder = data_dir / spec.folder
     if folder.is_dir():
         return folder
@@ -195,10 +217,16 @@ def read_cifar(folder: str | Path, dataset: str) -> CifarArrays:
 
     train_x, train_y = read_split(spec.train_files, "train")
     test_x, test_y = read_split(spec.test_files, "test")
-    return CifarArrays(train_x, train_y, test_x, test_y, classes)
+    return CifarArrays(train_x, train_y, test_x, test_y, classes,
+                       Normalization(spec.mean, spec.std))
 
 
 def load_dataset(data: DataConfig) -> CifarArrays:
+    """The data set `data` names: class folders (image_folders.py) or CIFAR's files."""
+    if data.dataset == "folder":
+        from cifar_ray.image_folders import read_folders
+
+        return read_folders(data.data_dir)
     return read_cifar(ensure_dataset(data.data_dir, data.dataset), data.dataset)
 
 

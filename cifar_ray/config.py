@@ -23,7 +23,7 @@ import yaml
 
 from cifar_ray.errors import ConfigError
 
-DATASETS = ("cifar10", "cifar100")
+DATASETS = ("cifar10", "cifar100", "folder")  # folder: your own images (image_folders.py)
 DEVICES = ("auto", "cpu", "cuda")  # see runtime.py
 ENGINES = ("auto", "albumentations", "tensors")  # see augment.py
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
@@ -38,8 +38,10 @@ def setting(default: Any, help: str) -> Any:
 
 @dataclass
 class DataConfig:
-    dataset: str = setting("cifar10", "cifar10 or cifar100")
-    data_dir: str = setting("data", "folder holding cifar-10-batches-py/ (downloaded there if missing)")
+    dataset: str = setting("cifar10", "cifar10, cifar100, or folder (your own images in "
+                                      "train/<class>/, test/<class>/ and optionally val/<class>/)")
+    data_dir: str = setting("data", "folder holding cifar-10-batches-py/ (downloaded there if "
+                                    "missing), or the class folders")
     val_size: int = setting(5000, "training images held out for validation (0: none)")
     limit_train: int = setting(0, "use only the first N training images after the split (0: all)")
     num_workers: int = setting(-1, "DataLoader worker processes (-1: one per CPU the run was given)")

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cifar_ray.augment import augment_batch, eval_transform, normalize, reseed_worker, train_transform
-from cifar_ray.cifar_files import SPECS, CifarArrays, ensure_dataset, load_dataset, split_train_val
+from cifar_ray.cifar_files import CifarArrays, Normalization, ensure_dataset, load_dataset, split_train_val
 from cifar_ray.config import Config
 from cifar_ray.pl import pl
 
@@ -72,24 +72,53 @@ class DeviceBatches:
             yield self.images[index], self.labels[index]
 
 
+def split_arrays(arrays: CifarArrays, split: str, val_size: int,
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of one split: "train", "val" or "test". With a validation set of its
+    own, "val" is that set and "train" all of train/, or train + val when `val_size` is 0
+    (no validation: train on everything). Else `val_size` training images, drawn with `seed`,
+    are the validation set (none when 0)."""
+    if split == "test":
+        return arrays.test_images, arrays.test_labels
+    if arrays.val_images is not None:
+        if split == "val":
+            return (arrays.val_images, arrays.val_labels) if val_size else \
+                (arrays.val_images[:0], arrays.val_labels[:0])
+        if val_size:
+            return arrays.train_images, arrays.train_labels
+        return (np.concatenate([arrays.train_images, arrays.val_images]),
+                np.concatenate([arrays.train_labels, arrays.val_labels]))
+    if val_size:
+        train_idx, val_idx = split_train_val(len(arrays.train_labels), val_size, seed)
+    else:
+        train_idx, val_idx = np.arange(len(arrays.train_labels)), np.arange(0)
+    index = train_idx if split == "train" else val_idx
+    return arrays.train_images[index], arrays.train_labels[index]
+
+
 def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class CifarDataModule(pl.LightningDataModule):
-    """Train / validation / test loaders for one run. `data.val_size=0` trains on the whole
-    training set and validates on nothing (the retrain after a search)."""
+    """Train / validation / test loaders for one run. The validation set is the data set's
+    own (a class-folder set's val/) when it has one, else `data.val_size` held-out training
+    images. `data.val_size=0` validates on nothing and trains on everything, a val/ folder
+    included (the retrain after a search)."""
 
     def __init__(self, cfg: Config, arrays: CifarArrays | None = None):
         super().__init__()
         self.cfg = cfg
-        self.spec = SPECS[cfg.data.dataset]
         self.arrays = arrays
         self.train_set = self.val_set = self.test_set = None
 
     @property
     def classes(self) -> list[str]:
         return self.arrays.classes
+
+    @property
+    def norm(self) -> Normalization:
+        return self.arrays.norm
 
     def prepare_data(self) -> None:
         ensure_dataset(self.cfg.data.data_dir, self.cfg.data.dataset)
@@ -100,20 +129,15 @@ class CifarDataModule(pl.LightningDataModule):
         if self.arrays is None:
             self.arrays = load_dataset(self.cfg.data)
         d, arrays = self.cfg.data, self.arrays
-        if d.val_size:
-            train_idx, val_idx = split_train_val(len(arrays.train_labels), d.val_size,
-                                                 self.cfg.trainer.seed)
-        else:
-            train_idx, val_idx = np.arange(len(arrays.train_labels)), np.arange(0)
+        train_x, train_y = split_arrays(arrays, "train", d.val_size, self.cfg.trainer.seed)
+        val_x, val_y = split_arrays(arrays, "val", d.val_size, self.cfg.trainer.seed)
         if d.limit_train:
-            train_idx = train_idx[: d.limit_train]
-        evaluate = eval_transform(self.spec)
-        self.train_set = ImageArrayDataset(arrays.train_images[train_idx],
-                                           arrays.train_labels[train_idx],
-                                           train_transform(self.cfg.augment, self.spec,
+            train_x, train_y = train_x[: d.limit_train], train_y[: d.limit_train]
+        evaluate = eval_transform(self.norm)
+        self.train_set = ImageArrayDataset(train_x, train_y,
+                                           train_transform(self.cfg.augment, self.norm,
                                                            seed=self.cfg.trainer.seed))
-        self.val_set = ImageArrayDataset(arrays.train_images[val_idx],
-                                         arrays.train_labels[val_idx], evaluate)
+        self.val_set = ImageArrayDataset(val_x, val_y, evaluate)
         self.test_set = ImageArrayDataset(arrays.test_images, arrays.test_labels, evaluate)
 
     def train_images_per_epoch(self) -> int:
@@ -142,9 +166,9 @@ class CifarDataModule(pl.LightningDataModule):
         x, y = batch
         if x.dtype == torch.uint8:
             if self.trainer is not None and self.trainer.training:
-                x = augment_batch(x, self.cfg.augment, self.spec.mean, self.spec.std)
+                x = augment_batch(x, self.cfg.augment, self.norm.mean, self.norm.std)
             else:
-                x = normalize(x, self.spec.mean, self.spec.std)
+                x = normalize(x, self.norm.mean, self.norm.std)
             if x.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
         return x, y

@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader
 
 from cifar_ray.config import DataConfig
 from cifar_ray.augment import denormalize, eval_transform
-from cifar_ray.cifar_files import SPECS, CifarArrays, load_dataset, split_train_val
-from cifar_ray.data import ImageArrayDataset
+from cifar_ray.cifar_files import CifarArrays, load_dataset
+from cifar_ray.data import ImageArrayDataset, split_arrays
 from cifar_ray.errors import ConfigError, UserError, cli_entry
 from cifar_ray.files import write_json, write_text
 from cifar_ray.runtime import resolve_device
@@ -71,16 +71,6 @@ def target_layer(module: LitResNet9, name: str) -> torch.nn.Module:
         raise ConfigError(f"unknown target layer '{name}'; valid: {', '.join(top)} "
                           "(or a submodule such as layer3_R.conv2)")
     return layers[name]
-
-
-def split_arrays(arrays: CifarArrays, split: str, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The images and labels of `split`, with the same seeded split the model was trained with."""
-    if split == "test":
-        return arrays.test_images, arrays.test_labels
-    if val_size == 0:
-        raise ConfigError("this checkpoint was trained without a validation split; use --split test")
-    _, val_idx = split_train_val(len(arrays.train_labels), val_size, seed)
-    return arrays.train_images[val_idx], arrays.train_labels[val_idx]
 
 
 @torch.no_grad()
@@ -147,8 +137,11 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
     if len(arrays.classes) != h.num_classes:
         raise UserError(f"{checkpoint}: trained for {h.num_classes} classes, but the data set "
                         f"in {data_dir} has {len(arrays.classes)}")
+    if split == "val" and h.val_size == 0:
+        raise ConfigError("this checkpoint was trained without a validation split; use --split test")
+    # The same split the model was trained with, normalised as it was trained.
     images, labels = split_arrays(arrays, split, h.val_size, h.seed)
-    dataset = ImageArrayDataset(images, labels, eval_transform(SPECS[h.dataset]))
+    dataset = ImageArrayDataset(images, labels, eval_transform(module.normalization))
     probs = predict(module, DataLoader(dataset, batch_size=batch_size), dev)
     mistakes = find_mistakes(probs, labels, module.class_names)
     shown = mistakes[:num_images]
@@ -165,7 +158,7 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
                             out / "per_class_accuracy.png")
     if shown:
         batch = torch.stack([dataset[m.index][0] for m in shown])  # (N, 3, 32, 32)
-        pictures = denormalize(batch, h.dataset).numpy()  # (N, 32, 32, 3) in [0, 1]
+        pictures = denormalize(batch, module.normalization).numpy()  # (N, 32, 32, 3) in [0, 1]
         with GradCAM(model=module, target_layers=[target_layer(module, layer)]) as cam:
             pred_cams = compute_cams(module, batch, [m.predicted_id for m in shown], layer, dev, cam)
             true_cams = compute_cams(module, batch, [m.true_id for m in shown], layer, dev, cam)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     data = CifarDataModule(cfg)
     data.prepare_data()
     data.setup()
-    module = LitResNet9.from_config(cfg, data.classes)
+    module = LitResNet9.from_config(cfg, data.classes, data.norm)
     trainer = build_trainer(resolve_device(cfg.trainer.device), cfg.trainer.precision,
                             max_epochs=cfg.trainer.epochs, default_root_dir=out)
     finder = pl.tuner.Tuner(trainer).lr_find(module, datamodule=data, min_lr=args.min_lr,

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from cifar_ray.cifar_files import SPECS, Normalization
 from cifar_ray.config import Config
 from cifar_ray.errors import CheckpointError
 from cifar_ray.model import ResNet9
@@ -34,11 +35,13 @@ class LitResNet9(pl.LightningModule):
     def __init__(self, num_classes: int = 10, width: int = 64, lr: float = 0.01,
                  weight_decay: float = 1e-4, pct_start: float = 5 / 24, div_factor: float = 100.0,
                  final_div_factor: float = 100.0, class_names: list[str] | None = None,
-                 dataset: str = "cifar10", val_size: int = 0, seed: int = 1):
+                 dataset: str = "cifar10", val_size: int = 0, seed: int = 1,
+                 mean: list[float] | None = None, std: list[float] | None = None):
         super().__init__()
         # Plain values only: the checkpoint must load under weights_only=True and rebuild alone.
         # dataset / val_size / seed let later stages (GradCAM on the validation split) rebuild
-        # exactly the data this model was trained and validated on.
+        # exactly the data this model was trained and validated on; mean / std are the
+        # normalisation it was trained with (see `normalization`).
         self.save_hyperparameters()
         self.model = ResNet9(num_classes, width)
         # validate_args=False: the checks (torch.unique of the labels, ...) read values back
@@ -54,14 +57,27 @@ class LitResNet9(pl.LightningModule):
         self._compiled = None
 
     @classmethod
-    def from_config(cls, cfg: Config, class_names: list[str]) -> "LitResNet9":
+    def from_config(cls, cfg: Config, class_names: list[str],
+                    norm: Normalization | None = None) -> "LitResNet9":
+        """`norm`: the data set's normalisation (CifarArrays.norm); CIFAR's own by default."""
         o = cfg.optim
+        norm = norm or SPECS[cfg.data.dataset]
         module = cls(num_classes=len(class_names), width=cfg.model.width, lr=o.lr,
                      weight_decay=o.weight_decay, pct_start=o.pct_start, div_factor=o.div_factor,
                      final_div_factor=o.final_div_factor, class_names=list(class_names),
-                     dataset=cfg.data.dataset, val_size=cfg.data.val_size, seed=cfg.trainer.seed)
+                     dataset=cfg.data.dataset, val_size=cfg.data.val_size, seed=cfg.trainer.seed,
+                     mean=list(norm.mean), std=list(norm.std))
         module.compile_mode = cfg.trainer.compile  # how it runs, not what it is: no hparam
         return module
+
+    @property
+    def normalization(self) -> Normalization:
+        """What to subtract from and divide pixels in [0, 1] by before this model sees them
+        (checkpoints written before it was stored: their CIFAR data set's figures)."""
+        if self.hparams.get("mean") is None:
+            spec = SPECS[self.hparams.dataset]
+            return Normalization(spec.mean, spec.std)
+        return Normalization(tuple(self.hparams.mean), tuple(self.hparams.std))
 
     @property
     def class_names(self) -> list[str]:

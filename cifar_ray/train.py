@@ -90,7 +90,7 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
         data.prepare_data()
     data.setup()
     has_val = len(data.val_set) > 0
-    module = LitResNet9.from_config(cfg, data.classes)
+    module = LitResNet9.from_config(cfg, data.classes, data.norm)
     if init_checkpoint is not None:
         module.load_state_dict(read_checkpoint(init_checkpoint)["state_dict"])
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_ray import tracking
-from cifar_ray.cifar_files import ensure_dataset, read_cifar
+from cifar_ray.cifar_files import load_dataset
 from cifar_ray.config import add_config_flags, overlay, resolve
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import write_json, write_text
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Prepare (download / validate / read) the data set once, before any trial starts.
     data_dir = Path(cfg.data.data_dir).expanduser().resolve()
-    arrays = read_cifar(ensure_dataset(data_dir, cfg.data.dataset), cfg.data.dataset)
     cfg.data.data_dir = str(data_dir)  # absolute: Ray changes each trial's working directory
+    arrays = load_dataset(cfg.data)
 
     configure_auth(cfg.tune.address)
     import ray

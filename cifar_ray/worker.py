@@ -120,7 +120,7 @@ def train(config: dict[str, Any], entered: float) -> None:
     data = CifarDataModule(cfg, arrays)
     data.setup()
     marks["data"] = time.time()
-    module = LitResNet9.from_config(cfg, data.classes)
+    module = LitResNet9.from_config(cfg, data.classes, data.norm)
     reports = EpochReports(config["session"], cfg.trainer.output_dir, marks)
     logger = pl.loggers.TensorBoardLogger(cfg.trainer.output_dir, name="tensorboard",
                                           default_hp_metric=False)

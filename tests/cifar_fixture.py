@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 PATCH = 10
 
@@ -113,3 +114,42 @@ def write_cifar100(root: Path, n_train: int = 300, n_test: int = 100, seed: int 
         batch[b"coarse_labels"] = [v // 5 for v in batch[b"fine_labels"]]
         dump_py2(batch, folder / name)
     return folder
+
+
+FOLDER_CLASSES = ["apple", "boat", "cloud", "daisy"]
+
+
+def write_class_folders(root: Path, n_train: int = 240, n_test: int = 80, n_val: int = 0,
+                        seed: int = 0) -> dict[str, Planted]:
+    """A class-folder data set (torchvision's ImageFolder layout) with the planted signal:
+    `root/train/<class>/`, `root/test/<class>/` (and `root/val/<class>/` when n_val > 0).
+
+    What a user's folders hold: PNG and JPEG mixed, sizes other than 32x32 (each image scaled
+    up by a whole factor, so area resampling gives the planted image back), one grayscale and
+    one RGBA image, and files that are not images (`notes.txt`, `.DS_Store`). Returns the
+    planted images per split, in the order of `sorted(paths)` within each class."""
+    root = Path(root)
+    out = {}
+    splits = [("train", n_train, seed), ("test", n_test, seed + 1)]
+    if n_val:
+        splits.append(("val", n_val, seed + 2))
+    for split, n, split_seed in splits:
+        planted = planted_images(n, len(FOLDER_CLASSES), split_seed)
+        for i, (image, label) in enumerate(zip(planted.images, planted.labels)):
+            folder = root / split / FOLDER_CLASSES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            picture = Image.fromarray(image).resize((32 * (1 + i % 3), 32 * (1 + i % 3)),
+                                                    Image.Resampling.NEAREST)
+            if i == 0:
+                picture.convert("L").save(folder / f"{i:05d}.png")
+            elif i == 1:
+                picture.convert("RGBA").save(folder / f"{i:05d}.png")
+            elif i % 2:  # high-quality JPEG: the planted colours survive it
+                picture.save(folder / f"{i:05d}.jpg", quality=95)
+            else:
+                picture.save(folder / f"{i:05d}.png")
+        out[split] = planted
+    (root / "train" / FOLDER_CLASSES[0] / "notes.txt").write_text("not an image\n")
+    (root / "train" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "test" / FOLDER_CLASSES[1] / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    return out

@@ -1,0 +1,113 @@
+"""Export a checkpoint to run without this package:
+`python -m cifar_ray.export --checkpoint C --format onnx|torchscript [--output F]`.
+
+The exported model takes float images in [0, 1], shape (N, 3, 32, 32) (RGB, any N), does the
+normalisation training used (the statistics stored in the checkpoint) and returns class
+probabilities, (N, classes). The class names travel with it: in the ONNX file's metadata
+(`class_names`, a JSON list) and inside the TorchScript file (extra file `class_names.json`),
+and, for both, in a sidecar `<output>.json` that also holds the normalisation and the input's
+shape. Needs `pip install 'cifar_ray[export]'` for ONNX (onnx and onnxscript: torch's exporter).
+
+    import onnxruntime as ort                      import torch, json
+    session = ort.InferenceSession("model.onnx")   model = torch.jit.load("model.pt")
+    probs = session.run(None, {"images": x})[0]    probs = model(torch.from_numpy(x))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cifar_ray.errors import UserError, cli_entry
+from cifar_ray.files import atomic_path, write_json
+from cifar_ray.module import LitResNet9, load_module
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+INPUT, OUTPUT = "images", "probabilities"
+
+
+class Deployable(nn.Module):
+    """ResNet-9 with its normalisation in front and probabilities out."""
+
+    def __init__(self, module: LitResNet9):
+        super().__init__()
+        norm = module.normalization
+        self.model = module.model
+        self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, 32, 32) in [0, 1]
+        return self.model((images - self.mean) / self.std).exp()  # (N, classes)
+
+
+def export_onnx(model: Deployable, classes: list[str], target: Path) -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch's exporter needs it)
+    except ImportError:
+        raise UserError("--format onnx needs onnx and onnxscript: "
+                        "pip install 'cifar_ray[export]'") from None
+    example = torch.rand(2, 3, 32, 32)
+    program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT],
+                                output_names=[OUTPUT],
+                                dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+    program.model.metadata_props["class_names"] = json.dumps(classes)
+    with atomic_path(target) as tmp:
+        program.save(str(tmp))
+
+
+def export_torchscript(model: Deployable, classes: list[str], target: Path) -> None:
+    with warnings.catch_warnings():  # torch marks TorchScript deprecated; asked for, it is
+        warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)
+        scripted = torch.jit.trace(model, torch.rand(2, 3, 32, 32))
+        with atomic_path(target) as tmp:
+            torch.jit.save(scripted, str(tmp),
+                           _extra_files={"class_names.json": json.dumps(classes)})
+
+
+def export(checkpoint: str | Path, fmt: str, output: str | Path | None = None) -> Path:
+    """Writes the exported model and its sidecar JSON; returns the model's path."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    module = load_module(checkpoint)  # eval mode, CPU
+    target = Path(output) if output else Path(checkpoint).with_suffix(FORMATS[fmt])
+    model = Deployable(module).eval()
+    classes = module.class_names
+    with torch.no_grad():
+        (export_onnx if fmt == "onnx" else export_torchscript)(model, classes, target)
+    norm = module.normalization
+    write_json(target.with_name(target.name + ".json"), {
+        "format": fmt, "checkpoint": str(checkpoint), "class_names": classes,
+        "input": {"name": INPUT, "shape": ["N", 3, 32, 32], "dtype": "float32",
+                  "range": [0, 1], "channels": "RGB"},
+        "output": {"name": OUTPUT, "shape": ["N", len(classes)]},
+        "normalization": {"mean": list(norm.mean), "std": list(norm.std)}})
+    return target
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Export a checkpoint as ONNX or TorchScript: float images in [0, 1], "
+                    "(N, 3, 32, 32) in, class probabilities out; class names included.")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint this project wrote")
+    parser.add_argument("--format", required=True, choices=list(FORMATS))
+    parser.add_argument("--output", help="the file to write (default: beside the checkpoint, "
+                                         ".onnx or .pt)")
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    target = export(args.checkpoint, args.format, args.output)
+    print(f"exported {args.checkpoint} as {args.format}: {target} "
+          f"(class names and normalisation also in {target.name}.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""A data set of your own images in class folders (`data.dataset: folder`), torchvision's
+ImageFolder layout:
+
+    <data_dir>/train/<class>/<images>    required
+    <data_dir>/test/<class>/<images>     required; its classes must all be in train/
+    <data_dir>/val/<class>/<images>      optional: the validation set, instead of holding out
+                                         data.val_size training images
+
+Any format Pillow reads, any size: each image becomes RGB (grayscale, palette and RGBA alike;
+alpha is dropped) and 32x32 by area resampling (`read_image`, which predict and the app use too).
+Class names are train/'s folder names, sorted. Files whose extension is not an image type
+(`.DS_Store`, `notes.txt`) are skipped and counted once.
+
+Decoding happens once: the arrays go to a cache (`.cifar_ray_cache.npz` in the data dir, or
+under ~/.cache/cifar_ray/ when the data dir cannot be written), keyed by every image's path, size
+and modification time, so a search's trials and the next run read arrays, not files.
+The per-channel mean and std of the training images are computed here and travel with the
+model (module.py), so everything downstream normalises exactly as training did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from cifar_ray.errors import DataError
+from cifar_ray.files import atomic_path
+
+IMAGE_SIZE = 32
+CACHE_NAME = ".cifar_ray_cache.npz"
+SPLITS = ("train", "val", "test")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any image file -> (32, 32, 3) uint8 RGB, by area resampling; DataError naming the file
+    if it is missing or does not decode."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file missing")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: not a readable image ({type(exc).__name__})") from None
+    return np.asarray(image, dtype=np.uint8)
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMG_EXTENSIONS
+
+
+def scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]], int]:
+    """Class names, and for each split present its (file, class index) pairs; plus how many
+    files were skipped as not images. DataError (one line) for a layout that cannot be used."""
+    if not (root / "train").is_dir():
+        raise DataError(f"{root}: no train/ folder (expected train/<class>/<images> and "
+                        "test/<class>/<images>)")
+    if not (root / "test").is_dir():
+        raise DataError(f"{root}: no test/ folder (expected test/<class>/<images>)")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{root / 'train'}: no class folders (expected train/<class>/<images>)")
+    index = {name: i for i, name in enumerate(classes)}
+    files, skipped = {}, 0
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        pairs = []
+        skipped += sum(1 for p in folder.iterdir() if p.is_file())  # beside the class folders
+        for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
+            if class_dir.name not in index:
+                raise DataError(f"{class_dir}: class '{class_dir.name}' is not in train/")
+            found = sorted(p for p in class_dir.rglob("*") if p.is_file())
+            images = [p for p in found if is_image(p)]
+            skipped += len(found) - len(images)
+            if not images:
+                raise DataError(f"{class_dir}: no images in this class folder")
+            pairs += [(p, index[class_dir.name]) for p in images]
+        if not pairs:
+            raise DataError(f"{folder}: no class folders")
+        files[split] = pairs
+    return classes, files, skipped
+
+
+def fingerprint(root: Path, files: dict[str, list[tuple[Path, int]]]) -> str:
+    """Changes when any image is added, removed, moved, rewritten or relabelled."""
+    digest = hashlib.sha256()
+    for split, pairs in files.items():
+        for path, label in pairs:
+            stat = path.stat()
+            digest.update(f"{split}\0{path.relative_to(root)}\0{label}\0{stat.st_size}\0"
+                          f"{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_paths(root: Path) -> list[Path]:
+    """Where the cache may be, in order: beside the data, else in the user's cache dir (for a
+    data dir this process cannot write)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar_ray"
+    return [root / CACHE_NAME, base / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.npz"]
+
+
+def _load_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as cached:  # arrays only: no code runs
+            if str(cached["key"]) != key:
+                return None
+            return {name: cached[name] for name in cached.files}
+    except (OSError, ValueError, KeyError):  # missing, truncated, or not ours: decode again
+        return None
+
+
+def _decode(root: Path, files: dict[str, list[tuple[Path, int]]], classes: list[str],
+            key: str) -> dict[str, np.ndarray]:
+    arrays = {"key": np.asarray(key), "classes": np.asarray(classes)}
+    for split, pairs in files.items():
+        arrays[f"{split}_images"] = np.stack([read_image(path) for path, _ in pairs])
+        arrays[f"{split}_labels"] = np.asarray([label for _, label in pairs], dtype=np.int64)
+    return arrays
+
+
+def read_folders(data_dir: str | Path, quiet: bool = False):
+    """The class-folder data set at `data_dir` as CifarArrays (cifar_files.py), from the cache
+    when it is current, else decoded (and cached)."""
+    from cifar_ray.cifar_files import CifarArrays
+
+    root = Path(data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder missing")
+    classes, files, skipped = scan(root)
+    key = fingerprint(root, files)
+    say = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
+    note = f" ({skipped} files that are not images skipped)" if skipped else ""
+    for cache in cache_paths(root):
+        arrays = _load_cache(cache, key)
+        if arrays is not None:
+            say(f"data: {root} read from its cache {cache}{note}")
+            break
+    else:
+        count = sum(len(pairs) for pairs in files.values())
+        say(f"data: decoding {count} images from {root}{note}")
+        arrays = _decode(root, files, classes, key)
+        _write_cache(arrays, cache_paths(root), say)
+    train = arrays["train_images"]
+    return CifarArrays(train, arrays["train_labels"], arrays["test_images"],
+                       arrays["test_labels"], [str(c) for c in arrays["classes"]],
+                       channel_stats(train), arrays.get("val_images"), arrays.get("val_labels"))
+
+
+def _write_cache(arrays: dict[str, np.ndarray], places: list[Path], say) -> None:
+    for cache in places:
+        try:
+            with atomic_path(cache) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
+            say(f"data: cached as {cache}")
+            return
+        except OSError as exc:  # read-only: the next place; none: decode again next time
+            reason = exc.strerror or type(exc).__name__
+    say(f"data: cannot write a cache ({reason}); the images are decoded again next time")
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096):
+    """Per-channel mean and std in [0, 1] of (N, H, W, 3) uint8 images, in chunks (a float
+    copy of 50,000 images would take 1.2 GB)."""
+    from cifar_ray.cifar_files import Normalization
+
+    total = np.zeros(3)
+    squares = np.zeros(3)
+    for start in range(0, len(images), chunk):
+        part = images[start:start + chunk].reshape(-1, 3).astype(np.float64) / 255
+        total += part.sum(0)
+        squares += np.square(part).sum(0)
+    count = max(len(images) * images.shape[1] * images.shape[2], 1)
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0))
+    return Normalization(tuple(float(v) for v in mean), tuple(float(max(v, 1e-3)) for v in std))

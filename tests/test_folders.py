@@ -1,0 +1,237 @@
+"""Your own images: a class-folder data set (`--dataset folder`) that the tests write
+themselves (PNG and JPEG, odd sizes, a grayscale and an RGBA image, stray files), read once into
+a cache; training and a small search on it learn; each bad input is one line and exit 2; a
+checkpoint exported as ONNX and TorchScript predicts what the checkpoint predicts; `predict`
+names the planted class."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar_ray import image_folders
+from cifar_ray.errors import DataError
+from cifar_ray.image_folders import CACHE_NAME, read_folders
+from tests.cifar_fixture import FOLDER_CLASSES, planted_images, write_class_folders
+from tests.conftest import FAST_FLAGS, ROOT, SMOKE, run_cli, search_env
+
+
+def _order(planted) -> np.ndarray:
+    """The planted images' indices in the order the reader lists them: by class, then name."""
+    return np.array([i for label in range(len(FOLDER_CLASSES))
+                     for i in np.flatnonzero(planted.labels == label)])
+
+
+def test_a_class_folder_set_reads_every_format_and_size_as_32x32_rgb(tmp_path, capsys):
+    planted = write_class_folders(tmp_path, n_train=60, n_test=20)
+    arrays = read_folders(tmp_path)
+    assert arrays.classes == FOLDER_CLASSES
+    assert arrays.train_images.shape == (60, 32, 32, 3) and arrays.train_images.dtype == np.uint8
+    assert arrays.test_images.shape == (20, 32, 32, 3) and arrays.val_images is None
+    order = _order(planted["train"])
+    assert (arrays.train_labels == planted["train"].labels[order]).all()
+    for position, i in enumerate(order):
+        got, want = arrays.train_images[position].astype(int), planted["train"].images[i].astype(int)
+        if i == 0:  # grayscale: three equal channels, the planted image's luminance
+            assert (got[..., 0] == got[..., 1]).all() and (got[..., 1] == got[..., 2]).all()
+        elif i % 2 and i != 1:  # JPEG, lossy on this noise: nearer its own image than any other
+            distances = np.abs(planted["train"].images.astype(int) - got).mean(axis=(1, 2, 3))
+            assert distances.argmin() == i, i
+        else:  # PNG, RGBA included (alpha dropped), scaled up then area-resampled: exact
+            assert (got == want).all(), i
+    # Statistics of the training images, for the model to carry.
+    pixels = arrays.train_images.reshape(-1, 3) / 255
+    assert np.allclose(arrays.norm.mean, pixels.mean(0)) and np.allclose(arrays.norm.std, pixels.std(0))
+    assert "3 files that are not images skipped" in capsys.readouterr().out
+
+
+def test_the_second_read_comes_from_the_cache_until_a_file_changes(tmp_path, monkeypatch, capsys):
+    write_class_folders(tmp_path, n_train=40, n_test=12)
+    first = read_folders(tmp_path)
+    assert (tmp_path / CACHE_NAME).is_file()
+
+    def no_decoding(path):
+        raise AssertionError(f"decoded {path}")
+
+    monkeypatch.setattr(image_folders, "read_image", no_decoding)
+    again = read_folders(tmp_path)  # no image decoded
+    assert (again.train_images == first.train_images).all() and again.classes == first.classes
+    assert "read from its cache" in capsys.readouterr().out
+    monkeypatch.undo()
+
+    changed = sorted((tmp_path / "train" / "boat").iterdir())[0]
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    read_folders(tmp_path)
+    assert "decoding 52 images" in capsys.readouterr().out
+
+
+def test_a_data_dir_that_cannot_be_written_caches_in_the_users_cache_dir(tmp_path, monkeypatch,
+                                                                         capsys):
+    data = tmp_path / "data"
+    write_class_folders(data, n_train=40, n_test=12)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real = image_folders.atomic_path
+
+    def read_only(target):  # as a read-only data dir (root ignores permission bits)
+        if str(target).startswith(str(data)):
+            raise PermissionError(13, "Permission denied")
+        return real(target)
+
+    monkeypatch.setattr(image_folders, "atomic_path", read_only)
+    read_folders(data)
+    assert not (data / CACHE_NAME).exists()
+    assert len(list((tmp_path / "cache" / "cifar_ray").glob("*.npz"))) == 1
+    monkeypatch.setattr(image_folders, "read_image", lambda path: pytest.fail("decoded"))
+    read_folders(data)
+    assert "read from its cache" in capsys.readouterr().out
+
+
+def _break(root, case: str) -> str:
+    """Damages a written set one way; returns what the error line must contain."""
+    if case == "corrupt":
+        bad = root / "train" / "cloud" / "broken.png"
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        return f"{bad}: not a readable image"
+    if case == "empty class":
+        (root / "train" / "empty").mkdir()
+        return f"{root / 'train' / 'empty'}: no images in this class folder"
+    if case == "unknown test class":
+        (root / "test" / "zebra").mkdir()
+        Image.new("RGB", (32, 32)).save(root / "test" / "zebra" / "z.png")
+        return f"{root / 'test' / 'zebra'}: class 'zebra' is not in train/"
+    if case == "no train":
+        (root / "train").rename(root / "training")
+        return f"{root}: no train/ folder"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["corrupt", "empty class", "unknown test class", "no train"])
+def test_bad_class_folders_are_one_line_and_exit_2_writing_nothing(tmp_path, case):
+    data = tmp_path / "data"
+    write_class_folders(data, n_train=40, n_test=12)
+    message = _break(data, case)
+    out = tmp_path / "out"
+    proc = run_cli("cifar_ray.train", "--dataset", "folder", "--data-dir", str(data),
+                   "--output-dir", str(out), "--val-size", "8", *FAST_FLAGS)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()
+    assert len(last) == 1 and message in last[0], proc.stderr[-2000:]
+    assert not out.exists() and not (data / CACHE_NAME).exists()
+    with pytest.raises(DataError):
+        read_folders(data, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A training run on a class-folder set with a val/ folder: (data dir, output dir, stdout
+    of a second run that read the cache)."""
+    data = tmp_path_factory.mktemp("folders")
+    write_class_folders(data, n_train=480, n_test=120, n_val=80)
+    out = tmp_path_factory.mktemp("folder_train")
+    args = ["--dataset", "folder", "--data-dir", str(data), "--output-dir", str(out),
+            "--epochs", "3", "--lr", "0.01", *FAST_FLAGS]
+    first = run_cli("cifar_ray.train", *args)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "decoding 680 images" in first.stdout
+    second = run_cli("cifar_ray.train", *args, "--epochs", "1", "--overwrite",
+                     "--output-dir", str(tmp_path_factory.mktemp("again")))
+    assert second.returncode == 0, second.stderr[-3000:]
+    return data, out, second.stdout
+
+
+@pytest.mark.slow
+def test_training_on_class_folders_learns_and_keeps_its_normalisation(folder_run):
+    data, out, second = folder_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["classes"] == FOLDER_CLASSES
+    assert results["test_acc"] > 0.6  # 4 classes: chance is 0.25
+    assert results["val_acc"] is not None and results["train_images"] == 480  # val/ validated
+    from cifar_ray.module import load_module
+    module = load_module(out / "best.ckpt")
+    assert module.normalization == read_folders(data, quiet=True).norm
+    assert "read from its cache" in second and "decoding" not in second
+
+
+@pytest.mark.slow
+def test_exported_models_predict_what_the_checkpoint_predicts(folder_run, tmp_path):
+    import onnx
+    import onnxruntime
+
+    from cifar_ray.module import load_module
+    from cifar_ray.predict import classify
+
+    data, out, _ = folder_run
+    checkpoint = out / "best.ckpt"
+    module = load_module(checkpoint)
+    images = read_folders(data, quiet=True).test_images[:40]  # (40, 32, 32, 3) uint8
+    expected = classify(module, images)
+    floats = (images.transpose(0, 3, 1, 2) / 255).astype(np.float32)  # (N, 3, 32, 32) in [0, 1]
+    for fmt in ("onnx", "torchscript"):
+        target = tmp_path / f"model.{fmt}"
+        proc = run_cli("cifar_ray.export", "--checkpoint", str(checkpoint), "--format", fmt,
+                       "--output", str(target))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        sidecar = json.loads((tmp_path / f"model.{fmt}.json").read_text())
+        assert sidecar["class_names"] == FOLDER_CLASSES
+        assert sidecar["normalization"]["mean"] == pytest.approx(list(module.normalization.mean))
+        if fmt == "onnx":
+            session = onnxruntime.InferenceSession(str(target))
+            got = session.run(None, {"images": floats})[0]
+            meta = {p.key: p.value for p in onnx.load(str(target)).metadata_props}
+            assert json.loads(meta["class_names"]) == FOLDER_CLASSES
+            assert session.run(None, {"images": floats[:3]})[0].shape == (3, 4)  # any N
+        else:
+            files = {"class_names.json": ""}
+            model = torch.jit.load(str(target), _extra_files=files)
+            got = model(torch.from_numpy(floats)).detach().numpy()
+            assert json.loads(files["class_names.json"]) == FOLDER_CLASSES
+        assert (got.argmax(1) == expected.argmax(1)).all(), fmt
+        assert np.allclose(got, expected, atol=1e-4), (fmt, np.abs(got - expected).max())
+
+
+@pytest.mark.slow
+def test_predict_names_the_planted_class(folder_run, tmp_path):
+    _, out, _ = folder_run
+    planted = planted_images(6, len(FOLDER_CLASSES), seed=99)
+    paths = []
+    for i, image in enumerate(planted.images):
+        path = tmp_path / f"img{i}.{'jpg' if i % 2 else 'png'}"
+        Image.fromarray(image).resize((50, 50), Image.Resampling.NEAREST).save(path)
+        paths.append(str(path))
+    proc = run_cli("cifar_ray.predict", "--checkpoint", str(out / "best.ckpt"), *paths,
+                   "--top-k", "2", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = json.loads(proc.stdout)
+    predicted = [a["top"][0]["class"] for a in answers]
+    truth = [FOLDER_CLASSES[k] for k in planted.labels]
+    assert sum(p == t for p, t in zip(predicted, truth)) >= 5, (predicted, truth)
+    assert all(len(a["top"]) == 2 and a["top"][0]["probability"] >= a["top"][1]["probability"]
+               for a in answers)
+    table = run_cli("cifar_ray.predict", "--checkpoint", str(out / "best.ckpt"), paths[0])
+    assert table.returncode == 0 and table.stdout.splitlines()[0] == paths[0]
+    assert table.stdout.splitlines()[1].split()[1] == predicted[0]
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    proc = run_cli("cifar_ray.predict", "--checkpoint", str(out / "best.ckpt"), str(bad))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {bad}: not a readable image (UnidentifiedImageError)"
+
+
+@pytest.mark.slow
+def test_a_search_on_class_folders_learns(folder_run, tmp_path, sys_tmp, no_leftover_ray):
+    data, _, _ = folder_run
+    out = tmp_path / "search"
+    proc = subprocess.run([sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--dataset", "folder",
+                           "--data-dir", str(data), "--output-dir", str(out), "--num-samples",
+                           "2", "--retrain-epochs", "2"],
+                          cwd=ROOT, env=search_env(sys_tmp), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["best_val_acc"] > 0.5 and results["test_acc"] > 0.6
+    assert (out / "gradcam" / "index.html").is_file() and (out / "report.html").is_file()
