@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cifar_fixture import write_cifar10
+from tests.cifar_fixture import write_cifar10, write_class_folders
 from tests.processes import RAY_PROCESS_NAMES, kill_all, pids_with, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +65,15 @@ def noisy_data(tmp_path_factory):
     """The planted signal, with 10% of the test labels wrong: a good model still has mistakes."""
     root = tmp_path_factory.mktemp("tune_data")
     write_cifar10(root, n_train=1000, n_test=200, test_label_noise=0.1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def class_folders(tmp_path_factory):
+    """A class-folder data set (`--dataset folder`) of 4 classes with a val/ folder: 800 train,
+    100 val, 120 test images, in every format and size tests/cifar_fixture.py writes."""
+    root = tmp_path_factory.mktemp("class_folders")
+    write_class_folders(root, n_train=800, n_test=120, n_val=100)
     return root
 
 
