@@ -35,12 +35,16 @@ def _read_trials(out: Path) -> list[dict]:
 
 
 def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray, browser):
+    """The smoke search with Optuna's TPE, tracked in a real MLflow store on disk: its outputs,
+    report.html in a browser, TensorBoard's HParams, the MLflow runs."""
     out = tmp_path / "search"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # The user's own Ray token, and a home directory to see what gets written into it.
     token, home = secrets.token_hex(32), sys_tmp / "home"
     home.mkdir()
     proc = subprocess.run([sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir",
-                           str(noisy_data), "--output-dir", str(out)], cwd=ROOT,
+                           str(noisy_data), "--output-dir", str(out), "--search-alg", "optuna",
+                           "--mlflow-uri", store], cwd=ROOT,
                           env=search_env(sys_tmp, RAY_AUTH_TOKEN=token, HOME=str(home)),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -92,8 +96,38 @@ def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray,
     # The console's last lines name the report page first.
     assert proc.stdout.strip().splitlines()[-5] == f"  report:  {out / 'report.html'}"
     assert results["report"] == str(out / "report.html")
+    assert "search (optuna)" in proc.stdout and results["search_alg"] == "optuna"
     _check_tensorboard_hparams(out, trials)
     _check_report_page(out, browser)
+    _check_mlflow(store, trials, results, tmp_path)
+
+
+def _check_mlflow(store: str, trials: list[dict], results: dict, store_dir: Path) -> None:
+    """The MLflow store read back: each trial one FINISHED run (its sample as params, each
+    epoch's val/acc once), the retrain one more (params, test/acc, the checkpoint and
+    report.html as artifacts, kept beside the store, not in the folder the search ran in)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("cifar_ray")
+    runs = client.search_runs([experiment.experiment_id])
+    trial_runs = [r for r in runs if r.data.tags.get("cifar_ray") == "trial"]
+    assert len(trial_runs) == len(trials), [r.info.run_name for r in runs]
+    for run in trial_runs:
+        assert run.info.status == "FINISHED"
+        (trial,) = [t for t in trials if t["trial_id"] in run.info.run_name]
+        assert float(run.data.params["optim.lr"]) == pytest.approx(float(trial["optim.lr"]))
+        assert run.data.params["trainer.batch_size"] == trial["trainer.batch_size"]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
+        assert steps == list(range(1, int(trial["epochs"]) + 1)), (trial, steps)
+    (retrain,) = [r for r in runs if r.data.tags.get("cifar_ray") == "retrain"]
+    assert retrain.info.run_id == results["mlflow_run_id"]
+    assert retrain.data.metrics["test/acc"] == pytest.approx(results["test_acc"], abs=1e-6)
+    assert float(retrain.data.params["optim.lr"]) == pytest.approx(results["best_config"]["optim.lr"])
+    assert {a.path for a in client.list_artifacts(retrain.info.run_id)} == {"best.ckpt",
+                                                                           "report.html"}
+    assert retrain.info.artifact_uri.startswith((store_dir / "mlruns").as_uri())
+    assert not (ROOT / "mlruns").exists()
 
 
 def _check_tensorboard_hparams(out: Path, trials: list[dict]) -> None:
@@ -182,13 +216,15 @@ def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_p
 
 def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
     """Ctrl-C, then --resume, then SIGKILL, then --resume: all 5 trials end, none run twice.
+    The searcher is Optuna's TPE, seeded: restarted afresh on a resume it would draw the first
+    trials' values again; restored with the experiment, every trial's values are new.
     (One at a time: the kill comes once Tune has saved a second finished trial, up to ~20 s
     after it finished, and must still find trials to run; three trials of ~20 s are left.)"""
     out = tmp_path / "search"
     state = out / "search"
     args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
             "--output-dir", str(out), "--retrain-epochs", "1", "--num-samples", "5",
-            "--max-concurrent", "1"]
+            "--max-concurrent", "1", "--search-alg", "optuna"]
 
     # Ctrl-C once the first trial has finished and the rest have not.
     driver, log = _start(args, tmp_path / "first.log", sys_tmp)
@@ -220,69 +256,13 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = {t["trial_id"]: t for t in _read_trials(out)}
     assert len(trials) == 5 and all(t["status"] != "error" for t in trials.values())
+    samples = {(t["optim.lr"], t["optim.weight_decay"], t["trainer.batch_size"])
+               for t in trials.values()}
+    assert len(samples) == 5, trials  # no values drawn twice: the searcher went on
     for trial_id, epochs in done_second.items():  # finished trials were kept, not re-run
         assert int(trials[trial_id]["epochs"]) == epochs
         assert _reports(state, trial_id) == epochs  # each epoch reported once: no second run
     assert json.loads((out / "results.json").read_text())["num_trials"] == 5
-
-
-def test_an_optuna_search_resumes_its_searcher_and_is_tracked_in_mlflow(
-        noisy_data, tmp_path, sys_tmp, no_leftover_ray):
-    """Optuna's TPE, interrupted after two trials and resumed: four trials in all, each
-    sampled once. Optuna is seeded, so a searcher started afresh on --resume would draw the
-    first trials' values again; restored, it draws new ones. Each trial is one MLflow run
-    (its sample as params, each epoch's val/acc once), the retrain one more, with its
-    checkpoint and report.html; all in a real MLflow store on disk."""
-    out = tmp_path / "search"
-    state = out / "search"
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
-            "--output-dir", str(out), "--retrain-epochs", "1", "--num-samples", "4",
-            "--max-concurrent", "1", "--search-alg", "optuna", "--mlflow-uri", store]
-    driver, log = _start(args, tmp_path / "first.log", sys_tmp)
-    _wait_for_finished_trials(state, 2, driver)
-    driver.send_signal(signal.SIGINT)
-    driver.wait(timeout=300)
-    assert driver.returncode == 130, log.read_text()[-3000:]
-    assert "search (optuna)" in log.read_text()
-    first = _finished_trials(state)
-
-    proc = subprocess.run([*args, "--resume"], cwd=ROOT, env=search_env(sys_tmp),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    trials = {t["trial_id"]: t for t in _read_trials(out)}
-    assert len(trials) == 4 and all(t["status"] != "error" for t in trials.values()), trials
-    samples = {(t["optim.lr"], t["optim.weight_decay"], t["trainer.batch_size"])
-               for t in trials.values()}
-    assert len(samples) == 4, trials  # no value drawn twice: the searcher went on
-    for trial_id, epochs in first.items():  # the finished trials were kept, not re-run
-        assert int(trials[trial_id]["epochs"]) == epochs
-        assert _reports(state, trial_id) == epochs
-    results = json.loads((out / "results.json").read_text())
-    assert results["search_alg"] == "optuna"
-
-    from mlflow import MlflowClient
-    client = MlflowClient(store)
-    experiment = client.get_experiment_by_name("cifar_ray")
-    runs = client.search_runs([experiment.experiment_id])
-    trial_runs = [r for r in runs if r.data.tags.get("cifar_ray") == "trial"]
-    assert len(trial_runs) == 4, [r.info.run_name for r in runs]
-    for run in trial_runs:
-        assert run.info.status == "FINISHED"
-        (trial,) = [t for t in trials.values() if t["trial_id"] in run.info.run_name]
-        assert float(run.data.params["optim.lr"]) == pytest.approx(float(trial["optim.lr"]))
-        assert run.data.params["trainer.batch_size"] == trial["trainer.batch_size"]
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
-        assert steps == list(range(1, int(trial["epochs"]) + 1)), (trial, steps)
-    (retrain,) = [r for r in runs if r.data.tags.get("cifar_ray") == "retrain"]
-    assert retrain.info.run_id == results["mlflow_run_id"]
-    assert retrain.data.metrics["test/acc"] == pytest.approx(results["test_acc"], abs=1e-6)
-    assert float(retrain.data.params["optim.lr"]) == pytest.approx(results["best_config"]["optim.lr"])
-    assert {a.path for a in client.list_artifacts(retrain.info.run_id)} == {"best.ckpt",
-                                                                           "report.html"}
-    # Beside the store, not in whatever folder the command ran in.
-    assert retrain.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
-    assert not (ROOT / "mlruns").exists()
 
 
 def test_a_search_whose_saved_state_lags_its_train_runs_resumes(noisy_data, tmp_path, sys_tmp,
