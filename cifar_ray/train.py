@@ -28,6 +28,7 @@ from cifar_ray.files import write_json
 from cifar_ray.module import LitResNet9, load_module, read_checkpoint
 from cifar_ray.pl import pl
 from cifar_ray.plots import plot_curves
+from cifar_ray.run_lock import output_dir_lock
 from cifar_ray.runtime import build_trainer, device_name, resolve_device
 from cifar_ray.tracking import tensorboard_hparams
 
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace a finished run already in the output dir")
     args = parser.parse_args(argv)
     cfg = resolve(Config(), args)
-    results = run(cfg, overwrite=args.overwrite, resume=args.resume)
+    with output_dir_lock(Path(cfg.trainer.output_dir).expanduser().resolve(), "cifar_ray.train"):
+        results = run(cfg, overwrite=args.overwrite, resume=args.resume)
     val = f"{results['val_acc']:.4f}" if results["val_acc"] is not None else "n/a"
     print(f"done: test_acc={results['test_acc']:.4f} test_loss={results['test_loss']:.4f} "
           f"best val_acc={val} epochs={results['epochs']} "

@@ -36,6 +36,7 @@ from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import write_json, write_text
 from cifar_ray.ray_cluster import configure_auth, ctrl_c_stops_tune, plan_resources, start_ray
 from cifar_ray.report import asha_rungs, write_report
+from cifar_ray.run_lock import output_dir_lock
 from cifar_ray.search import (run_search, storage_dir, summarise_trials, training_seconds,
                               write_trials_csv)
 from cifar_ray.search_config import SearchConfig, describe, format_value
@@ -154,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg.trainer.output_dir = "outputs/search"
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     cfg.trainer.output_dir = str(out)
+    with output_dir_lock(out, "cifar_ray.tune"):
+        return pipeline(cfg, out, args)
+
+
+def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
+    """Search, retrain, test, GradCAM, report: the command's work, in its output dir."""
+    searched = list(cfg.search)
     check_output_dir(out, cfg, args.resume, args.overwrite)
     if cfg.tracking.mlflow_uri:
         tracking.prepare_experiment(cfg.tracking)
@@ -170,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     start_ray(cfg.tune, tmp)
-    searched = list(cfg.search)
     try:
         data = ray.put(arrays)  # read once; every trial's workers map it from the object store
         del arrays

@@ -3,6 +3,7 @@ refuses before starting Ray unless told `--resume` or `--overwrite`, and destroy
 
 import pytest
 
+from cifar_ray.run_lock import LOCK_NAME
 from tests.conftest import SMOKE, run_cli
 
 
@@ -18,7 +19,8 @@ def test_an_output_dir_with_a_search_is_refused(noisy_data, tmp_path, existing, 
     proc = run_cli("cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data), "--output-dir", str(out))
     assert proc.returncode == 2
     assert message in proc.stderr.strip().splitlines()[-1]
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # Only the output dir's lock file was added (run_lock.py).
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME} == before
 
 
 def test_resume_with_nothing_to_resume_is_a_clear_error(noisy_data, tmp_path, no_leftover_ray):

@@ -1,0 +1,46 @@
+"""One run per output dir: a search or a training run holds `<output dir>/.lock` while it runs.
+
+A second command pointed at the same dir refuses at once, naming the process that holds it;
+the first run is untouched. (The search's retrain writes into the search's dir, under the
+search's lock.) The lock is the kernel's (`fcntl.flock` on the open file): it goes
+away with the process that held it, however that process ended, so a lock left by a killed
+run never blocks the next one. The file itself stays, holding the last holder's pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Iterator
+
+from cifar_ray.errors import UserError
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def output_dir_lock(out: Path, command: str) -> Iterator[None]:
+    """Holds the output dir's lock for the body; UserError (one line) if another live process
+    holds it."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{out} is in use by {holder}; wait for it to finish or choose "
+                            "another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{command} (pid {os.getpid()})\n".encode(), 0)
+        yield
+    finally:
+        # A run that stopped before writing anything (bad input) leaves no dir behind.
+        if created and os.listdir(out) == [LOCK_NAME]:
+            path.unlink()
+            out.rmdir()
+        os.close(fd)  # releases the lock
