@@ -139,23 +139,34 @@ def plan_resources(cfg: SearchConfig, storage: Path) -> tuple[dict[str, Any], in
     return scaling, max(1, concurrent)
 
 
-@contextlib.contextmanager
-def ctrl_c_stops_tune() -> Iterator[threading.Event]:
-    """Ctrl-C (SIGINT) during the search: the first one asks Tune to stop gracefully (save its
-    state, stop the trials, return), through Tune's own SIGUSR1 handler; a second one aborts.
-    Tune's SIGINT handler is turned off so that the event yielded here tells afterwards
-    whether the search was interrupted: neither the trials' statuses nor their last results
-    tell that reliably."""
-    interrupted = threading.Event()
+class Stop(threading.Event):
+    """Set when the search was asked to stop; `exit_code` is the shell's for that signal
+    (130 for Ctrl-C, 143 for SIGTERM)."""
 
-    def on_sigint(sig, frame) -> None:
+    exit_code = 0
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_tune() -> Iterator[Stop]:
+    """Ctrl-C (SIGINT) or SIGTERM (`kill`, `timeout`, `ray job stop`, Kubernetes, Slurm) during
+    the search: the first one asks Tune to stop gracefully (save its state, stop the trials,
+    return), through Tune's own SIGUSR1 handler; a second one aborts. Tune's SIGINT handler is
+    turned off so that the event yielded here tells afterwards whether the search was
+    interrupted: neither the trials' statuses nor their last results tell that reliably. The
+    driver's SIGTERM handler here also replaces Ray's, which printed C++ stack dumps."""
+    interrupted = Stop()
+
+    def on_signal(sig, frame) -> None:
         if interrupted.is_set():
             raise KeyboardInterrupt
-        print("\nstopping the search (Ctrl-C again to abort) ...", flush=True)
+        name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
+        print(f"\n{name}: stopping the search (Ctrl-C again to abort) ...", flush=True)
+        interrupted.exit_code = 128 + sig
         interrupted.set()
         os.kill(os.getpid(), signal.SIGUSR1)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = signal.signal(signal.SIGINT, on_signal)
+    previous_term = signal.signal(signal.SIGTERM, on_signal)
     # Until Tune installs its SIGUSR1 handler, SIGUSR1 must not kill the process.
     previous_usr1 = signal.signal(signal.SIGUSR1, lambda sig, frame: None)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -163,4 +174,5 @@ def ctrl_c_stops_tune() -> Iterator[threading.Event]:
         yield interrupted
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         signal.signal(signal.SIGUSR1, previous_usr1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -44,7 +45,9 @@ from cifar_ray.trial import CHECKPOINT_FILE, METRIC, PHASES
 
 
 class Interrupted(UserError):
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code  # 130 after Ctrl-C, 143 after SIGTERM
 
 
 def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
@@ -178,6 +181,13 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
     tmp = out / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     start_ray(cfg.tune, tmp)
+
+    def terminated(sig, frame) -> None:  # outside the search (the retrain): stop, say how to go on
+        raise Interrupted("terminated; run the same command with --resume to finish (the "
+                          "search's finished trials are kept)", 128 + sig)
+
+    # Also replaces Ray's SIGTERM handler in this process, which printed C++ stack dumps.
+    previous_sigterm = signal.signal(signal.SIGTERM, terminated)
     try:
         data = ray.put(arrays)  # read once; every trial's workers map it from the object store
         del arrays
@@ -191,7 +201,8 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
             grid = run_search(cfg, out, args.resume, concurrent, scaling, data)
         if interrupted.is_set():
             raise Interrupted(f"search interrupted; its state is saved in {out / cfg.tune.name}: "
-                              f"run the same command with --resume to continue")
+                              f"run the same command with --resume to continue",
+                              interrupted.exit_code)
         search_seconds = time.perf_counter() - start
         tune_seconds = time.perf_counter() - tune_started
         rows = summarise_trials(grid, searched, cfg.trainer.epochs)
@@ -215,6 +226,7 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
                 raise exc.cause from None
             raise
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -215,7 +215,7 @@ def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_p
 
 
 def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
-    """Ctrl-C, then --resume, then SIGKILL, then --resume: all 5 trials end, none run twice.
+    """SIGTERM, then --resume, then SIGKILL, then --resume: all 5 trials end, none run twice.
     The searcher is Optuna's TPE, seeded: restarted afresh on a resume it would draw the first
     trials' values again; restored with the experiment, every trial's values are new.
     (One at a time: the kill comes once Tune has saved a second finished trial, up to ~20 s
@@ -226,14 +226,18 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
             "--output-dir", str(out), "--retrain-epochs", "1", "--num-samples", "5",
             "--max-concurrent", "1", "--search-alg", "optuna"]
 
-    # Ctrl-C once the first trial has finished and the rest have not.
+    # SIGTERM (as `kill`, `timeout`, Slurm send it) once the first trial has finished and the
+    # rest have not: the search stops as on Ctrl-C (tests/test_signals.py: both signals).
     driver, log = _start(args, tmp_path / "first.log", sys_tmp)
     _wait_for_finished_trials(state, 1, driver)
-    driver.send_signal(signal.SIGINT)
+    driver.send_signal(signal.SIGTERM)
     driver.wait(timeout=300)
     output = log.read_text()
-    assert driver.returncode == 130, output[-3000:]
+    assert driver.returncode == 143, output[-3000:]
+    assert output.strip().splitlines()[-1].startswith("error: search interrupted; its state is "
+                                                      "saved in"), output[-3000:]
     assert "run the same command with --resume" in output
+    assert "SIGTERM received" not in output and "*** " not in output  # no C++ stack dumps
     assert not (out / "results.json").exists()
     done_first = _finished_trials(state)
 
