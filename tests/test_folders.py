@@ -155,6 +155,7 @@ def test_training_on_class_folders_learns_and_keeps_its_normalisation(folder_run
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.* is deprecated")  # TorchScript, as asked
 def test_exported_models_predict_what_the_checkpoint_predicts(folder_run, tmp_path):
     import onnx
     import onnxruntime
