@@ -38,6 +38,17 @@ def tensorboard_hparams(logger, params: dict[str, Any]) -> None:
     writer.flush()
 
 
+def redacted(uri: str) -> str:
+    """The URI with any password in it replaced by ***, for files and the console."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if not parts.password:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def require_mlflow() -> None:
     try:
         import mlflow  # noqa: F401

@@ -45,3 +45,12 @@ def test_a_resumed_trial_logs_into_the_run_it_had(tmp_path):
     (a,) = [r for r in runs if r.info.run_name == "run_trial_a"]
     assert a.info.run_id == state["runs"]["a"] and a.info.status == "FINISHED"
     assert a.data.metrics["val/acc"] == 0.5
+
+
+def test_a_password_in_the_tracking_uri_is_not_written():
+    from cifar_ray.tracking import redacted
+
+    assert redacted("https://me:s3cret@mlflow.example.com:5000/x") == \
+        "https://me:***@mlflow.example.com:5000/x"
+    for uri in ("sqlite:////tmp/m.db", "http://127.0.0.1:5000", "databricks", ""):
+        assert redacted(uri) == uri
