@@ -89,6 +89,21 @@ def test_a_data_dir_that_cannot_be_written_caches_in_the_users_cache_dir(tmp_pat
     assert "read from its cache" in capsys.readouterr().out
 
 
+def test_a_val_folder_is_the_validation_set_and_joins_training_without_validation(tmp_path):
+    from cifar_ray.data import split_arrays
+
+    write_class_folders(tmp_path, n_train=40, n_test=12, n_val=10)
+    arrays = read_folders(tmp_path, quiet=True)
+    train_x, _ = split_arrays(arrays, "train", val_size=5000, seed=1)
+    val_x, val_y = split_arrays(arrays, "val", val_size=5000, seed=1)
+    assert (train_x == arrays.train_images).all() and (val_x == arrays.val_images).all()
+    assert (val_y == arrays.val_labels).all()  # val/ itself, whatever data.val_size says
+    everything, labels = split_arrays(arrays, "train", val_size=0, seed=1)  # the retrain
+    assert len(everything) == 50 and (everything[40:] == arrays.val_images).all()
+    assert (labels[40:] == arrays.val_labels).all()
+    assert len(split_arrays(arrays, "val", val_size=0, seed=1)[0]) == 0
+
+
 def _break(root, case: str) -> str:
     """Damages a written set one way; returns what the error line must contain."""
     if case == "corrupt":
