@@ -32,7 +32,7 @@ from cifar_ray.errors import DataError, UserError, cli_entry
 from cifar_ray.image_folders import read_image
 from cifar_ray.model import CAM_LAYERS
 from cifar_ray.module import LitResNet9, load_module
-from cifar_ray.predict import classify, prepare
+from cifar_ray.predict import prepare, probabilities
 
 PREDICTED = "the predicted class"
 
@@ -62,8 +62,8 @@ class Classifier:
     def explain(self, picture: np.ndarray, top_k: int, cam_class: str, layer: str,
                 opacity: float) -> tuple[dict[str, float], np.ndarray, str]:
         """Top-k probabilities, the CAM overlay, and a one-line caption."""
-        x = prepare(self.module, picture[None])  # (1, 3, 32, 32)
-        probs = classify(self.module, picture[None])[0]
+        x = prepare(self.module, picture[None])  # (1, 3, 32, 32); the CAM below needs it too
+        probs = probabilities(self.module, x)[0]
         order = np.argsort(-probs)[:top_k]
         top = {self.classes[i]: float(probs[i]) for i in order}
         class_id = int(order[0]) if cam_class == PREDICTED else self.classes.index(cam_class)

@@ -29,13 +29,12 @@ from cifar_ray.config import AugmentConfig
 # Albumentations: per image, in DataLoader workers
 
 
-def train_transform(aug: AugmentConfig, spec: Normalization, seed: int | None = None) -> A.Compose:
+def train_transform(aug: AugmentConfig, norm: Normalization, seed: int | None = None) -> A.Compose:
     """The reference recipe. Normalising first makes 0 the data set's mean, so the padding and
-    the cutout hole, both filled with 0, are filled with the mean. `spec`: the data set's
-    Normalization (a DatasetSpec, with its mean and std, serves too)."""
+    the cutout hole, both filled with 0, are filled with the mean."""
     hole = (aug.cutout_size, aug.cutout_size)
     return A.Compose([
-        A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0),
+        A.Normalize(mean=norm.mean, std=norm.std, max_pixel_value=255.0),
         A.PadIfNeeded(min_height=aug.pad_to, min_width=aug.pad_to,
                       border_mode=cv2.BORDER_CONSTANT, fill=0),
         A.RandomCrop(height=IMAGE_SIZE, width=IMAGE_SIZE),
@@ -46,15 +45,15 @@ def train_transform(aug: AugmentConfig, spec: Normalization, seed: int | None = 
     ], strict=True, seed=seed)
 
 
-def eval_transform(spec: Normalization) -> A.Compose:
-    return A.Compose([A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0),
+def eval_transform(norm: Normalization) -> A.Compose:
+    return A.Compose([A.Normalize(mean=norm.mean, std=norm.std, max_pixel_value=255.0),
                       ToTensorV2()], strict=True)
 
 
-def denormalize(images: torch.Tensor, spec: Normalization) -> torch.Tensor:
+def denormalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
     """(B, 3, H, W) normalised -> (B, H, W, 3) floats in [0, 1], for plotting."""
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    mean = torch.tensor(norm.mean).view(1, 3, 1, 1)
+    std = torch.tensor(norm.std).view(1, 3, 1, 1)
     return (images.cpu().float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
 
 

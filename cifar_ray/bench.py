@@ -219,7 +219,7 @@ def bench_compile(device: torch.device, width: int, batch: int, steps: int,
 
 def bench_augment(images: np.ndarray, labels: np.ndarray, device: torch.device,
                   batch: int) -> dict[str, Any]:
-    aug, spec = AugmentConfig(), SPECS["cifar10"]
+    aug, spec = AugmentConfig(), SPECS["cifar10"].norm
     transform = train_transform(aug, spec, seed=0)
     n = min(len(images), 2000)
     one = n / timed(lambda: [transform(image=images[i]) for i in range(n)], device)

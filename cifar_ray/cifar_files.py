@@ -57,6 +57,10 @@ class DatasetSpec:
     def meta_key(self) -> str:
         return self.source.meta["key"]
 
+    @property
+    def norm(self) -> "Normalization":
+        return Normalization(self.mean, self.std)
+
 
 SPECS = {
     "cifar10": DatasetSpec("cifar10", CIFAR10, "labels",
@@ -217,8 +221,7 @@ def read_cifar(folder: str | Path, dataset: str) -> CifarArrays:
 
     train_x, train_y = read_split(spec.train_files, "train")
     test_x, test_y = read_split(spec.test_files, "test")
-    return CifarArrays(train_x, train_y, test_x, test_y, classes,
-                       Normalization(spec.mean, spec.std))
+    return CifarArrays(train_x, train_y, test_x, test_y, classes, spec.norm)
 
 
 def load_dataset(data: DataConfig) -> CifarArrays:

@@ -28,10 +28,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from cifar_ray.cifar_files import IMAGE_SIZE, CifarArrays, Normalization
 from cifar_ray.errors import DataError
 from cifar_ray.files import atomic_path
 
-IMAGE_SIZE = 32
 CACHE_NAME = ".cifar_ray_cache.npz"
 SPLITS = ("train", "val", "test")
 
@@ -125,11 +125,9 @@ def _decode(root: Path, files: dict[str, list[tuple[Path, int]]], classes: list[
     return arrays
 
 
-def read_folders(data_dir: str | Path, quiet: bool = False):
+def read_folders(data_dir: str | Path, quiet: bool = False) -> CifarArrays:
     """The class-folder data set at `data_dir` as CifarArrays (cifar_files.py), from the cache
     when it is current, else decoded (and cached)."""
-    from cifar_ray.cifar_files import CifarArrays
-
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"{root}: data folder missing")
@@ -166,11 +164,9 @@ def _write_cache(arrays: dict[str, np.ndarray], places: list[Path], say) -> None
     say(f"data: cannot write a cache ({reason}); the images are decoded again next time")
 
 
-def channel_stats(images: np.ndarray, chunk: int = 4096):
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> Normalization:
     """Per-channel mean and std in [0, 1] of (N, H, W, 3) uint8 images, in chunks (a float
     copy of 50,000 images would take 1.2 GB)."""
-    from cifar_ray.cifar_files import Normalization
-
     total = np.zeros(3)
     squares = np.zeros(3)
     for start in range(0, len(images), chunk):

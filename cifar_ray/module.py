@@ -61,7 +61,7 @@ class LitResNet9(pl.LightningModule):
                     norm: Normalization | None = None) -> "LitResNet9":
         """`norm`: the data set's normalisation (CifarArrays.norm); CIFAR's own by default."""
         o = cfg.optim
-        norm = norm or SPECS[cfg.data.dataset]
+        norm = norm or SPECS[cfg.data.dataset].norm
         module = cls(num_classes=len(class_names), width=cfg.model.width, lr=o.lr,
                      weight_decay=o.weight_decay, pct_start=o.pct_start, div_factor=o.div_factor,
                      final_div_factor=o.final_div_factor, class_names=list(class_names),
@@ -75,8 +75,7 @@ class LitResNet9(pl.LightningModule):
         """What to subtract from and divide pixels in [0, 1] by before this model sees them
         (checkpoints written before it was stored: their CIFAR data set's figures)."""
         if self.hparams.get("mean") is None:
-            spec = SPECS[self.hparams.dataset]
-            return Normalization(spec.mean, spec.std)
+            return SPECS[self.hparams.dataset].norm
         return Normalization(tuple(self.hparams.mean), tuple(self.hparams.std))
 
     @property

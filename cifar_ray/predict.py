@@ -33,10 +33,15 @@ def prepare(module: LitResNet9, images: np.ndarray) -> torch.Tensor:
                      norm.mean, norm.std)
 
 
+def probabilities(module: LitResNet9, batch: torch.Tensor) -> np.ndarray:
+    """A prepared (N, 3, 32, 32) batch -> (N, classes) probabilities."""
+    with torch.no_grad():
+        return module(batch).exp().numpy()
+
+
 def classify(module: LitResNet9, images: np.ndarray) -> np.ndarray:
     """(N, 32, 32, 3) uint8 images -> (N, classes) probabilities."""
-    with torch.no_grad():
-        return module(prepare(module, images)).exp().numpy()
+    return probabilities(module, prepare(module, images))
 
 
 def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list[tuple[str, float]]]:

@@ -103,6 +103,8 @@ def plot_search_space(study, keys: list[str], folder: Path) -> dict[str, str]:
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
             target_name=value),
     }
+    sizes = {"parallel_coordinates.png": (2.2 * len(keys) + 4, 5.5),  # inches, by key count
+             "slices.png": (4.5 * len(keys), 4.5), "importance.png": (9, 1.2 * len(keys) + 2)}
     scored = len(study.trials)
     for name, draw in figures.items():
         if scored < 2:
@@ -120,8 +122,7 @@ def plot_search_space(study, keys: list[str], folder: Path) -> dict[str, str]:
                 plt.close("all")
                 continue
         fig = np.atleast_1d(axes).flat[0].figure  # one Axes, or an array of them
-        fig.set_size_inches(*{"slices.png": (4.5 * len(keys), 4.5),
-                              "parallel_coordinates.png": (2.2 * len(keys) + 4, 5.5)}.get(name, (9, 1.2 * len(keys) + 2)))
+        fig.set_size_inches(*sizes[name])
         # bbox "tight": Optuna's axes labels (long config keys) reach past the figure's edge.
         save_figure(fig, folder / name, dpi=100, bbox_inches="tight")
     return missing

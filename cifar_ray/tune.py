@@ -254,9 +254,9 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
         "report": str(out / "report.html"),
         "mlflow_run_id": retrain["mlflow_run_id"],
         "experiment_dir": str(out / cfg.tune.name),
-        "config": {**cfg.to_dict(), "tracking": {
-            **cfg.to_dict()["tracking"], "mlflow_uri": tracking.redacted(cfg.tracking.mlflow_uri)}},
+        "config": cfg.to_dict(),
     }
+    results["config"]["tracking"]["mlflow_uri"] = tracking.redacted(cfg.tracking.mlflow_uri)
     t = cfg.tune
     page = write_report(out, results, rows, cfg.space(),
                         asha_rungs(cfg.trainer.epochs, t.grace_period, t.reduction_factor),

@@ -78,7 +78,7 @@ def test_an_uploaded_image_is_classified_in_the_page(app, browser, tmp_path):
     # A planted-signal image the model classifies right, uploaded larger (any size is resized).
     module = load_module(checkpoint)
     planted = planted_images(40, 10, seed=99)
-    x = torch.stack([eval_transform(SPECS["cifar10"])(image=im)["image"] for im in planted.images])
+    x = torch.stack([eval_transform(SPECS["cifar10"].norm)(image=im)["image"] for im in planted.images])
     with torch.no_grad():
         right = np.flatnonzero(module(x).argmax(1).numpy() == planted.labels)
     assert len(right), "the fixture model classifies none of the planted images"

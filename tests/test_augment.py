@@ -16,7 +16,7 @@ from cifar_ray.data import DeviceBatches
 from tests.conftest import FAST_FLAGS, run_cli
 from tests.test_data import find_shift
 
-SPEC = SPECS["cifar10"]
+SPEC = SPECS["cifar10"].norm
 
 
 def _batch(n: int, seed: int = 0) -> torch.Tensor:

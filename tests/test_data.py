@@ -22,7 +22,7 @@ from cifar_ray.errors import DataError
 from tests.conftest import MarkerPayload
 from tests.cifar_fixture import dump_py2, write_cifar10, write_cifar100
 
-SPEC = SPECS["cifar10"]
+SPEC = SPECS["cifar10"].norm
 
 
 def test_reads_python2_pickles_exactly(tmp_path):

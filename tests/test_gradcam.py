@@ -43,7 +43,7 @@ def report(weak_checkpoint, cifar10, tmp_path_factory):
 
 def _test_images(cifar10):
     _, _, test = cifar10
-    transform = eval_transform(SPECS["cifar10"])
+    transform = eval_transform(SPECS["cifar10"].norm)
     return torch.stack([transform(image=img)["image"] for img in test.images]), test
 
 
@@ -97,7 +97,7 @@ def test_gradcam_peaks_on_the_planted_patch(trained_run):
     out, _ = trained_run
     module = load_module(out / "best.ckpt")
     planted = planted_images(120, 10, seed=7)
-    transform = eval_transform(SPECS["cifar10"])
+    transform = eval_transform(SPECS["cifar10"].norm)
     images = torch.stack([transform(image=img)["image"] for img in planted.images])
     cams = compute_cams(module, images, planted.labels.tolist(), DEFAULT_LAYER, torch.device("cpu"))
     hits = 0
