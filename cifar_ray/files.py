@@ -13,6 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from cifar_ray.errors import NO_SPACE, DiskFull
+
+UMASK = os.umask(0)  # read once: os.umask can only be read by setting it
+os.umask(UMASK)
+
 
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
@@ -20,12 +25,17 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
+    os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600 would make every output private
     os.close(fd)
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        if exc.errno in NO_SPACE:  # one line naming the file; the old one is still there
+            raise DiskFull(target, exc) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

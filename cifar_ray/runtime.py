@@ -7,12 +7,14 @@ The project's one word for it is `device`: `auto` (CUDA when this process sees a
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import torch
 
 from cifar_ray.config import DEVICES
 from cifar_ray.errors import ConfigError
+from cifar_ray.files import atomic_path
 from cifar_ray.pl import pl
 
 
@@ -38,6 +40,19 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
+class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
+    """Checkpoints written as every output is (files.atomic_path): to a temporary file beside
+    the target, then renamed over it. Lightning's own writer stages the file in the system's
+    temp dir and moves it; across file systems that move is a copy, and a copy stopped by a
+    full disk left a torn last.ckpt where the previous epoch's had been."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        buffer = io.BytesIO()  # torch.save to a file reports a full disk as a RuntimeError
+        torch.save(checkpoint, buffer)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getbuffer())
+
+
 def build_trainer(device: str, precision: str = "auto", **options: Any) -> pl.Trainer:
     """A Lightning Trainer on `device` ('cpu' or 'cuda') with the project's defaults; `options`
     are Trainer arguments that add to or replace them."""
@@ -55,4 +70,5 @@ def build_trainer(device: str, precision: str = "auto", **options: Any) -> pl.Tr
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,  # validation runs at each epoch's end anyway
     }
+    options["plugins"] = [*options.get("plugins", []), AtomicCheckpointIO()]
     return pl.Trainer(**{**defaults, **options})

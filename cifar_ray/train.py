@@ -15,17 +15,20 @@ checkpoint safely and tests it once, then writes into the output dir:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import signal
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from cifar_ray.config import Config, add_config_flags, resolve
 from cifar_ray.data import CifarArrays, CifarDataModule
-from cifar_ray.errors import ConfigError, cli_entry
+from cifar_ray.errors import ConfigError, Interrupted, cli_entry
 from cifar_ray.files import write_json
 from cifar_ray.module import LitResNet9, load_module, read_checkpoint
+from cifar_ray.plan import format_duration
 from cifar_ray.pl import pl
 from cifar_ray.plots import plot_curves
 from cifar_ray.run_lock import output_dir_lock
@@ -64,6 +67,29 @@ class EpochHistory(pl.Callback):
         self.rows.append(row)
 
 
+class EpochLines(pl.Callback):
+    """One line per epoch when there is no progress bar (under a search's retrain, or
+    --no-progress-bar): epochs done, the last metrics, time left at the measured seconds per
+    epoch. `prefix`: console.CONSOLE_MARK + 'retrain ' inside a search, so the line reaches its
+    console from the Ray worker that trains."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self.started, self.first_epoch = 0.0, 0
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.started, self.first_epoch = time.perf_counter(), trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        done = trainer.current_epoch + 1
+        per_epoch = (time.perf_counter() - self.started) / (done - self.first_epoch)
+        metrics = " ".join(f"{key}={float(value):.4f}" for key, value
+                           in sorted(trainer.callback_metrics.items())
+                           if key.startswith(("train/", "val/")))
+        print(f"{self.prefix}epoch {done}/{trainer.max_epochs}: {metrics}; {per_epoch:.1f} s/epoch, "
+              f"about {format_duration(per_epoch * (trainer.max_epochs - done))} left", flush=True)
+
+
 def check_output_dir(out: Path, overwrite: bool, resume: bool) -> Path | None:
     """Never destroy a finished run by accident; return the checkpoint to resume from."""
     if resume:
@@ -79,10 +105,11 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> Path | None:
 
 def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | Path | None = None,
         overwrite: bool = False, resume: bool = False, hparams: dict[str, Any] | None = None,
-        mlflow=None) -> dict[str, Any]:
+        mlflow=None, line_prefix: str = "") -> dict[str, Any]:
     """Train, test the best checkpoint, write the outputs; return the results dict.
     `hparams`: values to show in TensorBoard's HParams tab (the retrain: the best sample);
-    `mlflow`: an MLflow logger that gets the same metrics (tracking.retrain_logger)."""
+    `mlflow`: an MLflow logger that gets the same metrics (tracking.retrain_logger);
+    `line_prefix`: before each epoch's line when there is no progress bar (EpochLines)."""
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     resume_from = check_output_dir(out, overwrite, resume)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -111,7 +138,8 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
         devices=cfg.trainer.devices,
         max_epochs=cfg.trainer.epochs,
         logger=[tensorboard, mlflow] if mlflow else tensorboard,
-        callbacks=[checkpoint, history, pl.callbacks.LearningRateMonitor("step")],
+        callbacks=[checkpoint, history, pl.callbacks.LearningRateMonitor("step"),
+                   *([] if cfg.trainer.progress_bar else [EpochLines(line_prefix)])],
         enable_checkpointing=True,
         limit_val_batches=1.0 if has_val else 0,
         log_every_n_steps=max(1, min(50, batches)),
@@ -149,6 +177,29 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
     return results
 
 
+@contextlib.contextmanager
+def stop_on_signals(out: Path) -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a cluster's scheduler) or Ctrl-C: stop the run and say how
+    to go on. Raised inside Lightning's loop, the exception lets Lightning tear down; the last
+    finished epoch's last.ckpt (written atomically) is what --resume starts from."""
+
+    def stop(sig, frame) -> None:
+        name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
+        if (out / "last.ckpt").is_file():
+            raise Interrupted(f"{name}: stopped; the last finished epoch is saved in "
+                              f"{out / 'last.ckpt'}: run the same command with --resume to go on",
+                              128 + sig)
+        raise Interrupted(f"{name}: stopped before the first epoch finished; nothing to resume",
+                          128 + sig)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -165,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace a finished run already in the output dir")
     args = parser.parse_args(argv)
     cfg = resolve(Config(), args)
-    with output_dir_lock(Path(cfg.trainer.output_dir).expanduser().resolve(), "cifar_ray.train"):
+    out = Path(cfg.trainer.output_dir).expanduser().resolve()
+    with output_dir_lock(out, "cifar_ray.train"), stop_on_signals(out):
         results = run(cfg, overwrite=args.overwrite, resume=args.resume)
     val = f"{results['val_acc']:.4f}" if results["val_acc"] is not None else "n/a"
     print(f"done: test_acc={results['test_acc']:.4f} test_loss={results['test_loss']:.4f} "

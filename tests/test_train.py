@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,19 +106,28 @@ def test_no_validation_set_keeps_the_last_epoch(cifar10, tmp_path):
     assert "val/acc" not in results["history"][0]
 
 
-def test_an_interrupted_run_resumes_from_its_last_checkpoint(cifar10, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(cifar10, tmp_path, sig):
+    """SIGKILL: no chance to clean up, as when a machine dies. SIGTERM (`kill`, `timeout`, a
+    scheduler): the run stops with exit code 143 and one line on how to go on."""
     out = tmp_path / "run"
     args = ["--data-dir", str(cifar10[0]), "--output-dir", str(out), "--epochs", "4",
             "--val-size", "200", "--limit-train", "400", *FAST_FLAGS]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    driver = subprocess.Popen([sys.executable, "-m", "cifar_ray.train", *args], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        driver = subprocess.Popen([sys.executable, "-m", "cifar_ray.train", *args], cwd=ROOT,
+                                  env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.time() + 300
     while not (out / "last.ckpt").exists() and driver.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    driver.send_signal(signal.SIGKILL)  # no chance to clean up, as when a machine dies
+    driver.send_signal(sig)
     driver.wait()
-    assert not (out / "results.json").exists(), "the run finished before it was killed"
+    assert not (out / "results.json").exists(), "the run finished before it was stopped"
+    if sig == signal.SIGTERM:
+        assert driver.returncode == 143
+        last = (tmp_path / "stderr.txt").read_text().strip().splitlines()[-1]
+        assert last == (f"error: SIGTERM: stopped; the last finished epoch is saved in "
+                        f"{out / 'last.ckpt'}: run the same command with --resume to go on")
     epochs_done = torch.load(out / "last.ckpt", weights_only=True)["epoch"] + 1
     assert 1 <= epochs_done < 4
 
@@ -133,3 +143,33 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, cifar10):
     proc = run_cli("cifar_ray.train", "--data-dir", str(cifar10[0]), "--output-dir",
                    str(tmp_path / "empty"), "--resume", *FAST_FLAGS, timeout=120)
     assert proc.returncode == 2 and "--resume: no " in proc.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 12 MB file system (tmpfs; mounting needs root, as in CI), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(cifar10, small_disk):
+    """Each checkpoint of this width-16 network is 5 MB: the first epoch writes best.ckpt and
+    last.ckpt, the second runs out of space. Lightning's own writer left a torn last.ckpt."""
+    out = small_disk / "run"
+    proc = run_cli("cifar_ray.train", "--data-dir", str(cifar10[0]), "--output-dir", str(out),
+                   "--epochs", "4", "--val-size", "200", *FAST_FLAGS)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: no space left to write {out}/(best|last)\.ckpt \(No space left "
+                        r"on device\); files written before it are intact: free some space and "
+                        r"run the same command again", line), line
+    assert "Traceback" not in proc.stderr
+    for name in ("best.ckpt", "last.ckpt"):  # both there, whole: they load and hold epoch 1+
+        load_module(out / name)
+        assert torch.load(out / name, weights_only=True)["epoch"] >= 0
+    assert not list(out.glob(".*.ckpt"))  # no temporary files left behind
