@@ -97,6 +97,21 @@ def filesystem_type(path: Path) -> str:
     return kind
 
 
+def trials_that_fit(t, cpus: float, gpus: float) -> tuple[float, int]:
+    """(GPUs each trial worker takes, how many trials fit at once) on `cpus` and `gpus`, for
+    the tune settings `t` (`gpus_per_worker: -1`: AUTO_GPU_SHARE when there are GPUs)."""
+    gpus_per_worker = (AUTO_GPU_SHARE if gpus else 0.0) if t.gpus_per_worker < 0 else t.gpus_per_worker
+    fits = int(cpus // (t.workers_per_trial * t.cpus_per_worker))
+    if gpus_per_worker:
+        fits = min(fits, int(gpus // (t.workers_per_trial * gpus_per_worker)))
+    return gpus_per_worker, fits
+
+
+def concurrency(t, fits: int) -> int:
+    """Trials at once: tune.max_concurrent, else as many as fit, never more than the trials."""
+    return max(1, min(t.max_concurrent or fits or t.num_samples, t.num_samples))
+
+
 def plan_resources(cfg: SearchConfig, storage: Path) -> tuple[dict[str, Any], int]:
     """Each trial's ScalingConfig and how many trials run at once.
 
@@ -112,11 +127,8 @@ def plan_resources(cfg: SearchConfig, storage: Path) -> tuple[dict[str, Any], in
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
     print(f"ray: {'local instance' if t.address == 'local' else 'cluster ' + t.address}, "
           f"{nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs")
-    gpus_per_worker = (AUTO_GPU_SHARE if gpus else 0.0) if t.gpus_per_worker < 0 else t.gpus_per_worker
+    gpus_per_worker, fits = trials_that_fit(t, cpus, gpus)
     need_cpu, need_gpu = t.workers_per_trial * t.cpus_per_worker, t.workers_per_trial * gpus_per_worker
-    fits = int(cpus // need_cpu)
-    if need_gpu:
-        fits = min(fits, int(gpus // need_gpu))
     if not fits:
         shortfall = (f"a trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs "
                      f"({t.workers_per_trial} workers), but the cluster has {cpus:g} CPUs "
@@ -124,7 +136,7 @@ def plan_resources(cfg: SearchConfig, storage: Path) -> tuple[dict[str, Any], in
         if t.address == "local":
             raise UserError(shortfall)
         print(f"{shortfall} now: trials wait for the cluster's autoscaler to add nodes")
-    concurrent = min(t.max_concurrent or fits or t.num_samples, t.num_samples)
+    concurrent = concurrency(t, fits)
     if nodes > 1 and (kind := filesystem_type(storage)) in LOCAL_FILESYSTEMS:
         print(f"warning: results go to {storage}, on a local disk ({kind}): nodes on other "
               "machines cannot write there; put the output dir (or tune.storage) on storage "
@@ -133,10 +145,10 @@ def plan_resources(cfg: SearchConfig, storage: Path) -> tuple[dict[str, Any], in
         how = "auto: " if t.gpus_per_worker < 0 else ""
         print(f"each trial worker takes {gpus_per_worker:g} GPU ({how}"
               f"{1 / gpus_per_worker:g} trials per GPU) and {t.cpus_per_worker} CPUs; "
-              f"{max(1, concurrent)} trials at a time")
+              f"{concurrent} trials at a time")
     scaling = {"num_workers": t.workers_per_trial, "use_gpu": gpus_per_worker > 0,
                "resources_per_worker": {"CPU": t.cpus_per_worker, "GPU": gpus_per_worker}}
-    return scaling, max(1, concurrent)
+    return scaling, concurrent
 
 
 class Stop(threading.Event):

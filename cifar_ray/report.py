@@ -32,15 +32,6 @@ IMPORTANCE = ("fANOVA (Optuna's FanovaImportanceEvaluator: the share of the accu
               "variance each key explains, from a random forest fitted to the trials)")
 
 
-def asha_rungs(max_t: int, grace_period: int, reduction_factor: int) -> list[int]:
-    """The epochs at which ASHA compares trials and stops the weaker ones."""
-    rungs, epoch = [], grace_period
-    while epoch < max_t:
-        rungs.append(epoch)
-        epoch *= reduction_factor
-    return rungs
-
-
 def plot_trial_curves(rows: list[dict[str, Any]], best_id: str, rungs: list[int],
                       target: Path) -> None:
     import matplotlib.pyplot as plt

@@ -81,10 +81,11 @@ def searcher(cfg: SearchConfig, concurrent: int):
 
 
 def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
-               scaling: dict[str, Any], data=None):
+               scaling: dict[str, Any], data=None, console=None, verbose: bool = False):
     """Run (or resume) the Tune experiment to its end; return Tune's ResultGrid. `data`: an
     object reference to the data set's arrays, which every trial's workers then read from
-    Ray's object store instead of unpickling the files again."""
+    Ray's object store instead of unpickling the files again. `console`: the search's
+    progress.SearchConsole; `verbose`: Tune prints its per-trial blocks too."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -100,13 +101,26 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     # (Concurrency is bounded by max_concurrent_trials.)
     trainable = tune.with_resources(trainable, {"CPU": 0, HEAD_NODE: 0.001})
     experiment = storage / t.name
-    callbacks = tracking.tune_callbacks(cfg.tracking)
+    callbacks = [*tracking.tune_callbacks(cfg.tracking), *([console] if console else [])]
+    verbosity = 2 if verbose else 0  # 0: the console's own lines and Tune's table, no blocks
     if resume:
         if not tune.Tuner.can_restore(str(experiment)):
             raise UserError(f"--resume: no search to resume in {experiment}")
         # The searcher (its generator's or Optuna's state) and the callbacks (MLflow) are
         # restored with the experiment.
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+        try:
+            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+        except Exception as exc:  # a damaged state file: what to do, not Ray's traceback
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"--resume: the search's saved state in {experiment} cannot be "
+                            f"read ({type(exc).__name__}: {first[:200]}); start again with "
+                            "--overwrite") from None
+        # This session's console, in the place (Tune restores callbacks' state by position)
+        # of the one the experiment was saved with.
+        run_config = tuner._local_tuner.get_run_config()  # ray 2.60: no public setter
+        run_config.callbacks = [console if type(c).__name__ == "SearchConsole" else c
+                                for c in run_config.callbacks or []]
+        run_config.verbose = verbosity
         return tuner.fit()
     tuner = tune.Tuner(
         trainable,
@@ -118,7 +132,7 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
                                     reduction_factor=t.reduction_factor),
             search_alg=searcher(cfg, concurrent)),
         run_config=tune.RunConfig(
-            name=t.name, storage_path=str(storage), callbacks=callbacks,
+            name=t.name, storage_path=str(storage), callbacks=callbacks, verbose=verbosity,
             # A trial whose own process dies (its node lost) is started again; its Ray
             # Train run then goes on from the run's latest checkpoint in storage.
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
@@ -149,10 +163,8 @@ def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, An
                 best_ckpt = kept[0] if kept else None
         # Start-up: from the first report (a restarted worker group measures its own).
         first = {key: reported(history, key, 0)
-                 for key in (STARTUP, FIRST_STEP_AT, *(f"time/{p}_s" for p in PHASES))}
-        last_report = reported(history, REPORTED_AT, -1)
-        trained = (last_report - first[FIRST_STEP_AT]
-                   if last_report is not None and first[FIRST_STEP_AT] is not None else None)
+                 for key in (STARTUP, *(f"time/{p}_s" for p in PHASES))}
+        spans = training_spans(history)
         epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
         curve = []  # (epoch, validation accuracy) for every epoch the trial reported
         if history is not None and METRIC in history and "training_iteration" in history:
@@ -165,8 +177,8 @@ def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, An
             "epochs": epochs, "best_val_acc": best_acc, "status": status,
             "checkpoint": best_ckpt, "startup_s": _round(first[STARTUP]),
             **{f"{phase}_s": _round(first[f"time/{phase}_s"]) for phase in PHASES},
-            "train_s": _round(trained),
-            "trained_from": first[FIRST_STEP_AT], "trained_to": last_report, "curve": curve,
+            "train_s": _round(sum(end - start for start, end in spans)) if spans else None,
+            "spans": spans, "curve": curve,
         })
     return rows
 
@@ -182,12 +194,28 @@ def reported(history, key: str, index: int) -> float | None:
     return float(history[key].dropna().iloc[index])
 
 
+def training_spans(history) -> list[tuple[float, float]]:
+    """(start, end) unix times of each epoch a trial trained: from the previous report, or
+    from the first step of the worker that reported it (a resumed or restarted trial), to
+    its report. Summed, a trial's training time across resumes, without the time it was down."""
+    if history is None or REPORTED_AT not in history or FIRST_STEP_AT not in history:
+        return []
+    spans, previous = [], float("-inf")
+    for end, first_step in zip(history[REPORTED_AT], history[FIRST_STEP_AT]):
+        if end != end or first_step != first_step:  # NaN: a row without the times
+            continue
+        start = max(previous, first_step)
+        if end > start:
+            spans.append((float(start), float(end)))
+        previous = end
+    return spans
+
+
 def training_seconds(rows: list[dict[str, Any]]) -> float:
-    """Seconds in which at least one trial was training (the union of the trials' spans from
-    first step to last report): the search's wall time less this is what it spent on anything
-    else (start-ups, waiting, scheduling)."""
-    spans = sorted((r["trained_from"], r["trained_to"]) for r in rows
-                   if r["trained_from"] is not None and r["trained_to"] is not None)
+    """Seconds in which at least one trial was training (the union of the trials' epochs): the
+    search's wall time less this is what it spent on anything else (start-ups, waiting,
+    scheduling)."""
+    spans = sorted(span for r in rows for span in r["spans"])
     total, end = 0.0, float("-inf")
     for start, stop in spans:
         if stop > end:

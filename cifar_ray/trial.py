@@ -11,7 +11,7 @@ This module is imported by the trial's process and by Ray Train's controller, ne
 trains: it imports neither torch nor Lightning (seconds per process, paid by every trial
 before its first step); the worker imports them when it starts (`worker.py`).
 
-A run's folder is `train_runs/train-<trial id>/` under the search's storage: `epoch_NNNN/`
+A run's folder is `train_runs/train-<trial id>/` under the search's storage: `epoch_NNNN_<session>/`
 checkpoints (each holds `checkpoint.ckpt`, a Lightning checkpoint) and the workers' TensorBoard
 logs.
 """

@@ -23,6 +23,8 @@ Output dir:
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import signal
 import statistics
@@ -33,21 +35,18 @@ from typing import Any
 from cifar_ray import tracking
 from cifar_ray.cifar_files import load_dataset
 from cifar_ray.config import add_config_flags, overlay, resolve
-from cifar_ray.errors import UserError, cli_entry
+from cifar_ray.errors import Interrupted, UserError, cli_entry
 from cifar_ray.files import write_json, write_text
-from cifar_ray.ray_cluster import configure_auth, ctrl_c_stops_tune, plan_resources, start_ray
-from cifar_ray.report import asha_rungs, write_report
+from cifar_ray.console import CONSOLE_MARK
+from cifar_ray.plan import asha_rungs, make_plan
+from cifar_ray.ray_cluster import (concurrency, configure_auth, ctrl_c_stops_tune, plan_resources,
+                                   start_ray, trials_that_fit)
+from cifar_ray.report import write_report
 from cifar_ray.run_lock import output_dir_lock
 from cifar_ray.search import (run_search, storage_dir, summarise_trials, training_seconds,
-                              write_trials_csv)
+                              tune_space, write_trials_csv)
 from cifar_ray.search_config import SearchConfig, describe, format_value
 from cifar_ray.trial import CHECKPOINT_FILE, METRIC, PHASES
-
-
-class Interrupted(UserError):
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code  # 130 after Ctrl-C, 143 after SIGTERM
 
 
 def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
@@ -72,7 +71,8 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
     arrays = ray.get(data[0])
     results = train.run(final, arrays=arrays, init_checkpoint=init, overwrite=True,
                         hparams=best["config"],
-                        mlflow=tracking.retrain_logger(cfg.tracking, best["config"]))
+                        mlflow=tracking.retrain_logger(cfg.tracking, best["config"]),
+                        line_prefix=CONSOLE_MARK + "retrain ")
     report = gradcam.analyse(results["checkpoint"], final.data.data_dir, out / "gradcam",
                              split="test", arrays=arrays)
     return {"retrain": results, "gradcam": report}
@@ -111,7 +111,37 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue an interrupted search in the same output dir")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard a search already in the output dir and start again")
+    parser.add_argument("--plan", action="store_true",
+                        help="print what the search would run (trials, ASHA's rungs, "
+                             "trial-epochs, time) and exit: no Ray, no data")
+    parser.add_argument("--plan-epoch-seconds", type=float, metavar="S",
+                        help="with --plan: seconds one trial-epoch takes (e.g. from "
+                             "python -m cifar_ray.bench), for the time and GPU-hours")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's and Lightning's worker output and Tune's per-trial "
+                             "tables on the console (otherwise in <output dir>/logs/)")
     return parser
+
+
+def print_plan(cfg: SearchConfig, epoch_seconds: float | None) -> None:
+    """--plan: the plan on this machine's resources, or on those the flags give."""
+    t = cfg.tune
+    gpus = 0
+    if t.gpus_per_worker < 0:  # auto: what this machine has
+        import torch
+
+        gpus = torch.cuda.device_count()
+    cpus = os.cpu_count() or 1
+    gpus_per_worker, fits = trials_that_fit(t, cpus, gpus if t.gpus_per_worker < 0 else 1e9)
+    plan = make_plan(cfg, concurrency(t, fits or 1), gpus_per_worker, epoch_seconds,
+                     "given" if epoch_seconds else "")
+    print(plan.text())
+    if not t.max_concurrent:
+        held = (f"{fits} at a time" if fits else "not one trial (planned as 1 at a time)")
+        print(f"  (this machine, {cpus} CPUs and {gpus} GPUs, holds {held}; for a cluster "
+              "give --max-concurrent N and --gpus-per-worker G)")
+    if warning := plan.cpu_warning(starting=False):
+        print(warning)
 
 
 def check_output_dir(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool) -> None:
@@ -124,6 +154,7 @@ def check_output_dir(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool
                 path.unlink()
         return
     if resume:
+        check_saved_state(experiment)
         return
     if (out / "results.json").exists():
         raise UserError(f"{out} already holds a finished search (results.json); "
@@ -131,6 +162,19 @@ def check_output_dir(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool
     if experiment.exists():
         raise UserError(f"{out} holds an interrupted search ({experiment.name}/); "
                         "pass --resume to continue it or --overwrite to start again")
+
+
+def check_saved_state(experiment: Path) -> None:
+    """--resume: the experiment's saved state must be there and read as JSON; a damaged one is
+    a line saying what to do (Tune's own error is a long traceback)."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        raise UserError(f"--resume: no search to resume in {experiment}")
+    try:
+        json.loads(states[-1].read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"--resume: the search's saved state {states[-1]} is damaged ({exc}); "
+                        "start again with --overwrite") from None
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
@@ -142,7 +186,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
 - best validation accuracy during the search: {results['best_val_acc']:.4f}
 - retrained for {results['retrain_epochs']} epochs on train + validation (init: {results['retrain_init']})
 - **test accuracy: {results['test_acc']:.4f}** (test loss {results['test_loss']:.4f})
-- search time: {results['search_seconds']:.0f} s, total: {results['total_seconds']:.0f} s
+- search time: {results['search_seconds']:.0f} s, total: {results['total_seconds']:.0f} s{resumed(results)}
 
 The whole run on one page: `report.html`. Files: `trials.csv`, `retrain/` (checkpoint
 `{Path(results['checkpoint']).name}`, TensorBoard logs, `curves.png`), `gradcam/index.html`
@@ -150,10 +194,20 @@ The whole run on one page: `report.html`. Files: `trials.csv`, `retrain/` (check
 """
 
 
+def resumed(results: dict[str, Any]) -> str:
+    n = results["resumes"]
+    return f" (over {n + 1} sessions: resumed {n} time{'s' if n > 1 else ''})" if n else ""
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = resolve(SearchConfig(), args)
+    if args.plan_epoch_seconds is not None and args.plan_epoch_seconds <= 0:
+        raise UserError(f"--plan-epoch-seconds must be > 0, got {args.plan_epoch_seconds}")
+    if args.plan:
+        print_plan(cfg, args.plan_epoch_seconds)
+        return 0
     if cfg.trainer.output_dir == "outputs/train":
         cfg.trainer.output_dir = "outputs/search"
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
@@ -174,6 +228,7 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
     data_dir = Path(cfg.data.data_dir).expanduser().resolve()
     cfg.data.data_dir = str(data_dir)  # absolute: Ray changes each trial's working directory
     arrays = load_dataset(cfg.data)
+    sizes = (len(arrays.train_labels), 0 if arrays.val_labels is None else len(arrays.val_labels))
 
     configure_auth(cfg.tune.address)
     import ray
@@ -181,6 +236,12 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
     tmp = out / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     start_ray(cfg.tune, tmp)
+    from cifar_ray.progress import SearchConsole, route_worker_logs  # imports Ray
+
+    if not args.verbose:
+        route_worker_logs(out / "logs" / "workers.log")
+        print(f"worker output (Ray Train, Lightning): {out / 'logs' / 'workers.log'} "
+              "(-v shows it here)")
 
     def terminated(sig, frame) -> None:  # outside the search (the retrain): stop, say how to go on
         raise Interrupted("terminated; run the same command with --resume to finish (the "
@@ -192,19 +253,25 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
         data = ray.put(arrays)  # read once; every trial's workers map it from the object store
         del arrays
         scaling, concurrent = plan_resources(cfg, storage_dir(cfg, out))
-        print(f"search ({cfg.tune.search_alg}): {', '.join(searched)}; "
-              f"{cfg.tune.num_samples} trials, {concurrent} at a time, "
-              f"{cfg.tune.workers_per_trial} worker(s) each; ASHA max_t={cfg.trainer.epochs} "
-              f"grace={cfg.tune.grace_period} reduction={cfg.tune.reduction_factor}")
-        tune_started = time.perf_counter()
+        plan = make_plan(cfg, concurrent, scaling["resources_per_worker"]["GPU"],
+                         cpus_total=ray.cluster_resources().get("CPU"), sizes=sizes)
+        print(f"search ({cfg.tune.search_alg}) over {', '.join(searched)}\n{plan.text()}")
+        if warning := plan.cpu_warning():
+            print(warning, flush=True)
+        setup_seconds = time.perf_counter() - start
         with ctrl_c_stops_tune() as interrupted:
-            grid = run_search(cfg, out, args.resume, concurrent, scaling, data)
+            console = SearchConsole(plan, out, tune_space(cfg), args.verbose,
+                                    cfg.tune.max_failures, interrupted)
+            grid = run_search(cfg, out, args.resume, concurrent, scaling, data, console,
+                              args.verbose)
         if interrupted.is_set():
             raise Interrupted(f"search interrupted; its state is saved in {out / cfg.tune.name}: "
                               f"run the same command with --resume to continue",
                               interrupted.exit_code)
-        search_seconds = time.perf_counter() - start
-        tune_seconds = time.perf_counter() - tune_started
+        # Across resumes: the search's seconds are kept with Tune's state (SearchConsole).
+        tune_seconds = console.seconds()
+        search_seconds = setup_seconds + tune_seconds
+        after_search = time.perf_counter()
         rows = summarise_trials(grid, searched, cfg.trainer.epochs)
         write_trials_csv(rows, searched, out / "trials.csv")
         print(startup_summary(rows, tune_seconds))
@@ -249,7 +316,8 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
         "tune_seconds": round(tune_seconds, 1),
         "training_seconds": round(training_seconds(rows), 1),
         "startup_phases_s": median_phases(rows),
-        "total_seconds": round(time.perf_counter() - start, 1),
+        "total_seconds": round(search_seconds + time.perf_counter() - after_search, 1),
+        "resumes": console.sessions - 1,
         "trials_csv": str(out / "trials.csv"),
         "report": str(out / "report.html"),
         "mlflow_run_id": retrain["mlflow_run_id"],

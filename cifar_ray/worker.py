@@ -21,6 +21,7 @@ import ray.train
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
 from cifar_ray.config import Config, plain
+from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.data import CifarDataModule
 from cifar_ray.module import LitResNet9
 from cifar_ray.pl import pl
@@ -65,6 +66,11 @@ class EpochReports(pl.Callback):
         # Lightning restores callback state before this hook, and calls it even when the
         # restored run has no epoch left to train.
         self.marks["lightning"] = time.time()
+        if any(report["session"] == self.session for report in self.reports):
+            # Reports of this session in the checkpoint: Ray Train restarted a failed worker group.
+            trial = Path(self.run_dir).name.removeprefix("train-")
+            print(f"{CONSOLE_MARK}trial {trial}: its worker failed; Ray Train restarted it from "
+                  f"its checkpoint of epoch {len(self.reports)}", flush=True)
         for report in self.reports:
             if report["session"] != self.session:
                 report["session"] = self.session
@@ -80,7 +86,10 @@ class EpochReports(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # Validation has run by now: its metrics are in callback_metrics too.
-        name = f"epoch_{trainer.current_epoch:04d}"  # a name the reports can point to
+        # A name the reports can point to, unique to this session: a trial that went back to
+        # an earlier checkpoint (a damaged one, see usable_checkpoint) trains an epoch again,
+        # and Ray Train, evicting the old checkpoint of the same name, would delete the new one.
+        name = f"epoch_{trainer.current_epoch:04d}_{self.session[:8]}"
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         metrics.update({"epoch": trainer.current_epoch, "step": trainer.global_step,
                         **self.startup, FIRST_STEP_AT: self.first_step_at,
@@ -142,9 +151,39 @@ def train(config: dict[str, Any], entered: float) -> None:
     # Set when Ray Train restarts a failed worker group, or resumes this run after the search
     # was interrupted: go on from the run's latest checkpoint.
     checkpoint = ray.train.get_checkpoint()
+    start = None
     if checkpoint:
-        with checkpoint.as_directory() as folder:
-            trainer.fit(module, datamodule=data, weights_only=True,
-                        ckpt_path=os.path.join(folder, CHECKPOINT_FILE))
-    else:
-        trainer.fit(module, datamodule=data)
+        start = usable_checkpoint(Path(checkpoint.path) / CHECKPOINT_FILE)
+    trainer.fit(module, datamodule=data, weights_only=True,
+                ckpt_path=str(start) if start else None)
+
+
+def readable(path: Path) -> str | None:
+    """None if `path` loads as a checkpoint, else why not."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        return "missing"
+    except Exception as exc:  # truncated or overwritten: torch says so in many ways
+        return f"unreadable: {type(exc).__name__}"
+    return None if isinstance(state, dict) and "state_dict" in state else "not a checkpoint"
+
+
+def usable_checkpoint(latest: Path) -> Path | None:
+    """The checkpoint to go on from: Ray Train's latest, or, when that one was damaged or
+    deleted (say, while the search was down), the newest earlier one of the run that loads;
+    None: start the trial over. A fallback is one line on the search's console."""
+    why = readable(latest)
+    if why is None:
+        return latest
+    run_dir = latest.parent.parent
+    earlier = sorted((p / CHECKPOINT_FILE for p in run_dir.glob("epoch_*")
+                      if p.name < latest.parent.name), reverse=True)
+    start = next((p for p in earlier if readable(p) is None), None)
+    then = f"going on from {start.parent.name}" if start else "starting the trial over"
+    trial = run_dir.name.removeprefix("train-")  # trial.run_trial names the run after its trial
+    print(f"{CONSOLE_MARK}warning: trial {trial}: its checkpoint {latest} is {why}; {then}",
+          flush=True)
+    return start

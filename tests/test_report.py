@@ -13,7 +13,8 @@ from PIL import Image
 from cifar_ray.config import add_config_flags, resolve
 from cifar_ray.errors import ConfigError
 from cifar_ray.plots import curve_panels
-from cifar_ray.report import asha_rungs, write_report
+from cifar_ray.plan import asha_rungs
+from cifar_ray.report import write_report
 from cifar_ray.search_config import SearchConfig
 from tests.conftest import ROOT
 

@@ -1,8 +1,11 @@
 """What `python -m cifar_ray.tune` does with an output dir that already holds a search: it
-refuses before starting Ray unless told `--resume` or `--overwrite`, and destroys nothing."""
+refuses before starting Ray unless told `--resume` or `--overwrite`, and destroys nothing; a
+damaged saved state is one line. And the trials' times as trials.csv counts them."""
 
+import pandas as pd
 import pytest
 
+from cifar_ray.search import training_seconds, training_spans
 from cifar_ray.run_lock import LOCK_NAME
 from tests.conftest import SMOKE, run_cli
 
@@ -28,3 +31,26 @@ def test_resume_with_nothing_to_resume_is_a_clear_error(noisy_data, tmp_path, no
                    str(tmp_path / "empty"), "--resume", "--address", "local", timeout=300)
     assert proc.returncode == 2
     assert "--resume: no search to resume in" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_damaged_saved_state_is_one_line_on_resume(tmp_path):
+    out = tmp_path / "search"
+    (out / "search").mkdir(parents=True)
+    (out / "search" / "experiment_state-2026-11-29_00-00-00.json").write_text('{"trial_data": [')
+    proc = run_cli("cifar_ray.tune", *SMOKE, "--output-dir", str(out), "--resume", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().startswith("error: --resume: the search's saved state ")
+    assert proc.stderr.strip().endswith("is damaged (Expecting value: line 1 column 17 (char 16)); "
+                                        "start again with --overwrite")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_trials_time_leaves_out_the_time_it_was_down():
+    """Two epochs, the search down for 1,000 s, two more epochs from a new worker (its first
+    step 20 s after it started): 4 x 5 s of training, not 1,040 s."""
+    history = pd.DataFrame({"time/first_step_at": [100.0, 100.0, 1120.0, 1120.0],
+                            "time/reported_at": [105.0, 110.0, 1125.0, 1130.0]})
+    spans = training_spans(history)
+    assert spans == [(100, 105), (105, 110), (1120, 1125), (1125, 1130)]
+    other = [(108.0, 112.0)]  # a second trial, overlapping the first one's second epoch
+    assert training_seconds([{"spans": spans}, {"spans": other}]) == 22

@@ -45,10 +45,12 @@ def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray,
     proc = subprocess.run([sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir",
                            str(noisy_data), "--output-dir", str(out), "--search-alg", "optuna",
                            "--mlflow-uri", store], cwd=ROOT,
-                          env=search_env(sys_tmp, RAY_AUTH_TOKEN=token, HOME=str(home)),
+                          env=search_env(sys_tmp, RAY_AUTH_TOKEN=token, HOME=str(home),
+                                         CIFAR_RAY_PROGRESS_EVERY="3"),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert token not in proc.stdout + proc.stderr and not files_containing(out, token)
+    _check_console(proc.stdout, proc.stderr, out)
     assert not (home / ".ray").exists()
 
     trials = _read_trials(out)
@@ -100,6 +102,34 @@ def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray,
     _check_tensorboard_hparams(out, trials)
     _check_report_page(out, browser)
     _check_mlflow(store, trials, results, tmp_path)
+
+
+def _check_console(stdout: str, stderr: str, out: Path) -> None:
+    """What a person reads: the plan, one line per trial event, Tune's table, the progress line
+    (with an estimate that was right within a factor of two half-way), the retrain's epochs;
+    Ray's and Lightning's per-worker chatter in logs/workers.log instead."""
+    console = stdout + stderr
+    plan = console.index("plan:\n  trials       4, 2 at a time, each on 1 CPU")
+    assert "compares trials at epochs 1, 2 of 3" in console
+    assert plan < console.index(" started: optim.lr=")  # the plan comes before any trial
+    assert "!!" not in console  # the small config: no CPU warning
+    assert re.search(r"trial \w+ (stopped by ASHA at epoch [12]|finished: 3 epochs) \(val/acc", console)
+    assert re.search(r"progress: \d/4 trials done, \d running; \d+ trial-epochs \(at most 12, "
+                     r"about 7 expected\); .* elapsed, about .* left \(per epoch: ", console)
+    assert "retrain epoch 2/2: train/acc=" in console and "about 0 s left" in console
+    log = (out / "logs" / "workers.log").read_text()
+    for chatter in ("Reporting training result", "Checkpoint successfully created"):
+        assert chatter in log and chatter not in console
+    assert "litlogger" not in console and "set_float32_matmul_precision" not in console
+    assert f"worker output (Ray Train, Lightning): {out / 'logs' / 'workers.log'}" in console
+    # The estimate at the search's half-way point, against the time the search really had left.
+    records = [json.loads(line) for line in (out / "logs" / "progress.jsonl").read_text().splitlines()]
+    end = records[-1]["time"]
+    began = end - records[-1]["elapsed_s"]
+    half = min((r for r in records if r["left_s"] > 0),
+               key=lambda r: abs(r["time"] - (began + end) / 2))
+    real = end - half["time"]
+    assert 0.5 <= half["left_s"] / real <= 2, (half, real, records)
 
 
 def _check_mlflow(store: str, trials: list[dict], results: dict, store_dir: Path) -> None:
@@ -266,7 +296,12 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
     for trial_id, epochs in done_second.items():  # finished trials were kept, not re-run
         assert int(trials[trial_id]["epochs"]) == epochs
         assert _reports(state, trial_id) == epochs  # each epoch reported once: no second run
-    assert json.loads((out / "results.json").read_text())["num_trials"] == 5
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_trials"] == 5
+    # The times count all three sessions: their count came back with Tune's saved state.
+    assert results["resumes"] == 2, results
+    assert results["search_seconds"] >= results["tune_seconds"] >= results["training_seconds"] > 0
+    assert "(over 3 sessions: resumed 2 times)" in (out / "summary.md").read_text()
 
 
 def test_a_search_whose_saved_state_lags_its_train_runs_resumes(noisy_data, tmp_path, sys_tmp,
@@ -298,10 +333,21 @@ def test_a_search_whose_saved_state_lags_its_train_runs_resumes(noisy_data, tmp_
     assert not (out / "results.json").exists()
     shutil.rmtree(state)
     shutil.copytree(early, state)  # the state lags the Train runs, as after an unlucky kill
+    # And a checkpoint damaged while the search was down: the latest of a run that had not
+    # finished (of a finished one if both had), cut to half its size.
+    runs = sorted(out.glob("train_runs/train-*"), key=lambda run: run.name[6:] in finished)
+    damaged_run = next(run for run in runs if list(run.glob("epoch_*")))
+    damaged = sorted(damaged_run.glob("epoch_*/checkpoint.ckpt"))[-1]
+    damaged.write_bytes(damaged.read_bytes()[:damaged.stat().st_size // 2])
+    finished.pop(damaged_run.name[6:], None)  # that run trains again from an earlier epoch
 
     proc = subprocess.run([*args, "--resume"], cwd=ROOT, env=search_env(sys_tmp),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # One line on the console says so, and the search goes on.
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: trial ")]
+    assert len(warnings) == 1 and f"its checkpoint {damaged} is unreadable" in warnings[0]
+    assert re.search(r"; (going on from epoch_\d{4}|starting the trial over)$", warnings[0])
     trials = _read_trials(out)
     assert len(trials) == 2, trials
     assert all(t["status"] == "completed" and t["epochs"] == "3" and t["best_val_acc"]
@@ -408,7 +454,11 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_pa
     log.close()
     output = (tmp_path / "driver.log").read_text()
     assert driver.returncode == 0, output[-3000:]
-    assert "RETRY" in output  # Ray Train's failure policy restarted the worker group
+    # Ray Train's failure policy restarted the worker group (its own lines in the log file),
+    # and the console says so in one line.
+    assert "RETRY" in (out / "logs" / "workers.log").read_text()
+    assert re.search(r"^trial \w+: its worker failed; Ray Train restarted it from its checkpoint "
+                     r"of epoch \d$", output, re.MULTILINE), output[-3000:]
     trials = _read_trials(out)
     assert len(trials) == 1 and trials[0]["status"] == "completed" and trials[0]["epochs"] == "4"
     # Tune saw each epoch once, in order: the restarted worker went on from the checkpoint's
@@ -416,3 +466,25 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_pa
     (result_file,) = out.glob("search/*/result.json")
     epochs = [json.loads(line)["epoch"] for line in result_file.read_text().splitlines() if line]
     assert epochs == [0, 1, 2, 3]
+
+
+def test_a_long_cpu_search_is_announced_before_its_first_trial(noisy_data, tmp_path, sys_tmp,
+                                                                no_leftover_ray):
+    """The full-size network on CPUs, 200 trials of up to 100 epochs: hours. The warning comes
+    before the first trial starts; the search goes on until it is stopped."""
+    out = tmp_path / "search"
+    args = [sys.executable, "-m", "cifar_ray.tune", "--data-dir", str(noisy_data),
+            "--output-dir", str(out), "--device", "cpu", "--num-samples", "200", "--epochs",
+            "100", "--cpus-per-worker", "1", "--max-concurrent", "1", "--val-size", "200"]
+    driver, log = _start(args, tmp_path / "driver.log", sys_tmp)
+    deadline = time.time() + 300
+    while " started: optim.lr=" not in log.read_text():
+        assert time.time() < deadline and driver.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGTERM)
+    driver.wait(timeout=300)
+    output = log.read_text()
+    assert driver.returncode == 143, output[-3000:]
+    warning = output.index("!! This search trains on CPUs only and would take about ")
+    assert warning < output.index(" started: optim.lr=")
+    assert "python -m cifar_ray.tune --config experiments/search_smoke.yaml" in output

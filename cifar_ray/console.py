@@ -1,0 +1,60 @@
+"""The console of a long command: lines, and one progress line a terminal shows in place.
+
+Ray's worker processes print through the driver (progress.route_worker_logs sends that to a log
+file); a worker's line that starts with CONSOLE_MARK is shown to the person as well. `screen`
+is the process's one console: the driver's own lines and the workers' shown ones go through it, so
+that a terminal's progress line is redrawn under them rather than run into.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+CONSOLE_MARK = "[cifar_ray] "
+
+
+class Console:
+    """Prints lines, and one progress line that a terminal shows in place under them."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.lock = threading.Lock()
+        self.status = ""  # the progress line shown in place (a terminal only)
+
+    def line(self, text: str) -> None:
+        with self.lock:
+            if self.status:
+                self.stream.write("\r\033[K")
+            self.stream.write(text + "\n")
+            if self.status:
+                self.stream.write(self.status)
+            self.stream.flush()
+
+    def progress(self, text: str) -> None:
+        if not self.tty:
+            return self.line(text)
+        with self.lock:
+            self.status = text
+            self.stream.write("\r\033[K" + text)
+            self.stream.flush()
+
+    def clear(self) -> None:
+        """Take the progress line off (a terminal), before something else prints."""
+        with self.lock:
+            if self.status:
+                self.stream.write("\r\033[K")
+                self.stream.flush()
+            self.status = ""
+
+    def finish(self) -> None:
+        """Leave the progress line where it is, as an ordinary line."""
+        with self.lock:
+            if self.status:
+                self.stream.write("\n")
+                self.stream.flush()
+            self.status = ""
+
+
+screen = Console()

@@ -1,0 +1,231 @@
+"""What a search will cost, before it starts: `python -m cifar_ray.tune --plan`.
+
+From the config alone (no Ray, no data read, seconds): how many trials, how many at once and
+on what, ASHA's rungs and the trial-epochs they allow, the retrain, and, given the seconds one
+trial-epoch takes (`--plan-epoch-seconds`, or a figure from `python -m cifar_ray.bench`), the
+wall time and GPU-hours. Every search prints the same block before its first trial; on CPUs
+alone it estimates the epoch from the network's FLOPs, and warns when the search would run for
+hours.
+
+ASHA (Ray's asynchronous successive halving) compares a trial at each rung with the trials
+that reached that rung before it and stops it unless it is in the best 1/reduction_factor.
+Two figures follow:
+    at most   num_samples x max_t trial-epochs: a trial that beats every earlier one at each
+              rung is never stopped, so in the worst order no trial is;
+    expected  each rung keeps 1/reduction_factor of the trials that reach it, the budget
+              successive halving aims for (`expected_epochs`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# CIFAR-10 and CIFAR-100 both have 50,000 training images (cifar_files.py reads them).
+CIFAR_TRAIN_IMAGES = 50_000
+# Training throughput of one CPU core on ResNet-9 in fp32: the bench measured 0.095 TFLOP/s
+# on a 2-core x86_64 VM (docs/benchmarks.md). Used only to warn before a CPU search, never
+# for a GPU: there the first epochs measure it.
+CPU_GFLOPS_PER_CORE = 47.0
+WARN_CPU_HOURS = 3.0  # a CPU search estimated past this many hours is announced loudly
+
+
+def asha_rungs(max_t: int, grace_period: int, reduction_factor: int) -> list[int]:
+    """The epochs at which ASHA compares trials and stops the weaker ones: Ray's own rule
+    (`ray.tune.schedulers.async_hyperband._Bracket`, one bracket), less a rung at max_t, where
+    there is nothing left to cut."""
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return [grace_period * reduction_factor ** k for k in range(count)
+            if grace_period * reduction_factor ** k < max_t]
+
+
+def expected_epochs(epoch: int, rungs: list[int], reduction_factor: int, max_t: int) -> float:
+    """Epochs a trial now at `epoch` is expected to train from here on, if each rung ahead
+    keeps 1/reduction_factor of the trials that reach it (0: a new trial)."""
+    total, position, alive = 0.0, epoch, 1.0
+    for rung in rungs:
+        if rung > epoch:
+            total += alive * (rung - position)
+            alive /= reduction_factor
+            position = rung
+    return total + alive * (max_t - position)
+
+
+def training_gflop_per_image(width: int) -> float:
+    """Training FLOPs (forward + backward, 3x the forward) of ResNet-9 at `width` per 32x32
+    image: its eight 3x3 convolutions (model.py). Width 16: 0.144, as torch's FLOP counter."""
+    w = width
+    convs = [(32 * 32, 3, w), (32 * 32, w, 2 * w), (16 * 16, 2 * w, 2 * w), (16 * 16, 2 * w, 2 * w),
+             (16 * 16, 2 * w, 4 * w), (8 * 8, 4 * w, 8 * w), (4 * 4, 8 * w, 8 * w),
+             (4 * 4, 8 * w, 8 * w)]  # (output positions, in, out) before each pooling
+    forward = sum(2 * positions * c_in * c_out * 9 for positions, c_in, c_out in convs)
+    return 3 * forward / 1e9
+
+
+def image_counts(cfg, sizes: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """(training, validation) images per search epoch. `sizes`: the data set's (train/, val/)
+    sizes when it has been read; else from the config (and, for your own images, a listing
+    of the folders); None when that cannot be told without the data."""
+    d = cfg.data
+    if sizes:
+        total, val = sizes
+    elif d.dataset == "folder":
+        from cifar_ray.image_folders import is_image
+
+        root = Path(d.data_dir).expanduser()
+        count = {split: sum(1 for p in (root / split).rglob("*") if p.is_file() and is_image(p))
+                 for split in ("train", "val") if (root / split).is_dir()}
+        if not count.get("train"):
+            return None
+        total, val = count["train"], count.get("val", 0)
+    else:
+        total, val = CIFAR_TRAIN_IMAGES, 0
+    if not val:
+        val = min(d.val_size, total)
+        total -= val
+    train = min(d.limit_train, total) if d.limit_train else total
+    return train, val
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+@dataclass
+class SearchPlan:
+    trials: int
+    concurrent: int
+    workers: int  # per trial
+    cpus: float  # per worker
+    gpus: float  # per worker
+    max_t: int
+    grace_period: int
+    reduction_factor: int
+    retrain_epochs: int
+    images: tuple[int, int] | None  # (train, val) per search epoch
+    epoch_seconds: float | None = None  # one trial-epoch, at this concurrency
+    epoch_source: str = ""  # where epoch_seconds came from
+    retrain_epoch_seconds: float | None = None  # one retrain epoch, when known apart
+
+    @property
+    def rungs(self) -> list[int]:
+        return asha_rungs(self.max_t, self.grace_period, self.reduction_factor)
+
+    @property
+    def most_trial_epochs(self) -> int:
+        return self.trials * self.max_t
+
+    @property
+    def expected_trial_epochs(self) -> float:
+        return self.trials * expected_epochs(0, self.rungs, self.reduction_factor, self.max_t)
+
+    def search_seconds(self, trial_epochs: float) -> float | None:
+        """Wall seconds for `trial_epochs` with `concurrent` trials at once (start-ups aside)."""
+        if self.epoch_seconds is None:
+            return None
+        return trial_epochs * self.epoch_seconds / self.concurrent
+
+    def retrain_seconds(self) -> float | None:
+        if self.retrain_epoch_seconds is not None:
+            return self.retrain_epochs * self.retrain_epoch_seconds
+        if self.epoch_seconds is None or not self.images:
+            return None
+        train, val = self.images  # the retrain trains on both, without validation
+        return self.retrain_epochs * self.epoch_seconds * (train + val) / (train + val / 3)
+
+    def gpu_hours(self, trial_epochs: float) -> float | None:
+        if self.epoch_seconds is None or not self.gpus:
+            return None
+        return trial_epochs * self.epoch_seconds * self.workers * self.gpus / 3600
+
+    def cpu_warning(self, starting: bool = True) -> str | None:
+        """The loud block for a search that would train for hours on CPUs alone, else None
+        (`starting`: the search goes on after it)."""
+        expected = self.search_seconds(self.expected_trial_epochs)
+        if self.gpus or expected is None or expected < WARN_CPU_HOURS * 3600:
+            return None
+        bar, longest = "!" * 78, self.search_seconds(self.most_trial_epochs)
+        return (f"{bar}\n!! This search trains on CPUs only and would take about "
+                f"{format_duration(expected)} (up to {format_duration(longest)}).\n"
+                "!! To check the machinery in minutes, try: "
+                "python -m cifar_ray.tune --config experiments/search_smoke.yaml\n"
+                "!! For the real search, use a GPU machine or cluster (README: the cluster).\n"
+                + ("!! Going on; Ctrl-C stops the search cleanly.\n" if starting else "")
+                + bar)
+
+    def text(self) -> str:
+        """The plan block every search prints before its first trial."""
+        on = f"{self.cpus:g} CPU{'s' if self.cpus != 1 else ''}"
+        on += f" + {self.gpus:g} GPU" if self.gpus else ""
+        workers = f"{self.workers} workers x " if self.workers > 1 else ""
+        rungs = ", ".join(map(str, self.rungs)) or "none (grace period >= epochs)"
+        expected, most = self.expected_trial_epochs, self.most_trial_epochs
+        lines = [
+            "plan:",
+            f"  trials       {self.trials}, {self.concurrent} at a time, each on {workers}{on}",
+            f"  ASHA         compares trials at epochs {rungs} of {self.max_t}; each rung keeps "
+            f"the best 1/{self.reduction_factor}",
+            f"  trial-epochs at most {most} (no trial stopped), about {expected:.0f} if each rung "
+            f"keeps 1/{self.reduction_factor}",
+        ]
+        if self.images:
+            train, val = self.images
+            lines.append(f"  data         {train:,} training + {val:,} validation images per "
+                         "trial-epoch")
+        lines.append(f"  retrain      {self.retrain_epochs} epochs of the best configuration on "
+                     "train + validation, then the test and GradCAM")
+        if self.epoch_seconds is None:
+            lines.append("  time         measured from the first epochs (for an estimate now: "
+                         "--plan --plan-epoch-seconds S)")
+            return "\n".join(lines)
+        lines.append(f"  epoch        {format_duration(self.epoch_seconds)} per trial-epoch "
+                     f"({self.epoch_source})")
+        likely, longest = self.search_seconds(expected), self.search_seconds(most)
+        time_line = (f"  time         search about {format_duration(likely)} (at most "
+                     f"{format_duration(longest)}) at {self.concurrent} at a time, plus trial "
+                     "start-ups")
+        if (retrain := self.retrain_seconds()) is not None:
+            time_line += f"; retrain about {format_duration(retrain)}"
+        lines.append(time_line)
+        if (hours := self.gpu_hours(expected)) is not None:
+            lines.append(f"  GPU-hours    about {hours:.2g} (at most {self.gpu_hours(most):.2g}) "
+                         "for the search")
+        return "\n".join(lines)
+
+
+def make_plan(cfg, concurrent: int, gpus_per_worker: float, epoch_seconds: float | None = None,
+              epoch_source: str = "", cpus_total: float | None = None,
+              sizes: tuple[int, int] | None = None) -> SearchPlan:
+    """The plan of `cfg` (a SearchConfig) with `concurrent` trials at once. With no
+    `epoch_seconds` and no GPU, the epoch is estimated from FLOPs and CPU_GFLOPS_PER_CORE, the
+    trials at once sharing `cpus_total` cores (default: this machine's). `sizes`: see
+    image_counts."""
+    t = cfg.tune
+    plan = SearchPlan(
+        trials=t.num_samples, concurrent=concurrent, workers=t.workers_per_trial,
+        cpus=t.cpus_per_worker, gpus=gpus_per_worker, max_t=cfg.trainer.epochs,
+        grace_period=t.grace_period, reduction_factor=t.reduction_factor,
+        retrain_epochs=cfg.retrain.retrain_epochs, images=image_counts(cfg, sizes),
+        epoch_seconds=epoch_seconds, epoch_source=epoch_source)
+    if epoch_seconds is None and not gpus_per_worker and plan.images:
+        train, val = plan.images
+        per_image = training_gflop_per_image(cfg.model.width)
+        cores_total = cpus_total or os.cpu_count() or 1
+        cores = t.workers_per_trial * t.cpus_per_worker
+        # Trials at once share the cores when they ask for more than there are.
+        shared = min(cores, cores_total / concurrent)
+        plan.epoch_seconds = per_image * (train + val / 3) / (shared * CPU_GFLOPS_PER_CORE)
+        plan.retrain_epoch_seconds = (per_image * (train + val)
+                                      / (min(cores, cores_total) * CPU_GFLOPS_PER_CORE))
+        plan.epoch_source = (f"estimated: {per_image:.2f} GFLOP per training image at width "
+                             f"{cfg.model.width}, {CPU_GFLOPS_PER_CORE:g} GFLOP/s per CPU core, "
+                             f"{shared:.3g} core{'s' if shared != 1 else ''} per trial")
+    return plan

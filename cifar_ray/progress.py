@@ -1,0 +1,285 @@
+"""What a person watching a search or a run sees, and what goes to files instead.
+
+    Estimator       the search's remaining time, from the seconds per epoch its trials measured
+                    (per batch size) and their start-ups, under ASHA's expected cuts (plan.py)
+    SearchConsole   a Tune callback on the driver: one line per trial event (started, stopped
+                    by ASHA, finished, failed and retried, with the error in full), Tune's own
+                    status table every 30 s, and the progress line (refreshed in place on a
+                    terminal, once a minute in a log); every estimate also goes to
+                    <output dir>/logs/progress.jsonl. It keeps the search's seconds across
+                    resumes in Tune's saved state.
+    route_worker_logs  Ray's and Lightning's per-worker output to <output dir>/logs/workers.log
+                    instead of the console; a worker line that starts with CONSOLE_MARK still
+                    reaches the console (the retrain's progress, a trial's warnings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from cifar_ray.console import CONSOLE_MARK, Console, screen
+from cifar_ray.plan import SearchPlan, expected_epochs, format_duration
+from cifar_ray.search_config import describe
+from cifar_ray.trial import FIRST_STEP_AT, METRIC, REPORTED_AT, STARTUP
+
+BATCH_KEY = "trainer.batch_size"
+LOG_EVERY = float(os.environ.get("CIFAR_RAY_PROGRESS_EVERY", "60"))  # seconds, when not a TTY
+TERMINAL_EVERY = 2.0
+
+
+class Estimator:
+    """The search's remaining seconds. Each trial still to run costs its start-up plus the
+    epochs ASHA is expected to leave it (plan.expected_epochs) at the seconds per epoch
+    measured for its batch size; the trials at once share that work."""
+
+    def __init__(self, plan: SearchPlan):
+        self.plan = plan
+        self.trials: dict[str, dict[str, Any]] = {}
+        self.epoch_seconds: dict[Any, list[float]] = {}
+        self.startups: list[float] = []
+
+    def start(self, trial_id: str, batch: Any, now: float) -> None:
+        self.trials.setdefault(trial_id, {"batch": batch, "epochs": 0, "last": None,
+                                          "done": False})["started"] = now
+
+    def result(self, trial_id: str, result: dict[str, Any], now: float) -> None:
+        trial = self.trials.setdefault(trial_id, {"batch": None, "epochs": 0, "last": None,
+                                                  "done": False, "started": now})
+        reported, first_step = result.get(REPORTED_AT), result.get(FIRST_STEP_AT)
+        if reported is not None and first_step is not None:
+            begun = max(trial.get("reported_at") or first_step, first_step)
+            if reported > begun:
+                self.epoch_seconds.setdefault(trial["batch"], []).append(reported - begun)
+            trial["reported_at"] = reported
+        if trial["epochs"] == 0 and result.get(STARTUP) is not None:
+            self.startups.append(float(result[STARTUP]))
+        trial["epochs"] = int(result.get("training_iteration", trial["epochs"] + 1))
+        trial["last"] = now
+
+    def finish(self, trial_id: str) -> None:
+        if trial_id in self.trials:
+            self.trials[trial_id]["done"] = True
+
+    def seconds_per_epoch(self, batch: Any = None) -> float | None:
+        if batch in self.epoch_seconds:
+            return statistics.median(self.epoch_seconds[batch])
+        if not self.epoch_seconds:
+            return None
+        return statistics.mean(statistics.median(v) for v in self.epoch_seconds.values())
+
+    def trial_epochs_done(self) -> int:
+        return sum(t["epochs"] for t in self.trials.values())
+
+    def remaining(self, now: float) -> float | None:
+        mean = self.seconds_per_epoch()
+        if mean is None:
+            return None
+        p = self.plan
+        startup = statistics.median(self.startups) if self.startups else 0.0
+        new_trial = expected_epochs(0, p.rungs, p.reduction_factor, p.max_t)
+        work, longest = 0.0, 0.0
+        for trial in self.trials.values():
+            if trial["done"]:
+                continue
+            spe = self.seconds_per_epoch(trial["batch"])
+            if trial["last"] is None:  # still starting
+                left = max(0.0, startup - (now - trial["started"])) + new_trial * spe
+            else:  # the epoch under way has run since its last report
+                more = expected_epochs(trial["epochs"], p.rungs, p.reduction_factor, p.max_t)
+                left = max(0.0, more * spe - min(now - trial["last"], spe))
+            work += left
+            longest = max(longest, left)
+        pending = max(0, p.trials - len(self.trials))
+        work += pending * (startup + new_trial * mean)
+        return max(longest, work / p.concurrent)
+
+    def line(self, now: float, elapsed: float) -> dict[str, Any] | None:
+        """The progress figures, or None before the first epoch has been measured."""
+        left = self.remaining(now)
+        if left is None:
+            return None
+        done = sum(t["done"] for t in self.trials.values())
+        return {"time": round(now, 1), "elapsed_s": round(elapsed, 1), "left_s": round(left, 1),
+                "trials_done": done, "trials_running": len(self.trials) - done,
+                "trial_epochs": self.trial_epochs_done(),
+                "seconds_per_epoch": {str(b): round(statistics.median(v), 2)
+                                      for b, v in sorted(self.epoch_seconds.items(), key=str)}}
+
+    def text(self, figures: dict[str, Any]) -> str:
+        p = self.plan
+        speeds = figures["seconds_per_epoch"]
+        per = ", ".join(f"{s:.1f} s" + ("" if b == "None" else f" at batch {b}")
+                        for b, s in speeds.items())
+        return (f"progress: {figures['trials_done']}/{p.trials} trials done, "
+                f"{figures['trials_running']} running; {figures['trial_epochs']} trial-epochs "
+                f"(at most {p.most_trial_epochs}, about {p.expected_trial_epochs:.0f} expected); "
+                f"{format_duration(figures['elapsed_s'])} elapsed, about "
+                f"{format_duration(figures['left_s'])} left (per epoch: {per})")
+
+
+class SearchConsole(Callback):
+    """The search's console (see the module's docstring). `verbose`: Tune prints its own
+    per-trial blocks as well (-v), so the event lines are left out."""
+
+    def __init__(self, plan: SearchPlan, out: Path, space: dict[str, Any], verbose: bool,
+                 max_failures: int, stop=None):
+        self.plan, self.out, self.space, self.verbose = plan, out, space, verbose
+        self.max_failures, self.stop = max_failures, stop
+        self.before = 0.0  # the search's seconds in earlier sessions (set_state)
+        self.sessions = 1
+        self._runtime: dict[str, Any] = {}
+
+    # Tune pickles its callbacks with the experiment: only the settings and the seconds travel.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "stop": None, "_runtime": {}}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"seconds": self.seconds(), "sessions": self.sessions}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.before = float(state.get("seconds", 0.0))
+        self.sessions = int(state.get("sessions", 0)) + 1
+
+    def seconds(self) -> float:
+        """The search's seconds, over every session so far."""
+        started = self._runtime.get("started")
+        return self.before + (time.time() - started if started else 0.0)
+
+    def setup(self, **info) -> None:
+        from ray.tune.experimental.output import AirVerbosity, TuneTerminalReporter
+
+        now = time.time()
+        self._runtime = {"started": now, "estimator": Estimator(self.plan),
+                         "last": 0.0}
+        # Tune's own status table, which its reporter prints every 30 s at its default
+        # verbosity -- along with a config table and a result table per trial, which the
+        # event lines here replace; so Tune's reporter runs silent and this one prints the table.
+        if not self.verbose:
+            table = TuneTerminalReporter(AirVerbosity.DEFAULT, num_samples=self.plan.trials,
+                                         metric=METRIC, mode="max", config=self.space)
+            table.setup(start_time=now, total_samples=self.plan.trials)
+            self._runtime["table"] = table
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def console(self) -> Console:
+        return screen
+
+    def _event(self, text: str) -> None:
+        if not self.verbose:
+            self.console.line(text)
+
+    @staticmethod
+    def _name(trial) -> str:
+        return f"trial {trial.trial_id}"
+
+    def _stopping(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._runtime["estimator"].start(trial.trial_id, trial.config.get(BATCH_KEY), time.time())
+        sample = {key: trial.config[key] for key in self.space if key in trial.config}
+        self._event(f"{self._name(trial)} started: {describe(sample)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._runtime["estimator"].result(trial.trial_id, result, time.time())
+        self._progress(force=self._runtime["last"] == 0.0)  # the first estimate at once
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._runtime["estimator"].finish(trial.trial_id)
+        if self._stopping():
+            return
+        last = trial.last_result or {}
+        epochs = int(last.get("training_iteration", 0))
+        acc = last.get(METRIC)
+        best = trial.metric_analysis.get(METRIC, {}).get("max") if trial.metric_analysis else None
+        scores = f"{METRIC} {acc:.4f}" if acc is not None else "no score"
+        if best is not None and acc is not None and best > acc:
+            scores += f", best {best:.4f}"
+        if epochs < self.plan.max_t:
+            self._event(f"{self._name(trial)} stopped by ASHA at epoch {epochs} ({scores})")
+        else:
+            self._event(f"{self._name(trial)} finished: {epochs} epochs ({scores})")
+
+    def _error_text(self, trial) -> str:
+        path = trial.error_file
+        try:
+            return Path(path).read_text().strip() if path else str(trial.get_error())
+        except OSError:
+            return f"(error file {path} could not be read)"
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        epochs = int((trial.last_result or {}).get("training_iteration", 0))
+        error = self._error_text(trial).splitlines()
+        self.console.line(f"{self._name(trial)} failed after {epochs} epochs "
+                          f"({error[-1] if error else 'no error text'}); retry "
+                          f"{trial.num_failures} of {self.max_failures}, from its last checkpoint")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._runtime["estimator"].finish(trial.trial_id)
+        epochs = int((trial.last_result or {}).get("training_iteration", 0))
+        self.console.line(f"{self._name(trial)} failed after {epochs} epochs, "
+                          f"{trial.num_failures} time(s), and is given up:\n"
+                          f"{self._error_text(trial)}")
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if "table" in self._runtime and not self._stopping():
+            if time.time() - self._runtime["table"]._last_heartbeat_time >= 30:
+                self.console.clear()
+                self._runtime["table"].print_heartbeat(trials)
+        self._progress()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._progress(force=True)
+        self.console.finish()
+
+    def _progress(self, force: bool = False) -> None:
+        now = time.time()
+        every = TERMINAL_EVERY if self.console.tty else LOG_EVERY
+        if not force and now - self._runtime["last"] < every:
+            return
+        estimator = self._runtime["estimator"]
+        figures = estimator.line(now, self.seconds())
+        if figures is None:
+            return
+        self._runtime["last"] = now
+        self.console.progress(estimator.text(figures))
+        try:
+            with open(self.out / "logs" / "progress.jsonl", "a") as f:
+                f.write(json.dumps(figures) + "\n")
+        except OSError:
+            pass  # the progress file is a convenience; a full disk shows up where it matters
+
+
+def route_worker_logs(target: Path) -> None:
+    """Send what Ray's worker processes print (Ray Train's per-epoch lines, Lightning's
+    banners, stack dumps of stopped workers) to `target` instead of the driver's console.
+    Lines that start with CONSOLE_MARK are shown on the console too, without the mark.
+
+    Ray's driver prints worker output through one handler of its log dispatcher; this swaps
+    that handler for one that writes the file (ray 2.60: `ray._private.ray_logging`)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log = open(target, "a", buffering=1)
+
+    def handle(data: dict[str, Any]) -> None:
+        who = data.get("actor_name") or data.get("task_name")
+        prefix = f"({who + ' ' if who else ''}pid={data.get('pid')}, ip={data.get('ip')})"
+        for line in data.get("lines", []):
+            if line.startswith(CONSOLE_MARK):
+                screen.line(line[len(CONSOLE_MARK):])
+            try:
+                log.write(f"{prefix} {line}\n")
+            except (OSError, ValueError):
+                pass  # a full disk: the command's own writes report it
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("cifar_ray_logs", handle)
