@@ -55,6 +55,8 @@ def save_figure(fig, target: str | Path, **kwargs: Any) -> None:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", **kwargs)
-    plt.close(fig)
+    try:
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format="png", **kwargs)
+    finally:
+        plt.close(fig)

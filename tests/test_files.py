@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from cifar_ray.files import atomic_path, write_json
+from cifar_ray.errors import DiskFull
+from cifar_ray.files import atomic_path, save_figure, write_json
 from tests.conftest import ROOT
 
 
@@ -65,3 +66,26 @@ def test_a_kill_at_any_moment_leaves_a_whole_file(tmp_path):
         assert data["payload"] == [data["version"]] * len(data["payload"])
         versions.add(data["version"])
     assert len(versions) > 1  # the writer really was rewriting it when killed
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_old_one(small_disk):
+    """On a real 12 MB file system: a write that does not fit is a DiskFull (one line, exit 2
+    from any command) naming its target; the file it would have replaced is whole."""
+    import matplotlib.pyplot as plt
+
+    target = small_disk / "results.json"
+    write_json(target, {"test_acc": 0.9})
+    with pytest.raises(DiskFull, match=rf"^no space left to write {target} \(No space left"):
+        write_json(target, {"big": "x" * 20_000_000})
+    assert json.loads(target.read_text()) == {"test_acc": 0.9}
+    figure = small_disk / "curves.png"
+    with open(small_disk / "filler", "wb", buffering=0) as f:  # fill the disk to the last block
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    fig = plt.figure()
+    with pytest.raises(DiskFull, match=f"^no space left to write {figure} "):
+        save_figure(fig, figure)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "results.json"]

@@ -145,18 +145,6 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, cifar10):
     assert proc.returncode == 2 and "--resume: no " in proc.stderr
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 12 MB file system (tmpfs; mounting needs root, as in CI), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def test_a_full_disk_is_one_line_and_keeps_what_was_written(cifar10, small_disk):
     """Each checkpoint of this width-16 network is 5 MB: the first epoch writes best.ckpt and
     last.ckpt, the second runs out of space. Lightning's own writer left a torn last.ckpt."""
