@@ -39,8 +39,8 @@ from cifar_ray.errors import Interrupted, UserError, cli_entry
 from cifar_ray.files import write_json, write_text
 from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.plan import asha_rungs, make_plan
-from cifar_ray.ray_cluster import (concurrency, configure_auth, ctrl_c_stops_tune, plan_resources,
-                                   start_ray, trials_that_fit)
+from cifar_ray.ray_cluster import (Stop, concurrency, configure_auth, ctrl_c_stops_tune,
+                                   plan_resources, start_ray, trials_that_fit)
 from cifar_ray.report import write_report
 from cifar_ray.run_lock import output_dir_lock
 from cifar_ray.search import (run_search, storage_dir, summarise_trials, training_seconds,
@@ -243,12 +243,21 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
         print(f"worker output (Ray Train, Lightning): {out / 'logs' / 'workers.log'} "
               "(-v shows it here)")
 
-    def terminated(sig, frame) -> None:  # outside the search (the retrain): stop, say how to go on
-        raise Interrupted("terminated; run the same command with --resume to finish (the "
-                          "search's finished trials are kept)", 128 + sig)
+    # Outside the search (ctrl_c_stops_tune has its own), SIGTERM or Ctrl-C only sets `stop`,
+    # which the driver checks where it waits: an exception raised by a signal handler inside
+    # Ray's C++ calls (ray.get) surfaced as a SystemError traceback. This also replaces Ray's
+    # SIGTERM handler in this process, which printed C++ stack dumps.
+    stop = Stop()
 
-    # Also replaces Ray's SIGTERM handler in this process, which printed C++ stack dumps.
-    previous_sigterm = signal.signal(signal.SIGTERM, terminated)
+    def stop_asked(sig, frame) -> None:
+        if stop.is_set():  # a second one aborts
+            raise KeyboardInterrupt
+        stop.exit_code = 128 + sig
+        stop.set()
+        name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
+        print(f"\n{name}: stopping (Ctrl-C again to abort) ...", flush=True)
+
+    previous = {sig: signal.signal(sig, stop_asked) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         data = ray.put(arrays)  # read once; every trial's workers map it from the object store
         del arrays
@@ -259,6 +268,9 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
         if warning := plan.cpu_warning():
             print(warning, flush=True)
         setup_seconds = time.perf_counter() - start
+        if stop.is_set():
+            raise Interrupted("stopped before the search started; nothing to resume",
+                              stop.exit_code)
         with ctrl_c_stops_tune() as interrupted:
             console = SearchConsole(plan, out, tune_space(cfg), args.verbose,
                                     cfg.tune.max_failures, interrupted)
@@ -286,14 +298,22 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
         finish = ray.remote(retrain_and_analyse).options(
             num_cpus=cfg.tune.cpus_per_worker,
             num_gpus=scaling["resources_per_worker"]["GPU"])
+        task = finish.remote(cfg, best, out, [data])
+        while not ray.wait([task], timeout=0.5)[0]:
+            if stop.is_set():
+                ray.cancel(task, force=True)
+                raise Interrupted("stopped during the retrain; run the same command with "
+                                  "--resume to finish (the search's trials are kept)",
+                                  stop.exit_code)
         try:
-            final = ray.get(finish.remote(cfg, best, out, [data]))
+            final = ray.get(task)
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, UserError):  # one line for the user, not Ray's traceback
                 raise exc.cause from None
             raise
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 

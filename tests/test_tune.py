@@ -213,19 +213,35 @@ def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_p
     """Any config key can be searched: the model's width and the cutout probability here. Each
     key is a column of trials.csv and a key of best_config, and the retrain builds the winner.
     The data is a class-folder set with a val/ folder (tests/cifar_fixture.py): the search
-    learns on it, and GradCAM and the report work on it unchanged."""
+    learns on it, and GradCAM and the report work on it unchanged. The retrain is stopped by
+    SIGTERM half-way (exit 143, one line), and --resume finishes it."""
     space = tmp_path / "space.yaml"
     space.write_text("search:\n  model.width: {choice: [8, 16]}\n"
                      "  augment.cutout_p: {uniform: [0, 1]}\n")
     out = tmp_path / "search"
-    proc = subprocess.run([sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--config", str(space),
-                           "--dataset", "folder", "--data-dir", str(class_folders),
-                           "--output-dir", str(out),
-                           "--num-samples", "3", "--epochs", "2", "--grace-period", "2",
-                           "--retrain-epochs", "2", "--lr", "0.01", "--batch-size", "64"],
-                          cwd=ROOT, env=search_env(sys_tmp), capture_output=True, text=True,
-                          timeout=900)
+    args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--config", str(space),
+            "--dataset", "folder", "--data-dir", str(class_folders), "--output-dir", str(out),
+            "--num-samples", "3", "--epochs", "2", "--grace-period", "2",
+            "--retrain-epochs", "2", "--lr", "0.01", "--batch-size", "64"]
+    driver, log = _start(args, tmp_path / "first.log", sys_tmp)
+    deadline = time.time() + 600
+    while not (out / "retrain" / "last.ckpt").exists():  # the retrain's first epoch is done
+        assert time.time() < deadline and driver.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGTERM)
+    driver.wait(timeout=120)
+    output = log.read_text()
+    assert driver.returncode == 143, output[-3000:]
+    assert output.strip().splitlines()[-1] == (
+        "error: stopped during the retrain; run the same command with --resume to finish (the "
+        "search's trials are kept)")
+    assert "SIGTERM: stopping (Ctrl-C again to abort) ..." in output
+    assert "*** " not in output and not (out / "results.json").exists()
+
+    proc = subprocess.run([*args, "--resume"], cwd=ROOT, env=search_env(sys_tmp),
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " started: " not in proc.stdout  # no trial ran again
     trials = _read_trials(out)
     assert list(trials[0]) == ["trial_id", "model.width", "augment.cutout_p", "epochs",
                                "best_val_acc", "status", "startup_s", *PHASE_COLUMNS, "train_s"]
@@ -242,6 +258,7 @@ def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_p
     # Learned on the user's images: 4 classes, chance is 0.25.
     assert results["best_val_acc"] > 0.5 and results["test_acc"] > 0.6, results
     assert (out / "gradcam" / "index.html").is_file() and (out / "report.html").is_file()
+    assert results["resumes"] == 1
 
 
 def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
