@@ -63,7 +63,10 @@ class RayNode:
 def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
     # The cluster's own token, as a user provides it (RAY_AUTH_TOKEN or ~/.ray/auth_token).
     token = secrets.token_hex(32)
-    env = search_env(sys_tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    # RAY_JOB_STOP_WAIT_TIME_S as cluster.yaml sets it: `ray job stop` leaves 60 s between
+    # its SIGTERM and its SIGKILL.
+    env = search_env(sys_tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+                     RAY_JOB_STOP_WAIT_TIME_S="60")
     port, dashboard_port = free_port(), free_port()
     head = RayNode(["--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={sys_tmp}/ray",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -106,8 +109,7 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
             for name, node in (("head", head), ("second", second)):
                 if workers & node.track():
                     seen_on.add(name)
-            checkpointed = {p.parent.name for p in out.glob("train_runs/*/epoch_*")}
-            if seen_on == {"head", "second"} and len(checkpointed) == 2 \
+            if seen_on == {"head", "second"} and len(_registered(out)) == 2 \
                     and workers & second.track():
                 break
             time.sleep(0.5)
@@ -138,9 +140,54 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
         assert results["num_trials"] == 2 and results["test_acc"] > 0.6
         assert time.time() - lost_at > 5  # the search really went on after the loss
         assert not files_containing(tmp_path, token)  # neither logged nor written to results
+        _ray_job_stop_stops_a_search(dashboard_port, env, search, noisy_data, tmp_path)
     finally:
         if driver is not None and driver.poll() is None:
             driver.kill()
             driver.wait()
         for node in reversed(nodes):
             node.stop()
+
+
+def _registered(out: Path) -> list[Path]:
+    """The trials' runs with a checkpoint registered by Ray Train (in its snapshot, what a
+    restarted worker group goes on from), not just written: a worker lost in between starts
+    over from epoch 0."""
+    runs = []
+    for snapshot in out.glob("train_runs/*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                runs.append(snapshot.parent)
+        except ValueError:  # being written
+            pass
+    return runs
+
+
+def _ray_job_stop_stops_a_search(dashboard_port: int, env: dict, search: list[str],
+                                 data: Path, tmp_path: Path) -> None:
+    """`ray job stop` sends the job's driver SIGTERM: the search stops as on Ctrl-C, saves its
+    state and says how to resume, within the 60 s before Ray's SIGKILL."""
+    job = ["--address", f"http://127.0.0.1:{dashboard_port}"]
+    out = tmp_path / "stopped"
+
+    def ray(command: str, *args: str) -> str:
+        proc = subprocess.run([RAY, "job", command, *job, *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout
+
+    ray("submit", "--no-wait", "--submission-id", "to-stop", "--", sys.executable, "-m",
+        "cifar_ray.tune", *search, "--data-dir", str(data), "--output-dir", str(out),
+        "--address", "auto", "--num-samples", "4")
+    deadline = time.time() + 300
+    while " started: optim.lr=" not in ray("logs", "to-stop"):
+        status = ray("status", "to-stop").lower()
+        running = "running" in status or "pending" in status
+        assert running and time.time() < deadline, ray("logs", "to-stop")[-3000:]
+        time.sleep(1)
+    ray("stop", "to-stop")
+    logs = ray("logs", "to-stop")
+    assert "SIGTERM: stopping the search" in logs, logs[-3000:]
+    assert "error: search interrupted; its state is saved in" in logs, logs[-3000:]
+    assert "job 'to-stop' was stopped" in ray("status", "to-stop").lower()
+    assert list((out / "search").glob("experiment_state-*.json"))  # what --resume needs
