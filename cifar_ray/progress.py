@@ -269,12 +269,15 @@ def route_worker_logs(target: Path) -> None:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     log = open(target, "a", buffering=1)
+    shown: set[tuple[Any, str]] = set()
 
     def handle(data: dict[str, Any]) -> None:
         who = data.get("actor_name") or data.get("task_name")
         prefix = f"({who + ' ' if who else ''}pid={data.get('pid')}, ip={data.get('ip')})"
         for line in data.get("lines", []):
-            if line.startswith(CONSOLE_MARK):
+            # Ray streams a Ray Train worker's output twice (seen with ray 2.60): show it once.
+            if line.startswith(CONSOLE_MARK) and (data.get("pid"), line) not in shown:
+                shown.add((data.get("pid"), line))
                 screen.line(line[len(CONSOLE_MARK):])
             try:
                 log.write(f"{prefix} {line}\n")

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -87,6 +88,20 @@ def sys_tmp():
 
 def search_env(sys_tmp: Path, **extra: str) -> dict:
     return dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(sys_tmp), **extra)
+
+
+def registered_runs(out: Path) -> list[Path]:
+    """The trials' runs with a checkpoint registered by Ray Train (in its snapshot, what a
+    restarted worker group goes on from), not just written: a worker lost in between starts
+    over from epoch 0."""
+    runs = []
+    for snapshot in out.glob("train_runs/*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                runs.append(snapshot.parent)
+        except ValueError:  # being written
+            pass
+    return runs
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SMOKE, search_env
+from tests.conftest import ROOT, SMOKE, registered_runs, search_env
 from tests.processes import (descendants, files_containing, free_port, kill_all,
                              listening_hosts, pids_with, wait_gone)
 
@@ -109,7 +109,7 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
             for name, node in (("head", head), ("second", second)):
                 if workers & node.track():
                     seen_on.add(name)
-            if seen_on == {"head", "second"} and len(_registered(out)) == 2 \
+            if seen_on == {"head", "second"} and len(registered_runs(out)) == 2 \
                     and workers & second.track():
                 break
             time.sleep(0.5)
@@ -147,20 +147,6 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
             driver.wait()
         for node in reversed(nodes):
             node.stop()
-
-
-def _registered(out: Path) -> list[Path]:
-    """The trials' runs with a checkpoint registered by Ray Train (in its snapshot, what a
-    restarted worker group goes on from), not just written: a worker lost in between starts
-    over from epoch 0."""
-    runs = []
-    for snapshot in out.glob("train_runs/*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                runs.append(snapshot.parent)
-        except ValueError:  # being written
-            pass
-    return runs
 
 
 def _ray_job_stop_stops_a_search(dashboard_port: int, env: dict, search: list[str],

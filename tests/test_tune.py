@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import ARTIFACTS, ROOT, SMOKE, run_cli, search_env
+from tests.conftest import ARTIFACTS, ROOT, SMOKE, registered_runs, run_cli, search_env
 from tests.processes import files_containing, free_port, pids_with
 
 pytestmark = pytest.mark.slow
@@ -460,7 +460,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_pa
          "--retrain-epochs", "1"], cwd=ROOT, env=search_env(sys_tmp), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while time.time() < deadline and driver.poll() is None:
-        if list(out.glob("train_runs/*/epoch_*")):  # the first epoch is checkpointed
+        if registered_runs(out):  # the first epoch's checkpoint is registered with Ray Train
             break
         time.sleep(0.5)
     victims = pids_with("RayTrainWorker") - workers_before
