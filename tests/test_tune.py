@@ -364,7 +364,7 @@ def test_a_search_whose_saved_state_lags_its_train_runs_resumes(noisy_data, tmp_
     # One line on the console says so, and the search goes on.
     warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: trial ")]
     assert len(warnings) == 1 and f"its checkpoint {damaged} is unreadable" in warnings[0]
-    assert re.search(r"; (going on from epoch_\d{4}|starting the trial over)$", warnings[0])
+    assert re.search(r"; (going on from epoch_\d{4}_\w{8}|starting the trial over)$", warnings[0])
     trials = _read_trials(out)
     assert len(trials) == 2, trials
     assert all(t["status"] == "completed" and t["epochs"] == "3" and t["best_val_acc"]
