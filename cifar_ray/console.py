@@ -42,17 +42,16 @@ class Console:
 
     def clear(self) -> None:
         """Take the progress line off (a terminal), before something else prints."""
-        with self.lock:
-            if self.status:
-                self.stream.write("\r\033[K")
-                self.stream.flush()
-            self.status = ""
+        self._end("\r\033[K")
 
     def finish(self) -> None:
         """Leave the progress line where it is, as an ordinary line."""
+        self._end("\n")
+
+    def _end(self, text: str) -> None:
         with self.lock:
             if self.status:
-                self.stream.write("\n")
+                self.stream.write(text)
                 self.stream.flush()
             self.status = ""
 

@@ -231,9 +231,10 @@ class SearchConsole(Callback):
 
     def on_step_end(self, iteration, trials, **info) -> None:
         if "table" in self._runtime and not self._stopping():
-            if time.time() - self._runtime["table"]._last_heartbeat_time >= 30:
+            table = self._runtime["table"]  # clear the progress line only when it prints
+            if time.time() - table._last_heartbeat_time >= table._heartbeat_freq:
                 self.console.clear()
-                self._runtime["table"].print_heartbeat(trials)
+                table.print_heartbeat(trials)
         self._progress()
 
     def on_experiment_end(self, trials, **info) -> None:

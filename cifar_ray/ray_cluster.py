@@ -159,32 +159,44 @@ class Stop(threading.Event):
 
 
 @contextlib.contextmanager
-def ctrl_c_stops_tune() -> Iterator[Stop]:
-    """Ctrl-C (SIGINT) or SIGTERM (`kill`, `timeout`, `ray job stop`, Kubernetes, Slurm) during
-    the search: the first one asks Tune to stop gracefully (save its state, stop the trials,
-    return), through Tune's own SIGUSR1 handler; a second one aborts. Tune's SIGINT handler is
-    turned off so that the event yielded here tells afterwards whether the search was
-    interrupted: neither the trials' statuses nor their last results tell that reliably. The
-    driver's SIGTERM handler here also replaces Ray's, which printed C++ stack dumps."""
-    interrupted = Stop()
+def stop_signals(doing: str, then=None) -> Iterator[Stop]:
+    """Ctrl-C (SIGINT) or SIGTERM (`kill`, `timeout`, `ray job stop`, Kubernetes, Slurm) only
+    set the Stop yielded here (and call `then`), for the driver to check where it waits: an
+    exception raised by a handler inside Ray's C++ calls (ray.get) came out as a SystemError
+    traceback. A second signal aborts. The SIGTERM handler also replaces Ray's, which printed
+    C++ stack dumps. The previous handlers come back afterwards."""
+    stop = Stop()
 
     def on_signal(sig, frame) -> None:
-        if interrupted.is_set():
+        if stop.is_set():
             raise KeyboardInterrupt
         name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
-        print(f"\n{name}: stopping the search (Ctrl-C again to abort) ...", flush=True)
-        interrupted.exit_code = 128 + sig
-        interrupted.set()
-        os.kill(os.getpid(), signal.SIGUSR1)
+        print(f"\n{name}: {doing} (Ctrl-C again to abort) ...", flush=True)
+        stop.exit_code = 128 + sig
+        stop.set()
+        if then:
+            then()
 
-    previous = signal.signal(signal.SIGINT, on_signal)
-    previous_term = signal.signal(signal.SIGTERM, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_tune() -> Iterator[Stop]:
+    """stop_signals during the search: the first signal asks Tune to stop gracefully (save its
+    state, stop the trials, return), through Tune's own SIGUSR1 handler. Tune's SIGINT handler
+    is turned off so that the Stop yielded here tells afterwards whether the search was
+    interrupted: neither the trials' statuses nor their last results tell that reliably."""
     # Until Tune installs its SIGUSR1 handler, SIGUSR1 must not kill the process.
     previous_usr1 = signal.signal(signal.SIGUSR1, lambda sig, frame: None)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
-        yield interrupted
+        with stop_signals("stopping the search",
+                          then=lambda: os.kill(os.getpid(), signal.SIGUSR1)) as interrupted:
+            yield interrupted
     finally:
-        signal.signal(signal.SIGINT, previous)
-        signal.signal(signal.SIGTERM, previous_term)
         signal.signal(signal.SIGUSR1, previous_usr1)

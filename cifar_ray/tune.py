@@ -23,10 +23,10 @@ Output dir:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import time
 from pathlib import Path
@@ -39,8 +39,8 @@ from cifar_ray.errors import Interrupted, UserError, cli_entry
 from cifar_ray.files import write_json, write_text
 from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.plan import asha_rungs, make_plan
-from cifar_ray.ray_cluster import (Stop, concurrency, configure_auth, ctrl_c_stops_tune,
-                                   plan_resources, start_ray, trials_that_fit)
+from cifar_ray.ray_cluster import (concurrency, configure_auth, ctrl_c_stops_tune, plan_resources,
+                                   start_ray, stop_signals, trials_that_fit)
 from cifar_ray.report import write_report
 from cifar_ray.run_lock import output_dir_lock
 from cifar_ray.search import (run_search, storage_dir, summarise_trials, training_seconds,
@@ -243,21 +243,10 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
         print(f"worker output (Ray Train, Lightning): {out / 'logs' / 'workers.log'} "
               "(-v shows it here)")
 
-    # Outside the search (ctrl_c_stops_tune has its own), SIGTERM or Ctrl-C only sets `stop`,
-    # which the driver checks where it waits: an exception raised by a signal handler inside
-    # Ray's C++ calls (ray.get) surfaced as a SystemError traceback. This also replaces Ray's
-    # SIGTERM handler in this process, which printed C++ stack dumps.
-    stop = Stop()
-
-    def stop_asked(sig, frame) -> None:
-        if stop.is_set():  # a second one aborts
-            raise KeyboardInterrupt
-        stop.exit_code = 128 + sig
-        stop.set()
-        name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
-        print(f"\n{name}: stopping (Ctrl-C again to abort) ...", flush=True)
-
-    previous = {sig: signal.signal(sig, stop_asked) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Outside the search (ctrl_c_stops_tune has its own), a signal sets `stop`, which the
+    # driver checks before the search and while it waits for the retrain.
+    signals = contextlib.ExitStack()
+    stop = signals.enter_context(stop_signals("stopping"))
     try:
         data = ray.put(arrays)  # read once; every trial's workers map it from the object store
         del arrays
@@ -312,8 +301,7 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
                 raise exc.cause from None
             raise
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signals.close()
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 

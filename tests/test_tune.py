@@ -223,15 +223,9 @@ def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_p
             "--dataset", "folder", "--data-dir", str(class_folders), "--output-dir", str(out),
             "--num-samples", "3", "--epochs", "2", "--grace-period", "2",
             "--retrain-epochs", "2", "--lr", "0.01", "--batch-size", "64"]
-    driver, log = _start(args, tmp_path / "first.log", sys_tmp)
-    deadline = time.time() + 600
-    while not (out / "retrain" / "last.ckpt").exists():  # the retrain's first epoch is done
-        assert time.time() < deadline and driver.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.2)
-    driver.send_signal(signal.SIGTERM)
-    driver.wait(timeout=120)
-    output = log.read_text()
-    assert driver.returncode == 143, output[-3000:]
+    # SIGTERM once the retrain's first epoch is done.
+    output = _sigterm_when(lambda log: (out / "retrain" / "last.ckpt").exists(), args,
+                           tmp_path / "first.log", sys_tmp)
     assert output.strip().splitlines()[-1] == (
         "error: stopped during the retrain; run the same command with --resume to finish (the "
         "search's trials are kept)")
@@ -401,6 +395,21 @@ def _start(args: list[str], log: Path, sys_tmp: Path) -> tuple[subprocess.Popen,
     return driver, log
 
 
+def _sigterm_when(ready, args: list[str], log: Path, sys_tmp: Path) -> str:
+    """Start the command, SIGTERM it once `ready(its output so far)`; it must exit 143. Returns
+    its output."""
+    driver, log = _start(args, log, sys_tmp)
+    deadline = time.time() + 600
+    while not ready(log.read_text()):
+        assert time.time() < deadline and driver.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGTERM)
+    driver.wait(timeout=300)
+    output = log.read_text()
+    assert driver.returncode == 143, output[-3000:]
+    return output
+
+
 def _wait_for_finished_trials(state: Path, n: int, driver: subprocess.Popen) -> float:
     """Waits until `n` trials have finished, while the driver runs; returns when."""
     deadline = time.time() + 600
@@ -493,15 +502,8 @@ def test_a_long_cpu_search_is_announced_before_its_first_trial(noisy_data, tmp_p
     args = [sys.executable, "-m", "cifar_ray.tune", "--data-dir", str(noisy_data),
             "--output-dir", str(out), "--device", "cpu", "--num-samples", "200", "--epochs",
             "100", "--cpus-per-worker", "1", "--max-concurrent", "1", "--val-size", "200"]
-    driver, log = _start(args, tmp_path / "driver.log", sys_tmp)
-    deadline = time.time() + 300
-    while " started: optim.lr=" not in log.read_text():
-        assert time.time() < deadline and driver.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.5)
-    driver.send_signal(signal.SIGTERM)
-    driver.wait(timeout=300)
-    output = log.read_text()
-    assert driver.returncode == 143, output[-3000:]
+    output = _sigterm_when(lambda log: " started: optim.lr=" in log, args,
+                           tmp_path / "driver.log", sys_tmp)
     warning = output.index("!! This search trains on CPUs only and would take about ")
     assert warning < output.index(" started: optim.lr=")
     assert "python -m cifar_ray.tune --config experiments/search_smoke.yaml" in output
