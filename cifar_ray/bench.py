@@ -347,21 +347,18 @@ def bench_search(data_dir: Path, on_gpu: bool, shares: list[float], trials: int,
 
 def bench_gradcam(images: np.ndarray, device: torch.device, width: int,
                   batch: int = 256) -> dict[str, Any]:
-    """The gradcam stage's own CAM call (one GradCAM object, reused) on up to 2,048 test
-    images in batches of `batch`, each batch shape warmed up first."""
-    from pytorch_grad_cam import GradCAM
-
-    from cifar_ray.gradcam import DEFAULT_LAYER, compute_cams, target_layer
+    """The gradcam stage's own CAM call on up to 2,048 test images in batches of `batch`,
+    each batch shape warmed up first."""
+    from cifar_ray.gradcam import DEFAULT_LAYER, compute_cams
 
     module = LitResNet9(width=width).to(device).eval()
     spec = SPECS["cifar10"]
     x = normalize(torch.from_numpy(images[:2048]).permute(0, 3, 1, 2), spec.mean, spec.std)  # (N, 3, 32, 32)
     chunks = list(torch.split(x, batch))
-    with GradCAM(model=module, target_layers=[target_layer(module, DEFAULT_LAYER)]) as cam:
-        for chunk in {len(c): c for c in chunks}.values():  # warm-up, once per shape
-            compute_cams(module, chunk, [0] * len(chunk), DEFAULT_LAYER, device, cam)
-        seconds = timed(lambda: [compute_cams(module, c, [0] * len(c), DEFAULT_LAYER, device, cam)
-                                 for c in chunks], device)
+    for chunk in {len(c): c for c in chunks}.values():  # warm-up, once per shape
+        compute_cams(module, chunk, [0] * len(chunk), DEFAULT_LAYER, device)
+    seconds = timed(lambda: [compute_cams(module, c, [0] * len(c), DEFAULT_LAYER, device)
+                             for c in chunks], device)
     return {"gradcam_images_s": len(x) / seconds, "gradcam_batch_size": batch}
 
 

@@ -91,6 +91,26 @@ def test_cams_are_in_unit_range_and_the_model_mode_is_restored(weak_checkpoint, 
     assert all(m.training is (mode == "train") for m in module.modules())
 
 
+@pytest.mark.parametrize("layer,batch", [(DEFAULT_LAYER, 1), (DEFAULT_LAYER, 37), ("layer1_R", 9),
+                                         ("prep", 4)])
+def test_batched_cams_equal_the_grad_cam_package(weak_checkpoint, cifar10, layer, batch):
+    """compute_cams batches grad-cam's GradCAM on the device: the maps must be the package's."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from cifar_ray.gradcam import target_layer
+
+    module = load_module(weak_checkpoint)
+    images, test = _test_images(cifar10)
+    ids = np.random.default_rng(batch).integers(0, 10, batch).tolist()  # any class, not the true one
+    with GradCAM(model=module, target_layers=[target_layer(module, layer)]) as cam:
+        expected = cam(images[:batch].clone(), [ClassifierOutputTarget(c) for c in ids])
+    got = compute_cams(module, images[:batch], ids, layer, torch.device("cpu"))
+    assert got.shape == expected.shape == (batch, 32, 32)
+    assert expected.max() > 0.5  # real maps, not all zero
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
 def test_gradcam_peaks_on_the_planted_patch(trained_run):
     """The class is decided by a colour patch at a known place: the CAM for the true class
     must peak inside it for most images (a random peak would land there ~10% of the time)."""
