@@ -7,7 +7,9 @@ writes the numbers after every section, so a section that fails or runs out of t
               a plain PyTorch loop over the same model, optimiser, batch size, precision and
               device, fed the same in-memory batches: `framework_ratio` = module / plain; at
               each of `--batch-sizes` (the search samples several). On CUDA also whether a
-              training step synchronises with the host (torch's sync debug mode).
+              training step synchronises with the host (torch's sync debug mode). And the
+              module under DDP with one rank (`module_ddp_images_s`): a search trial's worker
+              trains under Ray's DDP strategy even alone.
   compile     (CUDA) the module with `trainer.compile` default and reduce-overhead (CUDA
               graphs): images/s, and the seconds its first steps took (compiling).
   augment     images/s of the Albumentations recipe (one process, and a DataLoader with one
@@ -162,11 +164,17 @@ class _StepClock(pl.Callback):
 
 
 def module_run(batches, width: int, device: torch.device, warmup: int, compile: str = "off",
-               count_syncs: bool = False) -> _StepClock:
-    """The same batches through the project's LitResNet9 and Lightning's fit loop."""
+               count_syncs: bool = False, ddp: bool = False) -> _StepClock:
+    """The same batches through the project's LitResNet9 and Lightning's fit loop; with `ddp`,
+    under Lightning's DDP strategy with one rank, as a search trial's worker runs it (Ray's
+    RayDDPStrategy is Lightning's DDPStrategy placed by Ray)."""
     torch.manual_seed(0)
     clock = _StepClock(warmup, device, count_syncs)
-    trainer = build_trainer(device.type, max_epochs=1, callbacks=[clock])
+    options: dict[str, Any] = {}
+    if ddp:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        options["strategy"] = pl.strategies.DDPStrategy(process_group_backend=backend)
+    trainer = build_trainer(device.type, max_epochs=1, callbacks=[clock], **options)
     module = LitResNet9(width=width)
     module.compile_mode = compile
     trainer.fit(module, train_dataloaders=_Iterable(batches))
@@ -176,7 +184,8 @@ def module_run(batches, width: int, device: torch.device, warmup: int, compile: 
 def bench_framework(device: torch.device, width: int, batches_sizes: list[int], steps: int,
                     warmup: int) -> dict[str, Any]:
     """At each batch size: the plain loop and the module, alternated twice (each one's best
-    kept: less noise from the machine). The first batch size's figures are the headline."""
+    kept: less noise from the machine), then the module once under DDP with one rank, as a
+    search trial runs it. The first batch size's figures are the headline."""
     out: dict[str, Any] = {"by_batch_size": {}}
     for batch in batches_sizes:
         batches = synthetic_batches(warmup + steps, batch, device)
@@ -187,8 +196,10 @@ def bench_framework(device: torch.device, width: int, batches_sizes: list[int], 
             clock = module_run(batches, width, device, warmup, count_syncs=attempt == 0)
             module.append(images / (clock.end - clock.start))
             syncs = clock.syncs if attempt == 0 else syncs
+        clock = module_run(batches, width, device, warmup, ddp=True)
         row = {"plain_loop_images_s": max(plain), "module_images_s": max(module),
-               "framework_ratio": max(module) / max(plain)}
+               "framework_ratio": max(module) / max(plain),
+               "module_ddp_images_s": images / (clock.end - clock.start)}
         if device.type == "cuda":
             row["syncs_in_timed_steps"] = len(syncs)
             row["sync_examples"] = syncs[:2]
@@ -510,7 +521,8 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"  {label:<46} {'-' if value is None else fmt.format(value)}")
     for size, row in report.get("by_batch_size", {}).items():
         lines.append(f"  batch {size:>5}: plain {row['plain_loop_images_s']:,.0f}, module "
-                     f"{row['module_images_s']:,.0f} images/s (ratio {row['framework_ratio']:.3f})")
+                     f"{row['module_images_s']:,.0f} images/s (ratio {row['framework_ratio']:.3f}), "
+                     f"module under DDP {row['module_ddp_images_s']:,.0f}")
     for share, row in report.get("by_share", {}).items():
         lines.append(f"  search at {share} GPU per trial: {row['search_wall_s']:.0f} s wall, "
                      f"{row['trial_epochs_per_s']:.2f} trial-epochs/s, start-up "

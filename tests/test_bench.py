@@ -29,6 +29,7 @@ def test_bench_on_cpu_writes_every_section(noisy_data, tmp_path, sys_tmp, no_lef
                 "trial_epochs_per_s"):
         assert report[key] > 0, key
     assert set(report["by_batch_size"]) == {"32", "16"}
+    assert all(row["module_ddp_images_s"] > 0 for row in report["by_batch_size"].values())
     assert report["module_images_s"] == report["by_batch_size"]["32"]["module_images_s"]
     assert report["framework_ratio"] == pytest.approx(
         report["module_images_s"] / report["plain_loop_images_s"])
