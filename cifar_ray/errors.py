@@ -32,6 +32,11 @@ class CheckpointError(UserError):
     pass
 
 
+# The errors below take more than a message; each says how to rebuild it (`__reduce__`), as an
+# error raised in a Ray worker is pickled to reach the driver (without it, Ray delivers a
+# TypeError from the failed rebuild instead).
+
+
 class Interrupted(UserError):
     """A run or search asked to stop (Ctrl-C, SIGTERM) that saved what `--resume` needs."""
 
@@ -39,16 +44,39 @@ class Interrupted(UserError):
         super().__init__(message)
         self.exit_code = exit_code  # the shell's: 130 after Ctrl-C, 143 after SIGTERM
 
+    def __reduce__(self):
+        return type(self), (str(self), self.exit_code)
+
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFull(UserError):
-    """A write failed for want of space: which file, and what was kept."""
+    """A write failed for want of space: which file, why (the OSError or its text), and what
+    was kept."""
 
-    def __init__(self, path, exc: OSError):
-        super().__init__(f"no space left to write {path} ({exc.strerror or exc}); files written "
+    def __init__(self, path, exc: OSError | str):
+        self.path = str(path)
+        self.reason = exc if isinstance(exc, str) else (exc.strerror or str(exc))
+        super().__init__(f"no space left to write {path} ({self.reason}); files written "
                          "before it are intact: free some space and run the same command again")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
+
+
+def full_disk(exc: BaseException | None) -> DiskFull | None:
+    """The DiskFull in `exc` or its causes (Ray wraps an error raised in a worker: a
+    RayTaskError's `cause`), an OSError for want of space made one; else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DiskFull):
+            return exc
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return DiskFull(exc.filename or "a file", exc)
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
 
 
 def cli_entry(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:

@@ -16,15 +16,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from ray import cloudpickle
 from ray.tune import Callback
 
 from cifar_ray.console import CONSOLE_MARK, Console, screen
+from cifar_ray.errors import full_disk
 from cifar_ray.plan import SearchPlan, expected_epochs, format_duration
 from cifar_ray.search_config import describe
 from cifar_ray.trial import FIRST_STEP_AT, METRIC, REPORTED_AT, STARTUP
@@ -215,7 +218,25 @@ class SearchConsole(Callback):
         except OSError:
             return f"(error file {path} could not be read)"
 
+    def _stopped_for_full_disk(self, trial) -> bool:
+        """A trial that failed for want of disk space stops the search (every retry and every
+        other trial would fail the same way), its state saved for --resume."""
+        # Tune has just written the error beside the trial's local results (its copy in the
+        # storage, which get_pickled_error reads, comes later).
+        try:
+            error = full_disk(cloudpickle.loads(Path(trial.pickled_error_file).read_bytes()))
+        except Exception:  # no such file, or not one to load: not an error this can tell
+            error = None
+        if error is None or self.stop is None:
+            return False
+        self.console.line(f"{self._name(trial)} failed: no space left to write {error.path} "
+                          f"({error.reason}); stopping the search")
+        self.stop.stop_for_full_disk(error)
+        return True
+
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        if self._stopped_for_full_disk(trial):
+            return
         epochs = int((trial.last_result or {}).get("training_iteration", 0))
         error = self._error_text(trial).splitlines()
         self.console.line(f"{self._name(trial)} failed after {epochs} epochs "
@@ -224,6 +245,8 @@ class SearchConsole(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._runtime["estimator"].finish(trial.trial_id)
+        if self._stopped_for_full_disk(trial):
+            return
         epochs = int((trial.last_result or {}).get("training_iteration", 0))
         self.console.line(f"{self._name(trial)} failed after {epochs} epochs, "
                           f"{trial.num_failures} time(s), and is given up:\n"
@@ -263,6 +286,8 @@ def route_worker_logs(target: Path) -> None:
     """Send what Ray's worker processes print (Ray Train's per-epoch lines, Lightning's
     banners, stack dumps of stopped workers) to `target` instead of the driver's console.
     Lines that start with CONSOLE_MARK are shown on the console too, without the mark.
+    Tune's own log goes there too: its trial errors in full (the console has a line for each,
+    SearchConsole) and its advice on stopping to call `Tuner.restore`, which `--resume` does.
 
     Ray's driver prints worker output through one handler of its log dispatcher; this swaps
     that handler for one that writes the file (ray 2.60: `ray._private.ray_logging`)."""
@@ -287,3 +312,8 @@ def route_worker_logs(target: Path) -> None:
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("cifar_ray_logs", handle)
+    tune_log = logging.getLogger("ray.tune")
+    to_file = logging.StreamHandler(log)
+    to_file.setFormatter(logging.Formatter("(driver) %(asctime)s %(levelname)s %(name)s: %(message)s"))
+    tune_log.addHandler(to_file)
+    tune_log.propagate = False

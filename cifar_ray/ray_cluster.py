@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from cifar_ray.errors import ConfigError, UserError
+from cifar_ray.errors import ConfigError, DiskFull, UserError
 from cifar_ray.search_config import SearchConfig
 
 HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
@@ -153,9 +153,22 @@ def plan_resources(cfg: SearchConfig, storage: Path) -> tuple[dict[str, Any], in
 
 class Stop(threading.Event):
     """Set when the search was asked to stop; `exit_code` is the shell's for that signal
-    (130 for Ctrl-C, 143 for SIGTERM)."""
+    (130 for Ctrl-C, 143 for SIGTERM). The search also stops itself when a trial ran out of
+    disk space (`stop_for_full_disk`): every other trial would too."""
 
     exit_code = 0
+    full_disk: DiskFull | None = None
+
+    def __init__(self, then=None):
+        super().__init__()
+        self.then = then
+
+    def stop_for_full_disk(self, error: DiskFull) -> None:
+        if not self.is_set():
+            self.full_disk, self.exit_code = error, error.exit_code
+            self.set()
+            if self.then:
+                self.then()
 
 
 @contextlib.contextmanager
@@ -165,7 +178,7 @@ def stop_signals(doing: str, then=None) -> Iterator[Stop]:
     exception raised by a handler inside Ray's C++ calls (ray.get) came out as a SystemError
     traceback. A second signal aborts. The SIGTERM handler also replaces Ray's, which printed
     C++ stack dumps. The previous handlers come back afterwards."""
-    stop = Stop()
+    stop = Stop(then)
 
     def on_signal(sig, frame) -> None:
         if stop.is_set():

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_ray.config import Config, overlay
+from cifar_ray.errors import full_disk
 
 METRIC = "val/acc"  # what ASHA and the choice of the best trial go by
 STARTUP = "time/startup_s"  # trial function start -> this worker's first training step
@@ -60,7 +61,8 @@ def run_trial(sample: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
     that Ray hands the reference on rather than the arrays)."""
     trial_started = time.time()
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
+                           WorkerGroupError)
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -85,4 +87,12 @@ def run_trial(sample: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
                                                checkpoint_score_order="max"),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except WorkerGroupError as exc:
+        # A full disk: Tune gets the DiskFull itself, on which the search stops (retrying
+        # fails the same way; progress.SearchConsole), not Ray Train's report of it.
+        full = next(filter(None, map(full_disk, exc.worker_failures.values())), None)
+        if full is None:
+            raise
+        raise full from None

@@ -265,6 +265,10 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
                                     cfg.tune.max_failures, interrupted)
             grid = run_search(cfg, out, args.resume, concurrent, scaling, data, console,
                               args.verbose)
+        if full := interrupted.full_disk:
+            raise UserError(f"the search stopped: no space left to write {full.path} "
+                            f"({full.reason}); its state is saved in {out / cfg.tune.name}: "
+                            "free some space and run the same command with --resume")
         if interrupted.is_set():
             raise Interrupted(f"search interrupted; its state is saved in {out / cfg.tune.name}: "
                               f"run the same command with --resume to continue",

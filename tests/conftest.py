@@ -141,12 +141,15 @@ def browser():
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 12 MB file system (tmpfs; mounting needs root, as in CI), unmounted afterwards."""
+def small_disk(tmp_path, request):
+    """A real 12 MB file system (tmpfs; mounting needs root, as in CI), unmounted afterwards;
+    another size in MB through indirect parametrisation."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     mount = tmp_path / "disk"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], check=True)
+    size = getattr(request, "param", 12)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}m", "tmpfs", str(mount)],
+                   check=True)
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=True)

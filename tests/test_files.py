@@ -1,6 +1,8 @@
 """Outputs are replaced atomically: a failure or a kill mid-write leaves the old file, whole."""
 
+import errno
 import json
+import pickle
 import random
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import time
 
 import pytest
 
-from cifar_ray.errors import DiskFull
+from cifar_ray.errors import DiskFull, Interrupted, full_disk
 from cifar_ray.files import atomic_path, save_figure, write_json
 from tests.conftest import ROOT
 
@@ -89,3 +91,24 @@ def test_a_full_disk_names_the_file_and_keeps_the_old_one(small_disk):
     with pytest.raises(DiskFull, match=f"^no space left to write {figure} "):
         save_figure(fig, figure)
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "results.json"]
+
+
+def test_errors_raised_in_a_ray_worker_reach_the_driver_whole():
+    """Ray pickles an error raised in a worker to hand it to the driver: the errors that take
+    more than a message come back the same (before, DiskFull came back as a TypeError)."""
+    full = DiskFull("/run/best.ckpt", OSError(errno.ENOSPC, "No space left on device"))
+    back = pickle.loads(pickle.dumps(full))
+    assert type(back) is DiskFull and str(back) == str(full)
+    assert (back.path, back.reason, back.exit_code) == ("/run/best.ckpt", "No space left on device", 2)
+    back = pickle.loads(pickle.dumps(Interrupted("stopped; --resume goes on", 143)))
+    assert type(back) is Interrupted and str(back) == "stopped; --resume goes on"
+    assert back.exit_code == 143
+
+
+def test_a_full_disk_is_found_among_an_errors_causes():
+    assert full_disk(OSError(errno.ENOSPC, "No space left on device", "events.out")).path == "events.out"
+    wrapped = RuntimeError("the worker failed")
+    wrapped.__cause__ = DiskFull("/run/last.ckpt", "No space left on device")
+    assert full_disk(wrapped).path == "/run/last.ckpt"
+    assert full_disk(OSError(errno.EACCES, "Permission denied")) is None
+    assert full_disk(ValueError("no")) is None and full_disk(None) is None

@@ -494,6 +494,46 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_pa
     assert epochs == [0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("small_disk", [64], indirect=True)  # MB: room for the whole search
+def test_a_search_out_of_disk_stops_at_once_and_resumes_with_room(noisy_data, small_disk,
+                                                                    tmp_path, sys_tmp,
+                                                                    no_leftover_ray):
+    """A trial's checkpoint fills the disk (a real tmpfs): the search stops -- a retry, or
+    any other trial, would fail the same way -- with one line that names the file and says
+    how to go on, exit 2, its state saved; with room again, --resume finishes it. (Ray Train
+    restarts the trial's worker, up to tune.max_failures times, before Tune hears of it.)"""
+    out = small_disk / "search"
+    filler = small_disk / "filler"
+    # 6 MB left: the first checkpoint fits (about 1.6 MB of weights and 3.2 of Adam's state),
+    # not the second epoch's beside it.
+    filler.write_bytes(bytes(shutil.disk_usage(small_disk).free - 6 * 2**20))
+    args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
+            "--output-dir", str(out), "--num-samples", "1", "--epochs", "2", "--grace-period",
+            "2", "--retrain-epochs", "1"]
+    proc = subprocess.run(args, cwd=ROOT, env=search_env(sys_tmp), capture_output=True,
+                          text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: the search stopped: no space left to write \S+ \(No space left "
+                        r"on device\); its state is saved in \S+: free some space and run the "
+                        r"same command with --resume", last), output[-3000:]
+    assert re.search(r"trial \w+ failed: no space left to write \S+ \(No space left on "
+                     r"device\); stopping the search", proc.stdout), proc.stdout[-3000:]
+    assert "retry 1 of" not in output  # Tune did not try the trial again
+    assert "Tuner.restore" not in output  # Tune's advice: --resume is this command's way
+    assert list((out / "search").glob("experiment_state*.json"))
+
+    filler.unlink()
+    proc = subprocess.run([*args, "--resume"], cwd=ROOT, env=search_env(sys_tmp),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    trials = _read_trials(out)
+    assert len(trials) == 1 and trials[0]["status"] == "completed" and trials[0]["epochs"] == "2", \
+        trials
+    assert json.loads((out / "results.json").read_text())["test_acc"] > 0.3
+
+
 def test_a_long_cpu_search_is_announced_before_its_first_trial(noisy_data, tmp_path, sys_tmp,
                                                                 no_leftover_ray):
     """The full-size network on CPUs, 200 trials of up to 100 epochs: hours. The warning comes
