@@ -501,7 +501,8 @@ def test_a_search_out_of_disk_stops_at_once_and_resumes_with_room(noisy_data, sm
     """A trial's checkpoint fills the disk (a real tmpfs): the search stops -- a retry, or
     any other trial, would fail the same way -- with one line that names the file and says
     how to go on, exit 2, its state saved; with room again, --resume finishes it. (Ray Train
-    restarts the trial's worker, up to tune.max_failures times, before Tune hears of it.)"""
+    restarts the trial's worker, tune.max_failures times, before Tune hears of it; then Tune
+    would retry the trial as often.)"""
     out = small_disk / "search"
     filler = small_disk / "filler"
     # 6 MB left: the first checkpoint fits (about 1.6 MB of weights and 3.2 of Adam's state),
@@ -509,7 +510,7 @@ def test_a_search_out_of_disk_stops_at_once_and_resumes_with_room(noisy_data, sm
     filler.write_bytes(bytes(shutil.disk_usage(small_disk).free - 6 * 2**20))
     args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
             "--output-dir", str(out), "--num-samples", "1", "--epochs", "2", "--grace-period",
-            "2", "--retrain-epochs", "1"]
+            "2", "--retrain-epochs", "1", "--max-failures", "1"]
     proc = subprocess.run(args, cwd=ROOT, env=search_env(sys_tmp), capture_output=True,
                           text=True, timeout=600)
     output = proc.stdout + proc.stderr
@@ -520,7 +521,7 @@ def test_a_search_out_of_disk_stops_at_once_and_resumes_with_room(noisy_data, sm
                         r"same command with --resume", last), output[-3000:]
     assert re.search(r"trial \w+ failed: no space left to write \S+ \(No space left on "
                      r"device\); stopping the search", proc.stdout), proc.stdout[-3000:]
-    assert "retry 1 of" not in output  # Tune did not try the trial again
+    assert "retry 1 of 1" not in output  # Tune did not try the trial again
     assert "Tuner.restore" not in output  # Tune's advice: --resume is this command's way
     assert list((out / "search").glob("experiment_state*.json"))
 
