@@ -41,6 +41,16 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def link_atomically(source: str | Path, target: str | Path) -> None:
+    """Make `target` a hard link to `source` (the same bytes, not a copy), replacing it
+    atomically. OSError where the file system has no hard links, or `source` is gone."""
+    if Path(source) == Path(target):
+        return
+    with atomic_path(target) as tmp:
+        tmp.unlink()
+        os.link(source, tmp)
+
+
 def write_json(target: str | Path, data: Any) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")

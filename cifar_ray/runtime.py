@@ -8,13 +8,14 @@ The project's one word for it is `device`: `auto` (CUDA when this process sees a
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from cifar_ray.config import DEVICES
-from cifar_ray.errors import ConfigError
-from cifar_ray.files import atomic_path
+from cifar_ray.errors import ConfigError, DiskFull
+from cifar_ray.files import atomic_path, link_atomically
 from cifar_ray.pl import pl
 
 
@@ -44,13 +45,35 @@ class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
     """Checkpoints written as every output is (files.atomic_path): to a temporary file beside
     the target, then renamed over it. Lightning's own writer stages the file in the system's
     temp dir and moves it; across file systems that move is a copy, and a copy stopped by a
-    full disk left a torn last.ckpt where the previous epoch's had been."""
+    full disk left a torn last.ckpt where the previous epoch's had been.
+
+    In an epoch that is the best so far, Lightning saves best.ckpt and last.ckpt from the same
+    state (the same epoch and step; only its own note of the other file's name differs): the
+    second is then a hard link to the first, not a second copy. For ResNet-9 with Adam's
+    state that is 79 MB and about 0.2 s (serialising, writing, fsync on the 2-core VM) saved
+    per such epoch, and half the disk. The next epoch's last.ckpt replaces the link, never
+    best.ckpt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._written: tuple[tuple[Any, Any], Path] | None = None  # (epoch, step), its file
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        state = (checkpoint.get("epoch"), checkpoint.get("global_step"))
+        if self._written and self._written[0] == state and self._written[1].parent == path.parent:
+            try:
+                link_atomically(self._written[1], path)
+                return
+            except DiskFull:
+                raise
+            except OSError:  # a file system without hard links, or the file is gone: write it
+                pass
         buffer = io.BytesIO()  # torch.save to a file reports a full disk as a RuntimeError
         torch.save(checkpoint, buffer)
         with atomic_path(path) as tmp:
             tmp.write_bytes(buffer.getbuffer())
+        self._written = (state, path)
 
 
 def build_trainer(device: str, precision: str = "auto", **options: Any) -> pl.Trainer:

@@ -112,3 +112,24 @@ def test_a_full_disk_is_found_among_an_errors_causes():
     assert full_disk(wrapped).path == "/run/last.ckpt"
     assert full_disk(OSError(errno.EACCES, "Permission denied")) is None
     assert full_disk(ValueError("no")) is None and full_disk(None) is None
+
+
+def test_best_and_last_of_the_same_epoch_are_one_file(tmp_path):
+    """Lightning saves best.ckpt and last.ckpt from the same state in an epoch that is the best
+    so far: the second is a hard link, not a second copy; the next epoch's last.ckpt replaces
+    the link and leaves best.ckpt as it was."""
+    import torch
+
+    from cifar_ray.runtime import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    best, last = tmp_path / "best.ckpt", tmp_path / "last.ckpt"
+    weights = torch.arange(1000.0)
+    io.save_checkpoint({"epoch": 1, "global_step": 10, "w": weights}, best)
+    io.save_checkpoint({"epoch": 1, "global_step": 10, "w": weights}, last)
+    assert best.stat().st_ino == last.stat().st_ino and best.stat().st_nlink == 2
+    io.save_checkpoint({"epoch": 2, "global_step": 20, "w": weights + 1}, last)
+    assert best.stat().st_ino != last.stat().st_ino and best.stat().st_nlink == 1
+    assert torch.load(best, weights_only=True)["epoch"] == 1
+    assert torch.equal(torch.load(last, weights_only=True)["w"], weights + 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]  # no temporaries

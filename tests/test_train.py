@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,9 +147,11 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, cifar10):
 
 
 def test_a_full_disk_is_one_line_and_keeps_what_was_written(cifar10, small_disk):
-    """Each checkpoint of this width-16 network is 5 MB: the first epoch writes best.ckpt and
-    last.ckpt, the second runs out of space. Lightning's own writer left a torn last.ckpt."""
+    """Each checkpoint of this width-16 network is 5 MB and 8 MB are free: the first epoch
+    writes best.ckpt (last.ckpt, the same state, is a link to it), the second runs out of
+    space writing either. Lightning's own writer left a torn last.ckpt."""
     out = small_disk / "run"
+    (small_disk / "filler").write_bytes(bytes(shutil.disk_usage(small_disk).free - 8 * 2**20))
     proc = run_cli("cifar_ray.train", "--data-dir", str(cifar10[0]), "--output-dir", str(out),
                    "--epochs", "4", "--val-size", "200", *FAST_FLAGS)
     assert proc.returncode == 2, proc.stderr[-3000:]
