@@ -163,12 +163,16 @@ class Stop(threading.Event):
         super().__init__()
         self.then = then
 
-    def stop_for_full_disk(self, error: DiskFull) -> None:
+    def request(self, exit_code: int, full_disk: DiskFull | None = None) -> None:
+        """Stop, once: note why, set, and call `then` (for the search: ask Tune to stop)."""
         if not self.is_set():
-            self.full_disk, self.exit_code = error, error.exit_code
+            self.exit_code, self.full_disk = exit_code, full_disk
             self.set()
             if self.then:
                 self.then()
+
+    def stop_for_full_disk(self, error: DiskFull) -> None:
+        self.request(error.exit_code, error)
 
 
 @contextlib.contextmanager
@@ -185,10 +189,7 @@ def stop_signals(doing: str, then=None) -> Iterator[Stop]:
             raise KeyboardInterrupt
         name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
         print(f"\n{name}: {doing} (Ctrl-C again to abort) ...", flush=True)
-        stop.exit_code = 128 + sig
-        stop.set()
-        if then:
-            then()
+        stop.request(128 + sig)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

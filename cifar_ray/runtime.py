@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cifar_ray.config import DEVICES
-from cifar_ray.errors import ConfigError, DiskFull
+from cifar_ray.errors import ConfigError
 from cifar_ray.files import atomic_path, link_atomically
 from cifar_ray.pl import pl
 
@@ -65,10 +65,8 @@ class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
             try:
                 link_atomically(self._written[1], path)
                 return
-            except DiskFull:
-                raise
             except OSError:  # a file system without hard links, or the file is gone: write it
-                pass
+                pass  # (a full disk is a DiskFull, not an OSError: it goes on up)
         buffer = io.BytesIO()  # torch.save to a file reports a full disk as a RuntimeError
         torch.save(checkpoint, buffer)
         with atomic_path(path) as tmp:
