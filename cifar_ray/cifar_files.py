@@ -18,8 +18,6 @@ from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
-from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import download_and_extract_archive
 
 from cifar_ray.config import DataConfig
 from cifar_ray.errors import DataError
@@ -32,10 +30,18 @@ class DatasetSpec:
     """Where a data set lives on disk and how its pickles are keyed (torchvision has the facts)."""
 
     name: str
-    source: type  # the torchvision class whose url / md5 / file list we reuse
+    source_name: str  # the torchvision class whose url / md5 / file list we reuse
     labels_key: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+
+    @property
+    def source(self) -> type:
+        # Imported when first needed: torchvision (and torch with it) takes seconds to import,
+        # and every command checks its flags and config before it reads any data.
+        import torchvision.datasets
+
+        return getattr(torchvision.datasets, self.source_name)
 
     @property
     def folder(self) -> str:
@@ -63,9 +69,9 @@ class DatasetSpec:
 
 
 SPECS = {
-    "cifar10": DatasetSpec("cifar10", CIFAR10, "labels",
+    "cifar10": DatasetSpec("cifar10", "CIFAR10", "labels",
                            (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetSpec("cifar100", CIFAR100, "fine_labels",
+    "cifar100": DatasetSpec("cifar100", "CIFAR100", "fine_labels",
                             (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
@@ -117,6 +123,8 @@ def ensure_dataset(data_dir: str | Path, dataset: str) -> Path:
     folder = data_dir / spec.folder
     if folder.is_dir():
         return folder
+    from torchvision.datasets.utils import download_and_extract_archive
+
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=data_dir, prefix=".extract-") as tmp:

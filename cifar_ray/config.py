@@ -30,6 +30,15 @@ PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 COMPILE_MODES = ("off", "default", "reduce-overhead")  # see module.py
 
 
+def resolve_precision(device: str, choice: str = "auto") -> str:
+    """bf16 mixed precision on a GPU ('cuda'), full precision on a CPU, unless asked otherwise.
+    Here, not in runtime.py, because the search's driver resolves it for its trials without
+    importing torch or Lightning (runtime.py's Trainer needs both)."""
+    if choice != "auto":
+        return choice
+    return "bf16-mixed" if device == "cuda" else "32-true"
+
+
 def setting(default: Any, help: str) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from cifar_ray.config import DEVICES
+from cifar_ray.config import DEVICES, resolve_precision
 from cifar_ray.errors import ConfigError
 from cifar_ray.files import atomic_path, link_atomically
 from cifar_ray.pl import pl
@@ -28,13 +28,6 @@ def resolve_device(choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice
-
-
-def resolve_precision(device: str, choice: str = "auto") -> str:
-    """bf16 mixed precision on a GPU, full precision on a CPU, unless asked otherwise."""
-    if choice != "auto":
-        return choice
-    return "bf16-mixed" if device == "cuda" else "32-true"
 
 
 def device_name(device: str) -> str:
