@@ -9,85 +9,23 @@ checkpoint safely and tests it once, then writes into the output dir:
     curves.png       loss and accuracy against epoch
     results.json     test/val numbers, per-class accuracy, confusion matrix, timings, config
 
-`run(cfg)` is the same run as a function; the search's retrain stage calls it.
+This module is the command: its flags, the config, the output dir and the data set are checked
+before torch and Lightning are imported (seconds), so `--help` and a mistake answer at once.
+The run itself is `train_run.run(cfg)`, which the search's retrain stage calls too.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import signal
-import time
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
+from cifar_ray.cifar_files import load_dataset
 from cifar_ray.config import Config, add_config_flags, resolve
-from cifar_ray.data import CifarArrays, CifarDataModule
 from cifar_ray.errors import ConfigError, Interrupted, cli_entry
-from cifar_ray.files import write_json
-from cifar_ray.module import LitResNet9, load_module, read_checkpoint
-from cifar_ray.plan import format_duration
-from cifar_ray.pl import pl
-from cifar_ray.plots import plot_curves
 from cifar_ray.run_lock import output_dir_lock
-from cifar_ray.runtime import build_trainer, device_name, resolve_device
-from cifar_ray.tracking import tensorboard_hparams
-
-# We size DataLoader workers deliberately (see CifarDataModule.num_workers).
-warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-# The TensorBoard logger creates the output dir first; checkpoints beside the logs are intended.
-warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
-
-
-class EpochHistory(pl.Callback):
-    """Keeps each epoch's logged train/val metrics, for curves.png and results.json."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-        self.first_epoch = 0  # > 0 when this session resumed a run
-
-    # Saved in every checkpoint, so a resumed run keeps the epochs it ran before.
-    def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rows = list(state["rows"])
-
-    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.first_epoch = trainer.current_epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        # Lightning runs validation before this hook, so both stages' metrics are here.
-        row = {"epoch": trainer.current_epoch + 1}
-        for key, value in trainer.callback_metrics.items():
-            if key.startswith(("train/", "val/")):
-                row[key] = float(value)
-        self.rows.append(row)
-
-
-class EpochLines(pl.Callback):
-    """One line per epoch when there is no progress bar (under a search's retrain, or
-    --no-progress-bar): epochs done, the last metrics, time left at the measured seconds per
-    epoch. `prefix`: console.CONSOLE_MARK + 'retrain ' inside a search, so the line reaches its
-    console from the Ray worker that trains."""
-
-    def __init__(self, prefix: str = ""):
-        self.prefix = prefix
-        self.started, self.first_epoch = 0.0, 0
-
-    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        self.started, self.first_epoch = time.perf_counter(), trainer.current_epoch
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        done = trainer.current_epoch + 1
-        per_epoch = (time.perf_counter() - self.started) / (done - self.first_epoch)
-        metrics = " ".join(f"{key}={float(value):.4f}" for key, value
-                           in sorted(trainer.callback_metrics.items())
-                           if key.startswith(("train/", "val/")))
-        print(f"{self.prefix}epoch {done}/{trainer.max_epochs}: {metrics}; {per_epoch:.1f} s/epoch, "
-              f"about {format_duration(per_epoch * (trainer.max_epochs - done))} left", flush=True)
 
 
 def check_output_dir(out: Path, overwrite: bool, resume: bool) -> Path | None:
@@ -101,80 +39,6 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool) -> Path | None:
         raise ConfigError(f"{out} already holds a finished run (results.json); "
                           "pass --overwrite or choose another --output-dir")
     return None
-
-
-def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | Path | None = None,
-        overwrite: bool = False, resume: bool = False, hparams: dict[str, Any] | None = None,
-        mlflow=None, line_prefix: str = "") -> dict[str, Any]:
-    """Train, test the best checkpoint, write the outputs; return the results dict.
-    `hparams`: values to show in TensorBoard's HParams tab (the retrain: the best sample);
-    `mlflow`: an MLflow logger that gets the same metrics (tracking.retrain_logger);
-    `line_prefix`: before each epoch's line when there is no progress bar (EpochLines)."""
-    out = Path(cfg.trainer.output_dir).expanduser().resolve()
-    resume_from = check_output_dir(out, overwrite, resume)
-    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    data = CifarDataModule(cfg, arrays)
-    if arrays is None:
-        data.prepare_data()
-    data.setup()
-    has_val = len(data.val_set) > 0
-    module = LitResNet9.from_config(cfg, data.classes, data.norm)
-    if init_checkpoint is not None:
-        module.load_state_dict(read_checkpoint(init_checkpoint)["state_dict"])
-
-    history = EpochHistory()
-    checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=out, filename="best", monitor="val/acc" if has_val else None, mode="max",
-        save_top_k=1, save_last=True, auto_insert_metric_name=False,
-        enable_version_counter=False)  # overwrite best.ckpt instead of writing best-v1.ckpt
-    batches = math.ceil(data.train_images_per_epoch() / cfg.trainer.batch_size)
-    device = resolve_device(cfg.trainer.device)
-    tensorboard = pl.loggers.TensorBoardLogger(out, name="tensorboard", version="",
-                                               default_hp_metric=False)
-    if hparams:
-        tensorboard_hparams(tensorboard, hparams)
-    trainer = build_trainer(
-        device, cfg.trainer.precision,
-        devices=cfg.trainer.devices,
-        max_epochs=cfg.trainer.epochs,
-        logger=[tensorboard, mlflow] if mlflow else tensorboard,
-        callbacks=[checkpoint, history, pl.callbacks.LearningRateMonitor("step"),
-                   *([] if cfg.trainer.progress_bar else [EpochLines(line_prefix)])],
-        enable_checkpointing=True,
-        limit_val_batches=1.0 if has_val else 0,
-        log_every_n_steps=max(1, min(50, batches)),
-        enable_progress_bar=cfg.trainer.progress_bar,
-    )
-    start = time.perf_counter()
-    # weights_only: resuming reads tensors and plain values only, like every load here.
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
-    train_seconds = time.perf_counter() - start
-
-    best_path = out / "best.ckpt"
-    best = load_module(best_path)
-    tested = trainer.test(best, datamodule=data, verbose=False)[0]
-    best_val = float(checkpoint.best_model_score) if has_val and checkpoint.best_model_score is not None else None
-    images_seen = data.train_images_per_epoch() * (trainer.current_epoch - history.first_epoch)
-    results = {
-        "test_acc": tested["test/acc"],
-        "test_loss": tested["test/loss"],
-        "val_acc": best_val,
-        "per_class_acc": best.test_report["per_class_acc"],
-        "confusion_matrix": best.test_report["confusion_matrix"],
-        "classes": data.classes,
-        "epochs": trainer.current_epoch,
-        "train_images": len(data.train_set),
-        "train_seconds": round(train_seconds, 2),
-        "train_images_per_second": round(images_seen / train_seconds, 1),
-        "device": device_name(device),
-        "checkpoint": str(best_path),
-        "history": history.rows,
-        "mlflow_run_id": mlflow.run_id if mlflow else None,
-        "config": cfg.to_dict(),
-    }
-    plot_curves(history.rows, out / "curves.png")
-    write_json(out / "results.json", results)
-    return results
 
 
 @contextlib.contextmanager
@@ -218,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve(Config(), args)
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     with output_dir_lock(out, "cifar_ray.train"), stop_on_signals(out):
-        results = run(cfg, overwrite=args.overwrite, resume=args.resume)
+        check_output_dir(out, args.overwrite, args.resume)
+        arrays = load_dataset(cfg.data)  # downloads CIFAR when it is missing
+        from cifar_ray.train_run import run  # torch, Lightning: only once the input is good
+
+        results = run(cfg, arrays, overwrite=args.overwrite, resume=args.resume)
     val = f"{results['val_acc']:.4f}" if results["val_acc"] is not None else "n/a"
     print(f"done: test_acc={results['test_acc']:.4f} test_loss={results['test_loss']:.4f} "
           f"best val_acc={val} epochs={results['epochs']} "

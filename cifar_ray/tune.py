@@ -5,7 +5,7 @@
                Ray Train run, ASHA stopping the weak ones on validation accuracy (search.py,
                trial.py)
     retrain    the best trial's sample laid over the base config (`config.overlay`), trained on
-               train + validation from its best checkpoint or from scratch (train.py)
+               train + validation from its best checkpoint or from scratch (train_run.py)
     test       once, on the test set
     gradcam    the retrained model's mistakes and where it looked (gradcam.py)
 
@@ -55,7 +55,7 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
     `data`: [the object reference to the data set's arrays]."""
     import ray
 
-    from cifar_ray import gradcam, tracking, train
+    from cifar_ray import gradcam, tracking, train_run
 
     final = overlay(cfg, best["config"])  # the same overlay the trial made
     final.trainer.epochs = cfg.retrain.retrain_epochs
@@ -69,7 +69,7 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
                             "use retrain.init: scratch")
         init = str(Path(best["checkpoint"]) / CHECKPOINT_FILE)
     arrays = ray.get(data[0])
-    results = train.run(final, arrays=arrays, init_checkpoint=init, overwrite=True,
+    results = train_run.run(final, arrays=arrays, init_checkpoint=init, overwrite=True,
                         hparams=best["config"],
                         mlflow=tracking.retrain_logger(cfg.tracking, best["config"]),
                         line_prefix=CONSOLE_MARK + "retrain ")

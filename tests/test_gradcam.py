@@ -13,7 +13,7 @@ from cifar_ray.augment import eval_transform
 from cifar_ray.cifar_files import SPECS
 from cifar_ray.gradcam import DEFAULT_LAYER, compute_cams
 from cifar_ray.module import load_module
-from cifar_ray.train import run
+from cifar_ray.train_run import run
 from tests.cifar_fixture import PATCH, planted_images
 from tests.conftest import run_cli
 

@@ -100,7 +100,7 @@ def test_no_validation_set_keeps_the_last_epoch(cifar10, tmp_path):
     cfg.data.num_workers, cfg.model.width, cfg.trainer.epochs = 0, 8, 1
     cfg.trainer.batch_size, cfg.trainer.progress_bar = 64, False
     cfg.trainer.output_dir = str(tmp_path / "noval")
-    from cifar_ray.train import run
+    from cifar_ray.train_run import run
 
     results = run(cfg)
     assert results["val_acc"] is None and (tmp_path / "noval" / "best.ckpt").is_file()
@@ -164,3 +164,32 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(cifar10, small_disk)
         load_module(out / name)
         assert torch.load(out / name, weights_only=True)["epoch"] >= 0
     assert not list(out.glob(".*.ckpt"))  # no temporary files left behind
+
+
+def test_help_and_bad_input_answer_before_torch_is_imported(cifar10, tmp_path):
+    """The command checks its flags, config and output dir before it imports torch and
+    Lightning (seconds on a small machine): `--help` and a mistake answer at once."""
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "results.json").write_text("{}")
+    data = str(cifar10[0])
+    calls = [["--help"], ["--data-dir", data, "--lr", "0"],
+             ["--data-dir", data, "--output-dir", str(tmp_path / "empty"), "--resume"],
+             ["--data-dir", data, "--output-dir", str(finished)]]
+    code = ("import contextlib, io, sys\nfrom cifar_ray import train\ncodes = []\n"
+            f"for argv in {calls!r}:\n"
+            "    try:\n"
+            "        with contextlib.redirect_stdout(io.StringIO()):\n"
+            "            codes.append(train.main(argv))\n"
+            "    except SystemExit as exc:\n"
+            "        codes.append(exc.code)\n"
+            "print(codes, [m for m in ('torch', 'pytorch_lightning') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[0, 2, 2, 2] []", proc.stdout + proc.stderr
+    errors = proc.stderr.strip().splitlines()
+    assert errors == ["error: optim.lr must be > 0, got 0.0",
+                      f"error: --resume: no {tmp_path / 'empty' / 'last.ckpt'} to resume from",
+                      f"error: {finished} already holds a finished run (results.json); "
+                      "pass --overwrite or choose another --output-dir"], proc.stderr

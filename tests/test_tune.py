@@ -548,3 +548,32 @@ def test_a_long_cpu_search_is_announced_before_its_first_trial(noisy_data, tmp_p
     warning = output.index("!! This search trains on CPUs only and would take about ")
     assert warning < output.index(" started: optim.lr=")
     assert "python -m cifar_ray.tune --config experiments/search_smoke.yaml" in output
+
+
+def test_help_and_bad_input_answer_before_ray_or_torch_is_imported(noisy_data, tmp_path):
+    """The pipeline checks its flags, search space and output dir before it imports Ray,
+    torch or Lightning (seconds on a small machine): `--help` and a mistake answer at once."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search:\n  optim.momentum: {uniform: [0.8, 0.9]}\n")
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "results.json").write_text("{}")
+    data = str(noisy_data)
+    calls = [["--help"], ["--data-dir", data, "--config", str(bad)],
+             ["--data-dir", data, "--output-dir", str(finished)]]
+    code = ("import contextlib, io, sys\nfrom cifar_ray import tune\ncodes = []\n"
+            f"for argv in {calls!r}:\n"
+            "    try:\n"
+            "        with contextlib.redirect_stdout(io.StringIO()):\n"
+            "            codes.append(tune.main(argv))\n"
+            "    except SystemExit as exc:\n"
+            "        codes.append(exc.code)\n"
+            "print(codes, [m for m in ('ray', 'torch', 'pytorch_lightning') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[0, 2, 2] []", proc.stdout + proc.stderr
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 2, proc.stderr
+    assert "unknown config key 'optim.momentum'" in errors[0]
+    assert errors[1].startswith(f"error: {finished} already holds a finished search"), errors[1]
