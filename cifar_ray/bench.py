@@ -9,7 +9,8 @@ writes the numbers after every section, so a section that fails or runs out of t
               each of `--batch-sizes` (the search samples several). On CUDA also whether a
               training step synchronises with the host (torch's sync debug mode). And the
               module under DDP with one rank (`module_ddp_images_s`): a search trial's worker
-              trains under Ray's DDP strategy even alone.
+              trains under Ray's DDP strategy even alone. And the Python calls each loop
+              makes per step (cProfile; the host's work a fast GPU waits on).
   compile     (CUDA) the module with `trainer.compile` default and reduce-overhead (CUDA
               graphs): images/s, and the seconds its first steps took (compiling).
   augment     images/s of the Albumentations recipe (one process, and a DataLoader with one
@@ -29,10 +30,12 @@ Numbers go in docs/benchmarks.md with the machine they came from.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import csv
 import json
 import logging
 import os
+import pstats
 import signal
 import statistics
 import subprocess
@@ -181,6 +184,23 @@ def module_run(batches, width: int, device: torch.device, warmup: int, compile: 
     return clock
 
 
+def python_calls_per_step(run: Callable[[list], Any], device: torch.device) -> float:
+    """Python function calls (and calls into C) per training step of `run(batches)`, counted
+    by cProfile: the difference between a 30- and a 10-step run over 20 (set-up cancels out),
+    after a run that imports and caches what the first one would. The host's work per step,
+    which a fast GPU waits on (on the H200 both loops were bound by it), as a number that
+    does not depend on how busy the machine is. A tiny network: the count does not depend on
+    its size."""
+    short, long = synthetic_batches(10, 4, device), synthetic_batches(30, 4, device)
+    run(short)
+    counts = []
+    for batches in (short, long):
+        profile = cProfile.Profile()
+        profile.runcall(run, batches)
+        counts.append(pstats.Stats(profile).total_calls)
+    return (counts[1] - counts[0]) / 20
+
+
 def bench_framework(device: torch.device, width: int, batches_sizes: list[int], steps: int,
                     warmup: int) -> dict[str, Any]:
     """At each batch size: the plain loop and the module, alternated twice (each one's best
@@ -206,6 +226,10 @@ def bench_framework(device: torch.device, width: int, batches_sizes: list[int], 
         out["by_batch_size"][str(batch)] = row
         del batches
     out.update(out["by_batch_size"][str(batches_sizes[0])])
+    out["plain_python_calls_per_step"] = python_calls_per_step(
+        lambda b: plain_loop_seconds(b, 1, device, 1), device)
+    out["module_python_calls_per_step"] = python_calls_per_step(
+        lambda b: module_run(b, 1, device, 1), device)
     return out
 
 
@@ -493,6 +517,8 @@ ROWS = [  # (key, label, format)
     ("plain_loop_images_s", "training, plain PyTorch loop", "{:,.0f} images/s"),
     ("module_images_s", "training, LightningModule", "{:,.0f} images/s"),
     ("framework_ratio", "framework ratio (module / plain)", "{:.3f}"),
+    ("plain_python_calls_per_step", "Python calls per step, plain loop", "{:,.0f}"),
+    ("module_python_calls_per_step", "Python calls per step, module (Lightning)", "{:,.0f}"),
     ("albumentations_one_worker_images_s", "augmentation, Albumentations, 1 process", "{:,.0f} images/s"),
     ("albumentations_all_workers_images_s", "augmentation, Albumentations, all workers", "{:,.0f} images/s"),
     ("tensor_path_images_s", "augmentation, tensor path on the device", "{:,.0f} images/s"),
