@@ -43,6 +43,30 @@ def run_cli(module: str, *args: str, timeout: int = 600) -> subprocess.Completed
                           capture_output=True, text=True, timeout=timeout)
 
 
+HEAVY = ("ray", "torch", "pytorch_lightning")
+
+
+def mains_in_a_fresh_process(module: str, calls: list[list[str]]) -> tuple[list, list[str], str]:
+    """Call `module.main(argv)` for each argv in one new Python process: (the exit codes,
+    which of HEAVY that process had imported by the end, its stderr). Whether a command
+    answers before importing torch cannot be seen from this process, which has."""
+    code = ("import contextlib, io, json, sys\n"
+            f"from cifar_ray import {module} as command\n"
+            "codes = []\n"
+            f"for argv in {calls!r}:\n"
+            "    try:\n"
+            "        with contextlib.redirect_stdout(io.StringIO()):\n"
+            "            codes.append(command.main(argv))\n"
+            "    except SystemExit as exc:\n"
+            "        codes.append(exc.code)\n"
+            f"print(json.dumps([codes, [m for m in {HEAVY!r} if m in sys.modules]]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    codes, imported = json.loads(proc.stdout)
+    return codes, imported, proc.stderr
+
+
 @pytest.fixture(scope="session")
 def trained_run(cifar10, tmp_path_factory):
     """One real `python -m cifar_ray.train` on the fixture (3 epochs): (output dir, process)."""

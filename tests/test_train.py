@@ -16,7 +16,7 @@ from PIL import Image
 from cifar_ray.config import Config
 from cifar_ray.data import CifarDataModule
 from cifar_ray.module import load_module
-from tests.conftest import FAST_FLAGS, ROOT, run_cli
+from tests.conftest import FAST_FLAGS, ROOT, mains_in_a_fresh_process, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -176,20 +176,10 @@ def test_help_and_bad_input_answer_before_torch_is_imported(cifar10, tmp_path):
     calls = [["--help"], ["--data-dir", data, "--lr", "0"],
              ["--data-dir", data, "--output-dir", str(tmp_path / "empty"), "--resume"],
              ["--data-dir", data, "--output-dir", str(finished)]]
-    code = ("import contextlib, io, sys\nfrom cifar_ray import train\ncodes = []\n"
-            f"for argv in {calls!r}:\n"
-            "    try:\n"
-            "        with contextlib.redirect_stdout(io.StringIO()):\n"
-            "            codes.append(train.main(argv))\n"
-            "    except SystemExit as exc:\n"
-            "        codes.append(exc.code)\n"
-            "print(codes, [m for m in ('torch', 'pytorch_lightning') if m in sys.modules])")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[0, 2, 2, 2] []", proc.stdout + proc.stderr
-    errors = proc.stderr.strip().splitlines()
-    assert errors == ["error: optim.lr must be > 0, got 0.0",
-                      f"error: --resume: no {tmp_path / 'empty' / 'last.ckpt'} to resume from",
-                      f"error: {finished} already holds a finished run (results.json); "
-                      "pass --overwrite or choose another --output-dir"], proc.stderr
+    codes, imported, stderr = mains_in_a_fresh_process("train", calls)
+    assert codes == [0, 2, 2, 2] and imported == [], (codes, imported, stderr)
+    assert stderr.strip().splitlines() == [
+        "error: optim.lr must be > 0, got 0.0",
+        f"error: --resume: no {tmp_path / 'empty' / 'last.ckpt'} to resume from",
+        f"error: {finished} already holds a finished run (results.json); "
+        "pass --overwrite or choose another --output-dir"], stderr

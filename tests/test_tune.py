@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import ARTIFACTS, ROOT, SMOKE, registered_runs, run_cli, search_env
+from tests.conftest import (ARTIFACTS, ROOT, SMOKE, mains_in_a_fresh_process, registered_runs,
+                            run_cli, search_env)
 from tests.processes import files_containing, free_port, pids_with
 
 pytestmark = pytest.mark.slow
@@ -561,19 +562,9 @@ def test_help_and_bad_input_answer_before_ray_or_torch_is_imported(noisy_data, t
     data = str(noisy_data)
     calls = [["--help"], ["--data-dir", data, "--config", str(bad)],
              ["--data-dir", data, "--output-dir", str(finished)]]
-    code = ("import contextlib, io, sys\nfrom cifar_ray import tune\ncodes = []\n"
-            f"for argv in {calls!r}:\n"
-            "    try:\n"
-            "        with contextlib.redirect_stdout(io.StringIO()):\n"
-            "            codes.append(tune.main(argv))\n"
-            "    except SystemExit as exc:\n"
-            "        codes.append(exc.code)\n"
-            "print(codes, [m for m in ('ray', 'torch', 'pytorch_lightning') if m in sys.modules])")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[0, 2, 2] []", proc.stdout + proc.stderr
-    errors = proc.stderr.strip().splitlines()
-    assert len(errors) == 2, proc.stderr
+    codes, imported, stderr = mains_in_a_fresh_process("tune", calls)
+    assert codes == [0, 2, 2] and imported == [], (codes, imported, stderr)
+    errors = stderr.strip().splitlines()
+    assert len(errors) == 2, stderr
     assert "unknown config key 'optim.momentum'" in errors[0]
     assert errors[1].startswith(f"error: {finished} already holds a finished search"), errors[1]
