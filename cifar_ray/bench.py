@@ -8,8 +8,8 @@ writes the numbers after every section, so a section that fails or runs out of t
               device, fed the same in-memory batches: `framework_ratio` = module / plain; at
               each of `--batch-sizes` (the search samples several). On CUDA also whether a
               training step synchronises with the host (torch's sync debug mode). And the
-              module under DDP with one rank (`module_ddp_images_s`): a search trial's worker
-              trains under Ray's DDP strategy even alone. And the Python calls each loop
+              module under DDP with one rank (`module_ddp_images_s`): what DDP costs a step (a
+              trial with several workers trains under it). And the Python calls each loop
               makes per step (cProfile; the host's work a fast GPU waits on).
   compile     (CUDA) the module with `trainer.compile` default and reduce-overhead (CUDA
               graphs): images/s, and the seconds its first steps took (compiling).
@@ -169,8 +169,8 @@ class _StepClock(pl.Callback):
 def module_run(batches, width: int, device: torch.device, warmup: int, compile: str = "off",
                count_syncs: bool = False, ddp: bool = False) -> _StepClock:
     """The same batches through the project's LitResNet9 and Lightning's fit loop; with `ddp`,
-    under Lightning's DDP strategy with one rank, as a search trial's worker runs it (Ray's
-    RayDDPStrategy is Lightning's DDPStrategy placed by Ray)."""
+    under Lightning's DDP strategy with one rank, what a trial with several workers adds to
+    each step (Ray's RayDDPStrategy is Lightning's DDPStrategy placed by Ray)."""
     torch.manual_seed(0)
     clock = _StepClock(warmup, device, count_syncs)
     options: dict[str, Any] = {}
@@ -205,7 +205,7 @@ def bench_framework(device: torch.device, width: int, batches_sizes: list[int], 
                     warmup: int) -> dict[str, Any]:
     """At each batch size: the plain loop and the module, alternated twice (each one's best
     kept: less noise from the machine), then the module once under DDP with one rank, as a
-    search trial runs it. The first batch size's figures are the headline."""
+    trial with several workers runs it. The first batch size's figures are the headline."""
     out: dict[str, Any] = {"by_batch_size": {}}
     for batch in batches_sizes:
         batches = synthetic_batches(warmup + steps, batch, device)

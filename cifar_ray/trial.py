@@ -1,11 +1,17 @@
 """What runs inside one search trial: the trial function Tune calls, which runs a Ray Train
-`TorchTrainer` whose workers run `worker.train` (the Lightning loop).
+trainer whose workers run `worker.train` (the Lightning loop).
 
     Tune --(sample: {"optim.lr": 0.003, ...})--> run_trial          (the trial's process)
-        config.overlay(base, sample) -> a training Config -> TorchTrainer(train_worker)
+        config.overlay(base, sample) -> a training Config -> Ray Train run of train_worker
     train_worker -> worker.train (each Ray Train worker): CifarDataModule + LitResNet9 + a
-        Lightning Trainer with Ray's DDP strategy; EpochReports reports every epoch (metrics +
-        checkpoint) to Ray Train, whose TuneReportCallback hands it to Tune and ASHA.
+        Lightning Trainer; EpochReports reports every epoch (metrics + checkpoint) to Ray
+        Train, whose TuneReportCallback hands it to Tune and ASHA.
+
+One worker per trial (the default): Ray Train's plain DataParallelTrainer, and the worker
+trains on its device alone. Several: a TorchTrainer, whose torch process group Lightning's
+DDP strategy (Ray's) trains over. A one-worker trial needs no process group and no DDP, and
+its trial process and controller then never import torch: 2-4 s less start-up per trial on
+the 2-core VM (docs/benchmarks.md), and on a GPU no NCCL set-up and no DDP work per step.
 
 This module is imported by the trial's process and by Ray Train's controller, neither of which
 trains: it imports neither torch nor Lightning (seconds per process, paid by every trial
@@ -36,7 +42,8 @@ PHASES = {
     "trial": "the trial's own process: imports, its config",
     "controller": "Ray Train's controller and the worker's placement, to the worker process "
                   "(0 when Ray had a worker process ready)",
-    "worker": "the worker process's start, Ray Train's process group, to the training function",
+    "worker": "the worker process's start (and with several workers, torch's process group), "
+              "to the training function",
     "imports": "torch, Lightning and the rest of the training code in the worker",
     "data": "reading the data set (from Ray's object store) and the split",
     "lightning": "the Lightning Trainer and strategy, the model on its device",
@@ -63,14 +70,18 @@ def run_trial(sample: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
     import ray.tune
     from ray.train import (CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
                            WorkerGroupError)
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer_class = DataParallelTrainer  # one worker: no process group (see the top)
+    if scaling["num_workers"] > 1:
+        from ray.train.torch import TorchTrainer as trainer_class  # imports torch
 
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = overlay(Config.from_dict(base), sample)
     # The Train run's own folder: its checkpoints, and the workers' TensorBoard logs.
     cfg.trainer.output_dir = str(Path(storage) / f"train-{trial_id}")
-    trainer = TorchTrainer(
+    trainer = trainer_class(
         train_worker,
         # session: this call of the trial function, as Tune sees it (see worker.EpochReports).
         train_loop_config={"config": cfg.to_dict(), "sample": sample, "data": data,

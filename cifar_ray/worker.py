@@ -1,8 +1,9 @@
 """Inside one Ray Train worker of a search trial: the Lightning run and what it reports.
 
     train(config): the trial's Config -> CifarDataModule (arrays from Ray's object store) +
-        LitResNet9 + a Lightning Trainer with Ray's DDP strategy -> fit, going on from the
-        run's latest checkpoint when Ray Train has one
+        LitResNet9 + a Lightning Trainer (on its device alone, or with Ray's DDP strategy when
+        the trial has several workers) -> fit, going on from the run's latest checkpoint when
+        Ray Train has one
     EpochReports: every epoch's metrics and checkpoint to Ray Train (and so to Tune and ASHA),
         and the trial's start-up, phase by phase (trial.PHASES)
 """
@@ -141,18 +142,21 @@ def train(config: dict[str, Any], entered: float) -> None:
     # Rank 0 alone: what the HParams dashboard lists is this trial, not each of its workers.
     if ray.train.get_context().get_world_rank() == 0:
         tensorboard_hparams(logger, {key: plain(value) for key, value in config["sample"].items()})
-    # The device was resolved by the driver (this worker was given a GPU or not); Ray's
-    # strategy and environment place each rank on its own.
+    # The device was resolved by the driver (this worker was given a GPU or not; Ray makes
+    # it the only one the process sees). Several workers: Ray's strategy and environment
+    # place each rank on its own, over the process group Ray Train's TorchTrainer made
+    # (trial.run_trial); one worker has no process group and trains without DDP.
+    several = ray.train.get_context().get_world_size() > 1
     trainer = build_trainer(
-        cfg.trainer.device, cfg.trainer.precision, devices="auto",
+        cfg.trainer.device, cfg.trainer.precision, devices="auto" if several else 1,
         max_epochs=cfg.trainer.epochs,
-        strategy=RayDDPStrategy(),
-        plugins=[RayLightningEnvironment()],
         callbacks=[reports],  # it checkpoints every epoch
         logger=logger,
         log_every_n_steps=1,
+        **({"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()]} if several else {}),
     )
-    trainer = prepare_trainer(trainer)
+    if several:
+        trainer = prepare_trainer(trainer)
     # Set when Ray Train restarts a failed worker group, or resumes this run after the search
     # was interrupted: go on from the run's latest checkpoint.
     checkpoint = ray.train.get_checkpoint()
