@@ -189,8 +189,8 @@ def python_calls_per_step(run: Callable[[list], Any], device: torch.device) -> f
     by cProfile: the difference between a 30- and a 10-step run over 20 (set-up cancels out),
     after a run that imports and caches what the first one would. The host's work per step,
     which a fast GPU waits on (on the H200 both loops were bound by it), as a number that
-    does not depend on how busy the machine is. A tiny network: the count does not depend on
-    its size."""
+    does not depend on how busy the machine is. The callers run a tiny network: the count
+    does not depend on its size."""
     short, long = synthetic_batches(10, 4, device), synthetic_batches(30, 4, device)
     run(short)
     counts = []

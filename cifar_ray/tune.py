@@ -70,9 +70,9 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
         init = str(Path(best["checkpoint"]) / CHECKPOINT_FILE)
     arrays = ray.get(data[0])
     results = train_run.run(final, arrays=arrays, init_checkpoint=init, overwrite=True,
-                        hparams=best["config"],
-                        mlflow=tracking.retrain_logger(cfg.tracking, best["config"]),
-                        line_prefix=CONSOLE_MARK + "retrain ")
+                            hparams=best["config"],
+                            mlflow=tracking.retrain_logger(cfg.tracking, best["config"]),
+                            line_prefix=CONSOLE_MARK + "retrain ")
     report = gradcam.analyse(results["checkpoint"], final.data.data_dir, out / "gradcam",
                              split="test", arrays=arrays)
     return {"retrain": results, "gradcam": report}

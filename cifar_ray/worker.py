@@ -90,17 +90,17 @@ class EpochReports(pl.Callback):
         # an earlier checkpoint (a damaged one, see usable_checkpoint) trains an epoch again,
         # and Ray Train, evicting the old checkpoint of the same name, would delete the new one.
         name = f"epoch_{trainer.current_epoch:04d}_{self.session[:8]}"
+        folder = Path(self.run_dir) / name
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         metrics.update({"epoch": trainer.current_epoch, "step": trainer.global_step,
                         **self.startup, FIRST_STEP_AT: self.first_step_at,
-                        REPORTED_AT: time.time(), CHECKPOINT_PATH: str(Path(self.run_dir) / name)})
+                        REPORTED_AT: time.time(), CHECKPOINT_PATH: str(folder)})
         self.reports.append({"session": self.session, "metrics": metrics})  # saved with it
         # Written where Ray Train keeps it, in the run's folder (atomically: runtime.py's
         # AtomicCheckpointIO; rank 0 writes it), and reported there: by default Ray would take
         # it from a temporary folder and copy it, a second write of the whole checkpoint every
         # epoch (79 MB for ResNet-9 with Adam's state; 0.07-0.22 s on the 2-core VM, 0.01 s
         # without, docs/benchmarks.md).
-        folder = Path(self.run_dir) / name
         trainer.save_checkpoint(folder / CHECKPOINT_FILE, weights_only=False)
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if trainer.is_global_zero else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
