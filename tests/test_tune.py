@@ -121,6 +121,8 @@ def _check_console(stdout: str, stderr: str, out: Path) -> None:
     log = (out / "logs" / "workers.log").read_text()
     for chatter in ("Reporting training result", "Started training worker group of size 1"):
         assert chatter in log and chatter not in console
+    # One worker per trial: no torch process group (Ray Train's plain trainer; trial.py).
+    assert "Setting up process group" not in log
     assert "litlogger" not in console and "set_float32_matmul_precision" not in console
     assert f"worker output (Ray Train, Lightning): {out / 'logs' / 'workers.log'}" in console
     # The estimate at the search's half-way point, against the time the search really had left.
