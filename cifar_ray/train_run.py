@@ -99,10 +99,16 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
         module.load_state_dict(read_checkpoint(init_checkpoint)["state_dict"])
 
     history = EpochHistory()
+    # best.ckpt: the epoch of the best val/acc (without validation, the latest epoch); last.ckpt:
+    # every epoch, what --resume goes on from. Two callbacks: Lightning's own `save_last` writes
+    # last.ckpt only in an epoch that is the best so far (since 2.6). In an epoch that is both,
+    # last.ckpt is a hard link to best.ckpt (AtomicCheckpointIO). enable_version_counter=False:
+    # overwrite the file instead of writing best-v1.ckpt.
     checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=out, filename="best", monitor="val/acc" if has_val else None, mode="max",
-        save_top_k=1, save_last=True, auto_insert_metric_name=False,
-        enable_version_counter=False)  # overwrite best.ckpt instead of writing best-v1.ckpt
+        dirpath=out, filename="best", monitor="val/acc" if has_val else "epoch", mode="max",
+        save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+    last = pl.callbacks.ModelCheckpoint(dirpath=out, filename="last", save_top_k=1,
+                                        enable_version_counter=False)
     batches = math.ceil(data.train_images_per_epoch() / cfg.trainer.batch_size)
     device = resolve_device(cfg.trainer.device)
     tensorboard = pl.loggers.TensorBoardLogger(out, name="tensorboard", version="",
@@ -114,7 +120,7 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
         devices=cfg.trainer.devices,
         max_epochs=cfg.trainer.epochs,
         logger=[tensorboard, mlflow] if mlflow else tensorboard,
-        callbacks=[checkpoint, history, pl.callbacks.LearningRateMonitor("step"),
+        callbacks=[checkpoint, last, history, pl.callbacks.LearningRateMonitor("step"),
                    *([] if cfg.trainer.progress_bar else [EpochLines(line_prefix)])],
         enable_checkpointing=True,
         limit_val_batches=1.0 if has_val else 0,

@@ -183,3 +183,24 @@ def test_help_and_bad_input_answer_before_torch_is_imported(cifar10, tmp_path):
         f"error: --resume: no {tmp_path / 'empty' / 'last.ckpt'} to resume from",
         f"error: {finished} already holds a finished run (results.json); "
         "pass --overwrite or choose another --output-dir"], stderr
+
+
+def test_last_checkpoint_is_every_epochs_and_best_the_best(cifar10, tmp_path):
+    """last.ckpt is the latest epoch's state, what --resume and a stopped run's message promise,
+    whether or not that epoch was the best; best.ckpt is the epoch of the best val/acc. (Since
+    Lightning 2.6, ModelCheckpoint's own save_last writes last.ckpt only in an epoch that is
+    the best so far.) A learning rate too small to learn: val/acc does not improve every epoch."""
+    cfg = Config()
+    cfg.data.data_dir, cfg.data.val_size, cfg.data.limit_train = str(cifar10[0]), 200, 128
+    cfg.data.num_workers, cfg.model.width, cfg.trainer.epochs, cfg.optim.lr = 0, 8, 4, 1e-6
+    cfg.trainer.batch_size, cfg.trainer.progress_bar = 64, False
+    cfg.trainer.output_dir = str(tmp_path / "run")
+    from cifar_ray.train_run import run
+
+    results = run(cfg)
+    accs = [row["val/acc"] for row in results["history"]]
+    out = tmp_path / "run"
+    assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 3, accs
+    assert torch.load(out / "best.ckpt", weights_only=True)["epoch"] == accs.index(max(accs)), accs
+    assert results["val_acc"] == pytest.approx(max(accs))
+    assert sorted(p.name for p in out.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
