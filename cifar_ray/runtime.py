@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from packaging.version import Version
 
 from cifar_ray.config import DEVICES, resolve_precision
 from cifar_ray.errors import ConfigError
@@ -67,9 +68,19 @@ class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
         self._written = (state, path)
 
 
-def build_trainer(device: str, precision: str = "auto", **options: Any) -> pl.Trainer:
+def build_trainer(device: str, precision: str = "auto", write_behind: bool = False,
+                  **options: Any) -> pl.Trainer:
     """A Lightning Trainer on `device` ('cpu' or 'cuda') with the project's defaults; `options`
-    are Trainer arguments that add to or replace them."""
+    are Trainer arguments that add to or replace them.
+
+    `write_behind`: checkpoints are written by a thread while training goes on (Lightning's
+    AsyncCheckpointIO: the state is copied on the caller's thread, on its device, then
+    serialised and written, atomically as ever, in the background, one at a time and in
+    order). An epoch then waits for the copy, not for the 79 MB write and fsync, which on a
+    GPU take about as long as the epoch's training. A failed write (a full disk) is raised
+    at the next save or when fit ends, which waits for the last write. Only for callers that
+    do not read a checkpoint back while training: the search's worker reports each one to
+    Ray as soon as it is saved, so it writes them in line."""
     if device == "cuda":
         # fp32 matmuls outside autocast may use TF32 tensor cores: chosen here, on purpose
         # (Lightning otherwise suggests it on every start).
@@ -84,5 +95,10 @@ def build_trainer(device: str, precision: str = "auto", **options: Any) -> pl.Tr
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,  # validation runs at each epoch's end anyway
     }
-    options["plugins"] = [*options.get("plugins", []), AtomicCheckpointIO()]
+    io = AtomicCheckpointIO()
+    # Lightning's AsyncCheckpointIO copies the state before it returns since 2.5.4; an older
+    # one (the `lightning` package some images carry) would write tensors training changes.
+    if write_behind and Version(pl.__version__) >= Version("2.5.4"):
+        io = pl.plugins.AsyncCheckpointIO(io)
+    options["plugins"] = [*options.get("plugins", []), io]
     return pl.Trainer(**{**defaults, **options})

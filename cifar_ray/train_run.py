@@ -116,7 +116,7 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
     if hparams:
         tensorboard_hparams(tensorboard, hparams)
     trainer = build_trainer(
-        device, cfg.trainer.precision,
+        device, cfg.trainer.precision, write_behind=True,
         devices=cfg.trainer.devices,
         max_epochs=cfg.trainer.epochs,
         logger=[tensorboard, mlflow] if mlflow else tensorboard,

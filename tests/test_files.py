@@ -133,3 +133,34 @@ def test_best_and_last_of_the_same_epoch_are_one_file(tmp_path):
     assert torch.load(best, weights_only=True)["epoch"] == 1
     assert torch.equal(torch.load(last, weights_only=True)["w"], weights + 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]  # no temporaries
+
+
+@pytest.mark.parametrize("write_behind", [True, False])
+def test_write_behind_checkpoints_are_the_state_when_saved(tmp_path, monkeypatch, write_behind):
+    """`cifar_ray.train`'s Trainer writes checkpoints in a thread while training goes on, each
+    the state at the moment it was saved (training changes the tensors in place right after);
+    the search's worker, which reports each checkpoint as soon as it is saved, writes in line."""
+    import threading
+
+    import torch
+
+    from cifar_ray.runtime import AtomicCheckpointIO, build_trainer
+
+    writers = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def noted(self, checkpoint, path, storage_options=None):
+        writers.append(threading.get_ident())
+        save(self, checkpoint, path, storage_options)
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", noted)
+    io = build_trainer("cpu", write_behind=write_behind).strategy.checkpoint_io
+    weights = torch.zeros(1_000_000)
+    for epoch in range(3):
+        io.save_checkpoint({"epoch": epoch, "global_step": epoch, "w": weights}, tmp_path / f"{epoch}.ckpt")
+        weights += 1  # the next optimiser step, while the write may still be going on
+    io.teardown()  # what the end of fit does: waits for the last write
+    for epoch in range(3):
+        saved = torch.load(tmp_path / f"{epoch}.ckpt", weights_only=True)["w"]
+        assert torch.equal(saved, torch.full_like(saved, epoch))
+    assert len(writers) == 3
+    assert (threading.get_ident() not in writers) == write_behind
