@@ -76,8 +76,8 @@ def build_trainer(device: str, precision: str = "auto", write_behind: bool = Fal
     `write_behind`: checkpoints are written by a thread while training goes on (Lightning's
     AsyncCheckpointIO: the state is copied on the caller's thread, on its device, then
     serialised and written, atomically as ever, in the background, one at a time and in
-    order). An epoch then waits for the copy, not for the 79 MB write and fsync, which on a
-    GPU take about as long as the epoch's training. A failed write (a full disk) is raised
+    order). An epoch then waits for the copy, not for the 79 MB write and fsync (0.2-0.35 s
+    on the 2-core VM; on the H200 an epoch trains in about half a second). A failed write (a full disk) is raised
     at the next save or when fit ends, which waits for the last write. Only for callers that
     do not read a checkpoint back while training: the search's worker reports each one to
     Ray as soon as it is saved, so it writes them in line."""
