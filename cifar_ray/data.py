@@ -37,6 +37,13 @@ class ImageArrayDataset(Dataset):
         return self.transform(image=self.images[index])["image"], int(self.labels[index])
 
 
+# Validation and test batches hold at least this many images. Evaluation keeps no activations
+# for a backward pass and BatchNorm then uses its running statistics, so the batch size changes
+# nothing but the number of steps; on a GPU a small step costs its kernel launches more than
+# its arithmetic, and the search samples training batches as small as 128.
+EVAL_BATCH = 1024
+
+
 def drop_partial(images: int, batch_size: int) -> bool:
     """Whether training drops each epoch's last, partial batch: yes when there is a full one.
     Every training step then has the same shape (one compiled graph, one CUDA graph), and no
@@ -153,12 +160,17 @@ class CifarDataModule(pl.LightningDataModule):
             return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return engine == "tensors"
 
+    def batch_size(self, shuffle: bool) -> int:
+        """Training batches (shuffled) are the config's size; evaluation's at least EVAL_BATCH."""
+        batch = self.cfg.trainer.batch_size
+        return batch if shuffle else max(batch, EVAL_BATCH)
+
     def _device_batches(self, dataset: ImageArrayDataset, shuffle: bool) -> DeviceBatches:
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         images = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return DeviceBatches(images.to(device), torch.from_numpy(dataset.labels).long().to(device),
-                             self.cfg.trainer.batch_size, shuffle, seed=self.cfg.trainer.seed,
+                             self.batch_size(shuffle), shuffle, seed=self.cfg.trainer.seed,
                              rank=rank, world=world)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -178,7 +190,7 @@ class CifarDataModule(pl.LightningDataModule):
         return min(available_cpus(), 8) if n < 0 else n
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        workers, batch = self.num_workers(), self.cfg.trainer.batch_size
+        workers, batch = self.num_workers(), self.batch_size(shuffle)
         return DataLoader(dataset, batch_size=batch, shuffle=shuffle,
                           drop_last=shuffle and drop_partial(len(dataset), batch),
                           num_workers=workers, persistent_workers=workers > 0,

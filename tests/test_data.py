@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10
 
 from cifar_ray.config import AugmentConfig, Config
 from cifar_ray.augment import eval_transform, train_transform
 from cifar_ray.cifar_files import SPECS, ensure_dataset, read_cifar, split_train_val
-from cifar_ray.data import CifarDataModule
+from cifar_ray.data import CifarDataModule, DeviceBatches
 from cifar_ray.errors import DataError
 from tests.conftest import MarkerPayload
 from tests.cifar_fixture import dump_py2, write_cifar10, write_cifar100
@@ -163,6 +164,37 @@ def test_datamodule_split_limit_and_no_validation(cifar10):
     dm2 = CifarDataModule(cfg2)
     dm2.setup()
     assert len(dm2.train_set) == 1000 and dm2.val_dataloader() == []
+
+
+@pytest.mark.parametrize("engine", ["albumentations", "tensors"])
+def test_evaluation_batches_are_large_and_change_no_result(cifar10, engine):
+    """Validation and test run in batches of at least EVAL_BATCH images, whatever the training
+    batch: each image once, in order, and the same outputs as in batches of the training
+    size (a model in eval mode: BatchNorm on its running statistics)."""
+    from cifar_ray.model import ResNet9
+
+    cfg = Config()
+    cfg.data.data_dir, cfg.data.val_size, cfg.data.num_workers = str(cifar10[0]), 200, 0
+    cfg.augment.engine, cfg.trainer.batch_size = engine, 64
+    dm = CifarDataModule(cfg)
+    dm.setup()
+    assert [len(y) for _, y in dm.train_dataloader()] == [64] * (800 // 64)
+    model = ResNet9(10, width=4).eval()
+
+    def outputs(batches):  # (images, classes) log-probabilities, (images,) labels
+        with torch.no_grad():
+            pairs = [(model(x), y) for x, y in
+                     (dm.on_after_batch_transfer(batch, 0) for batch in batches)]
+        return torch.cat([o for o, _ in pairs]), torch.cat([y for _, y in pairs])
+
+    assert [len(y) for _, y in dm.test_dataloader()] == [300]  # one batch (EVAL_BATCH: 1024)
+    test = dm.test_set
+    small = DataLoader(test, batch_size=64) if engine == "albumentations" else DeviceBatches(
+        torch.from_numpy(test.images).permute(0, 3, 1, 2).contiguous(),
+        torch.from_numpy(test.labels).long(), batch_size=64, shuffle=False)
+    (big_out, big_y), (small_out, small_y) = outputs(dm.test_dataloader()), outputs(small)
+    assert torch.equal(big_y, small_y) and torch.equal(big_y, torch.from_numpy(test.labels))
+    assert torch.allclose(big_out, small_out, atol=1e-5)
 
 
 def _normalised(image):
