@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from packaging.version import Version
 
 from cifar_ray.config import DEVICES, resolve_precision
@@ -68,6 +69,24 @@ class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
         self._written = (state, path)
 
 
+class SnapshotCheckpointIO(AtomicCheckpointIO):
+    """Saving takes a copy of the state (on its device, as Lightning's AsyncCheckpointIO does)
+    and keeps it; `write(path)` writes that copy, atomically, later and from any thread. For a
+    caller with a writing thread of its own: the search's worker hands each epoch's write to
+    Ray Train's checkpoint upload thread (worker.EpochReports)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._copies: dict[str, dict[str, Any]] = {}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        self._copies[str(path)] = apply_to_collection(checkpoint, torch.Tensor,
+                                                      lambda t: t.detach().clone())
+
+    def write(self, path) -> None:
+        super().save_checkpoint(self._copies.pop(str(path)), path)
+
+
 def build_trainer(device: str, precision: str = "auto", write_behind: bool = False,
                   **options: Any) -> pl.Trainer:
     """A Lightning Trainer on `device` ('cpu' or 'cuda') with the project's defaults; `options`
@@ -78,9 +97,8 @@ def build_trainer(device: str, precision: str = "auto", write_behind: bool = Fal
     serialised and written, atomically as ever, in the background, one at a time and in
     order). An epoch then waits for the copy, not for the 79 MB write and fsync (0.2-0.35 s
     on the 2-core VM; on the H200 an epoch trains in about half a second). A failed write (a full disk) is raised
-    at the next save or when fit ends, which waits for the last write. Only for callers that
-    do not read a checkpoint back while training: the search's worker reports each one to
-    Ray as soon as it is saved, so it writes them in line."""
+    at the next save or when fit ends, which waits for the last write. A CheckpointIO among
+    the caller's `plugins` replaces the project's (the search's worker brings its own)."""
     if device == "cuda":
         # fp32 matmuls outside autocast may use TF32 tensor cores: chosen here, on purpose
         # (Lightning otherwise suggests it on every start).
@@ -95,10 +113,14 @@ def build_trainer(device: str, precision: str = "auto", write_behind: bool = Fal
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,  # validation runs at each epoch's end anyway
     }
-    io = AtomicCheckpointIO()
-    # Lightning's AsyncCheckpointIO copies the state before it returns since 2.5.4; an older
-    # one (the `lightning` package some images carry) would write tensors training changes.
-    if write_behind and Version(pl.__version__) >= Version("2.5.4"):
-        io = pl.plugins.AsyncCheckpointIO(io)
-    options["plugins"] = [*options.get("plugins", []), io]
+    plugins = list(options.get("plugins", []))
+    if not any(isinstance(plugin, pl.plugins.CheckpointIO) for plugin in plugins):
+        io = AtomicCheckpointIO()
+        # Lightning's AsyncCheckpointIO copies the state before it returns since 2.5.4; an
+        # older one (the `lightning` package some images carry) would write tensors that
+        # training changes.
+        if write_behind and Version(pl.__version__) >= Version("2.5.4"):
+            io = pl.plugins.AsyncCheckpointIO(io)
+        plugins.append(io)
+    options["plugins"] = plugins
     return pl.Trainer(**{**defaults, **options})

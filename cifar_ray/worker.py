@@ -25,7 +25,7 @@ from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.data import CifarDataModule
 from cifar_ray.module import LitResNet9
 from cifar_ray.pl import pl
-from cifar_ray.runtime import build_trainer
+from cifar_ray.runtime import SnapshotCheckpointIO, build_trainer
 from cifar_ray.tracking import tensorboard_hparams
 from cifar_ray.trial import CHECKPOINT_FILE, CHECKPOINT_PATH, FIRST_STEP_AT, REPORTED_AT, STARTUP
 
@@ -50,8 +50,9 @@ class EpochReports(pl.Callback):
     `marks`: the unix time at which each phase ended, in order.
     """
 
-    def __init__(self, session: str, run_dir: str, marks: dict[str, float]):
-        self.session, self.run_dir, self.marks = session, run_dir, marks
+    def __init__(self, session: str, run_dir: str, marks: dict[str, float],
+                 io: SnapshotCheckpointIO):
+        self.session, self.run_dir, self.marks, self.io = session, run_dir, marks, io
         self.startup: dict[str, float] = {}
         self.first_step_at: float | None = None
         self.reports: list[dict[str, Any]] = []  # {"session": ..., "metrics": {...}} per epoch
@@ -96,15 +97,24 @@ class EpochReports(pl.Callback):
                         **self.startup, FIRST_STEP_AT: self.first_step_at,
                         REPORTED_AT: time.time(), CHECKPOINT_PATH: str(folder)})
         self.reports.append({"session": self.session, "metrics": metrics})  # saved with it
-        # Written where Ray Train keeps it, in the run's folder (atomically: runtime.py's
-        # AtomicCheckpointIO; rank 0 writes it), and reported there: by default Ray would take
-        # it from a temporary folder and copy it, a second write of the whole checkpoint every
-        # epoch (79 MB for ResNet-9 with Adam's state; 0.07-0.22 s on the 2-core VM, 0.01 s
-        # without, docs/benchmarks.md).
-        trainer.save_checkpoint(folder / CHECKPOINT_FILE, weights_only=False)
+        # Rank 0 takes a copy of the state (runtime.SnapshotCheckpointIO), and Ray Train's
+        # checkpoint thread writes it, atomically, where Ray keeps it (the run's folder), then
+        # registers and reports it, in order, while the next epoch trains. In line, the write
+        # (79 MB for ResNet-9 with Adam's state) held the training thread 0.2-0.35 s an epoch
+        # on the 2-core VM; Ray's default, a temporary folder copied into the run's, wrote it
+        # twice (docs/benchmarks.md). A failed write (a full disk) fails the worker.
+        path = folder / CHECKPOINT_FILE
+        trainer.save_checkpoint(path, weights_only=False)
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if trainer.is_global_zero else None
+
+        def write(checkpoint: ray.train.Checkpoint, _name: str) -> ray.train.Checkpoint:
+            self.io.write(path)
+            return checkpoint
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         checkpoint_upload_fn=write,
+                         # The "local" checkpoint is the written one: ASYNC would delete it.
+                         delete_local_checkpoint_after_upload=False)
 
 
 def process_started(launched: float) -> float:
@@ -136,7 +146,8 @@ def train(config: dict[str, Any], entered: float) -> None:
     data.setup()
     marks["data"] = time.time()
     module = LitResNet9.from_config(cfg, data.classes, data.norm)
-    reports = EpochReports(config["session"], cfg.trainer.output_dir, marks)
+    io = SnapshotCheckpointIO()
+    reports = EpochReports(config["session"], cfg.trainer.output_dir, marks, io)
     logger = pl.loggers.TensorBoardLogger(cfg.trainer.output_dir, name="tensorboard",
                                           default_hp_metric=False)
     # Rank 0 alone: what the HParams dashboard lists is this trial, not each of its workers.
@@ -153,7 +164,8 @@ def train(config: dict[str, Any], entered: float) -> None:
         callbacks=[reports],  # it checkpoints every epoch
         logger=logger,
         log_every_n_steps=1,
-        **({"strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()]} if several else {}),
+        plugins=[io, *([RayLightningEnvironment()] if several else [])],
+        **({"strategy": RayDDPStrategy()} if several else {}),
     )
     if several:
         trainer = prepare_trainer(trainer)

@@ -164,3 +164,27 @@ def test_write_behind_checkpoints_are_the_state_when_saved(tmp_path, monkeypatch
         assert torch.equal(saved, torch.full_like(saved, epoch))
     assert len(writers) == 3
     assert (threading.get_ident() not in writers) == write_behind
+
+
+def test_a_snapshot_checkpoint_is_the_state_when_saved_written_later(tmp_path):
+    """The search's worker saves a copy of the state at each epoch's end and Ray Train's
+    checkpoint thread writes it while the next epoch changes the tensors in place."""
+    import threading
+
+    import torch
+
+    from cifar_ray.runtime import SnapshotCheckpointIO
+
+    io = SnapshotCheckpointIO()
+    weights, paths = torch.zeros(1_000_000), [tmp_path / f"epoch_{i}" / "checkpoint.ckpt" for i in range(3)]
+    for epoch, path in enumerate(paths):
+        io.save_checkpoint({"epoch": epoch, "global_step": epoch, "w": weights}, path)
+        weights += 1
+        assert not path.exists()  # nothing written on the training thread
+    writer = threading.Thread(target=lambda: [io.write(path) for path in paths])
+    writer.start()
+    writer.join()
+    for epoch, path in enumerate(paths):
+        saved = torch.load(path, weights_only=True)["w"]
+        assert torch.equal(saved, torch.full_like(saved, epoch))
+    assert not io._copies  # each copy let go once written
