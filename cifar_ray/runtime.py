@@ -96,9 +96,10 @@ def build_trainer(device: str, precision: str = "auto", write_behind: bool = Fal
     AsyncCheckpointIO: the state is copied on the caller's thread, on its device, then
     serialised and written, atomically as ever, in the background, one at a time and in
     order). An epoch then waits for the copy, not for the 79 MB write and fsync (0.2-0.35 s
-    on the 2-core VM; on the H200 an epoch trains in about half a second). A failed write (a full disk) is raised
-    at the next save or when fit ends, which waits for the last write. A CheckpointIO among
-    the caller's `plugins` replaces the project's (the search's worker brings its own)."""
+    on the 2-core VM; on the H200 an epoch trains in about half a second). A failed write (a
+    full disk) is raised at the next save or when fit ends, which waits for the last write.
+    A CheckpointIO among the caller's `plugins` replaces the project's (the search's worker
+    brings its own, runtime.SnapshotCheckpointIO)."""
     if device == "cuda":
         # fp32 matmuls outside autocast may use TF32 tensor cores: chosen here, on purpose
         # (Lightning otherwise suggests it on every start).

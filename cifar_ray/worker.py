@@ -107,9 +107,9 @@ class EpochReports(pl.Callback):
         trainer.save_checkpoint(path, weights_only=False)
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if trainer.is_global_zero else None
 
-        def write(checkpoint: ray.train.Checkpoint, _name: str) -> ray.train.Checkpoint:
-            self.io.write(path)
-            return checkpoint
+        def write(written: ray.train.Checkpoint, _name: str) -> ray.train.Checkpoint:
+            self.io.write(path)  # Ray Train's checkpoint thread: where `written` points
+            return written
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                          checkpoint_upload_fn=write,

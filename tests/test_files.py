@@ -156,7 +156,8 @@ def test_write_behind_checkpoints_are_the_state_when_saved(tmp_path, monkeypatch
     io = build_trainer("cpu", write_behind=write_behind).strategy.checkpoint_io
     weights = torch.zeros(1_000_000)
     for epoch in range(3):
-        io.save_checkpoint({"epoch": epoch, "global_step": epoch, "w": weights}, tmp_path / f"{epoch}.ckpt")
+        io.save_checkpoint({"epoch": epoch, "global_step": epoch, "w": weights},
+                           tmp_path / f"{epoch}.ckpt")
         weights += 1  # the next optimiser step, while the write may still be going on
     io.teardown()  # what the end of fit does: waits for the last write
     for epoch in range(3):
@@ -176,7 +177,8 @@ def test_a_snapshot_checkpoint_is_the_state_when_saved_written_later(tmp_path):
     from cifar_ray.runtime import SnapshotCheckpointIO
 
     io = SnapshotCheckpointIO()
-    weights, paths = torch.zeros(1_000_000), [tmp_path / f"epoch_{i}" / "checkpoint.ckpt" for i in range(3)]
+    weights = torch.zeros(1_000_000)
+    paths = [tmp_path / f"epoch_{i}" / "checkpoint.ckpt" for i in range(3)]
     for epoch, path in enumerate(paths):
         io.save_checkpoint({"epoch": epoch, "global_step": epoch, "w": weights}, path)
         weights += 1
