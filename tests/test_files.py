@@ -139,7 +139,7 @@ def test_best_and_last_of_the_same_epoch_are_one_file(tmp_path):
 def test_write_behind_checkpoints_are_the_state_when_saved(tmp_path, monkeypatch, write_behind):
     """`cifar_ray.train`'s Trainer writes checkpoints in a thread while training goes on, each
     the state at the moment it was saved (training changes the tensors in place right after);
-    the search's worker, which reports each checkpoint as soon as it is saved, writes in line."""
+    a Trainer that does not ask for it (lr_find, the bench) writes in line."""
     import threading
 
     import torch

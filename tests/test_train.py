@@ -185,7 +185,7 @@ def test_help_and_bad_input_answer_before_torch_is_imported(cifar10, tmp_path):
         "pass --overwrite or choose another --output-dir"], stderr
 
 
-def test_last_checkpoint_is_every_epochs_and_best_the_best(cifar10, tmp_path):
+def test_last_checkpoint_is_each_epochs_and_best_the_best_epochs(cifar10, tmp_path):
     """last.ckpt is the latest epoch's state, what --resume and a stopped run's message promise,
     whether or not that epoch was the best; best.ckpt is the epoch of the best val/acc. (Since
     Lightning 2.6, ModelCheckpoint's own save_last writes last.ckpt only in an epoch that is
