@@ -40,6 +40,12 @@ def _check_reachable(address: str) -> None:
         raise UserError(f"cannot reach a Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def configure_auth(address: str) -> None:
     """Token authentication for a local Ray instance, decided before Ray is imported (Ray reads
     these variables once, at import).
@@ -67,8 +73,20 @@ def start_ray(settings, temp_dir: Path) -> None:
         # taken back; one machine has none to watch for, and the process costs a trial
         # start-up time (docs/benchmarks.md).
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env}, log_to_driver=True)
+        # Ray's processes find "their" instance by its address, else by looking for Ray's
+        # processes on the machine, which fails once a second instance runs there (another
+        # search, a notebook): Ray Train's placement-group cleaner then dies, and the placement
+        # group of every trial that ends (Tune ends a trial's controller with its process)
+        # stays reserved: the next trials wait forever. So this instance's address is chosen
+        # here (Ray reads RAY_GCS_SERVER_PORT when it starts) and given to all its processes.
+        port = _free_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        try:
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                     runtime_env={"env_vars": env}, log_to_driver=True)
+        finally:
+            del os.environ["RAY_GCS_SERVER_PORT"]
         return
     if settings.address != "auto":
         _check_reachable(settings.address)

@@ -510,6 +510,36 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_pa
     assert epochs == [0, 1, 2, 3]
 
 
+def test_a_search_beside_another_ray_instance_runs_to_its_end(noisy_data, tmp_path, sys_tmp,
+                                                              no_leftover_ray):
+    """Another Ray instance up on the same machine (another search, a notebook). Ray Train's
+    placement-group cleaner found "its" instance by looking for Ray's processes, found two and
+    died; the placement group of each trial that ended then stayed reserved, and the third
+    trial of this search (two at a time) waited for it forever. Each process of the search's
+    own instance is now given that instance's address."""
+    home = sys_tmp / "home"
+    home.mkdir()
+    env = search_env(sys_tmp, HOME=str(home), RAY_AUTH_TOKEN=secrets.token_hex(32))
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys; ray.init(num_cpus=1, include_dashboard=False); "
+                               "print('up', flush=True); sys.stdin.read()"],
+        cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        out = tmp_path / "search"
+        proc = subprocess.run(
+            [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--limit-train", "256",
+             "--data-dir", str(noisy_data), "--output-dir", str(out), "--num-samples", "3",
+             "--epochs", "1", "--grace-period", "1", "--retrain-epochs", "1"],
+            cwd=ROOT, env=search_env(sys_tmp), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert [t["status"] for t in _read_trials(out)] == ["completed"] * 3
+        assert other.poll() is None  # the other instance was up all along
+    finally:
+        other.stdin.close()  # its driver ends, and Ray stops the instance it started
+        other.wait(timeout=60)
+
+
 @pytest.mark.parametrize("small_disk", [64], indirect=True)  # MB: room for the whole search
 def test_a_search_out_of_disk_stops_at_once_and_resumes_with_room(noisy_data, small_disk,
                                                                     tmp_path, sys_tmp,
