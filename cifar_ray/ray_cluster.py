@@ -78,15 +78,17 @@ def start_ray(settings, temp_dir: Path) -> None:
         # search, a notebook): Ray Train's placement-group cleaner then dies, and the placement
         # group of every trial that ends (Tune ends a trial's controller with its process)
         # stays reserved: the next trials wait forever. So this instance's address is chosen
-        # here (Ray reads RAY_GCS_SERVER_PORT when it starts) and given to all its processes.
-        port = _free_port()
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        # here (Ray reads RAY_GCS_SERVER_PORT when it starts; a port the user set is kept) and
+        # given to all its processes.
+        chosen = "RAY_GCS_SERVER_PORT" not in os.environ
+        port = os.environ.setdefault("RAY_GCS_SERVER_PORT", str(_free_port()))
         env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
         try:
             ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                      runtime_env={"env_vars": env}, log_to_driver=True)
         finally:
-            del os.environ["RAY_GCS_SERVER_PORT"]
+            if chosen:
+                del os.environ["RAY_GCS_SERVER_PORT"]
         return
     if settings.address != "auto":
         _check_reachable(settings.address)
