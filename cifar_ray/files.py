@@ -1,22 +1,36 @@
-"""Atomic output files: a reader (or a crash) sees the old file or the new one, never a torn one.
+"""Files the project writes and deletes.
 
-Each writer writes a temporary file beside the target, flushes it to disk, then `os.replace`s it
-over the target, which POSIX makes atomic within one filesystem.
+Atomic outputs: a reader (or a crash) sees the old file or the new one, never a torn one. Each
+writer writes a temporary file beside the target, flushes it to disk, then `os.replace`s it over
+the target, which POSIX makes atomic within one filesystem.
+
+Deletion: `remove_inside` deletes a path only once it is proven to lie inside the folder the
+user named for it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from cifar_ray.errors import NO_SPACE, DiskFull
+from cifar_ray.errors import NO_SPACE, DiskFull, UserError
 
-UMASK = os.umask(0)  # read once: os.umask can only be read by setting it
-os.umask(UMASK)
+
+def _create_temporary(folder: Path, target: Path) -> Path:
+    """A new empty file beside `target`, with the permissions the process's umask gives
+    (mkstemp's 0600 would make every output private)."""
+    while True:
+        path = folder / f".{target.name}.{secrets.token_hex(6)}{target.suffix}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
 
 
 @contextmanager
@@ -24,9 +38,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write to; on success it replaces `target`, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
-    os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600 would make every output private
-    os.close(fd)
+    tmp = _create_temporary(target.parent, target)
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:
@@ -70,3 +82,18 @@ def save_figure(fig, target: str | Path, **kwargs: Any) -> None:
             fig.savefig(tmp, format="png", **kwargs)
     finally:
         plt.close(fig)
+
+
+def remove_inside(root: str | Path, path: str | Path) -> None:
+    """Delete `path` (a file, a link or a folder tree) if it exists, after proving that it lies
+    strictly inside `root`; UserError otherwise. A link is removed, never followed."""
+    root = Path(root).resolve()
+    path = Path(path)
+    parent = path.parent.resolve()
+    if path.name in ("", ".", "..") or not (parent == root or root in parent.parents):
+        raise UserError(f"refusing to delete {path}: it is not inside {root}")
+    target = parent / path.name
+    if target.is_symlink() or target.is_file():
+        target.unlink()
+    elif target.is_dir():
+        shutil.rmtree(target)

@@ -20,14 +20,24 @@ from cifar_ray.errors import UserError
 LOCK_NAME = ".lock"
 
 
+def check_resume_or_overwrite(resume: bool, overwrite: bool) -> None:
+    """Both flags at once are refused before anything in the output dir is touched."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other (--resume continues "
+                        "what is in the output dir, --overwrite discards it): give one of them")
+
+
 @contextlib.contextmanager
 def output_dir_lock(out: Path, command: str) -> Iterator[None]:
     """Holds the output dir's lock for the body; UserError (one line) if another live process
     holds it."""
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a file of that name, no permission, a read-only disk
+        raise UserError(f"cannot use {out} as the output dir: {exc.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

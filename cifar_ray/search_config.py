@@ -16,6 +16,7 @@ space before anything starts: every mistake is one line naming the key.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,10 @@ DISTRIBUTIONS = {
 }
 FLOAT_ONLY = ("loguniform", "uniform", "qloguniform", "quniform")
 SEARCH_ALGS = ("random", "optuna")  # search.searcher builds each
+# tune.name is a folder inside the output dir that --overwrite deletes: a plain name, and none
+# of the folders the search itself writes there.
+FOLDER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
+OUTPUT_FOLDERS = ("train_runs", "retrain", "gradcam", "report", "logs", "tmp")
 
 DEFAULT_SPACE = {
     "optim.lr": {"loguniform": [1e-4, 1e-1]},
@@ -185,7 +190,10 @@ class SearchConfig(Config):
         check(t.max_failures >= -1, f"tune.max_failures must be >= -1, got {t.max_failures}")
         check(t.search_alg in SEARCH_ALGS,
                f"tune.search_alg must be one of {SEARCH_ALGS}, got '{t.search_alg}'")
-        check(bool(t.name) and "/" not in t.name, f"tune.name must be a folder name, got '{t.name}'")
+        check(re.fullmatch(FOLDER_NAME, t.name) is not None and t.name not in OUTPUT_FOLDERS,
+              f"tune.name must be a plain folder name (letters, digits, '_', '-', '.', not "
+              f"starting with '.') other than the output dir's own {', '.join(OUTPUT_FOLDERS)}; "
+              f"got {t.name!r}")
         check(r.init in ("checkpoint", "scratch"),
                f"retrain.init must be checkpoint or scratch, got '{r.init}'")
         check(r.retrain_epochs >= 1, f"retrain.retrain_epochs must be >= 1, got {r.retrain_epochs}")

@@ -25,7 +25,7 @@ from typing import Iterator
 from cifar_ray.cifar_files import load_dataset
 from cifar_ray.config import Config, add_config_flags, resolve
 from cifar_ray.errors import ConfigError, Interrupted, cli_entry
-from cifar_ray.run_lock import output_dir_lock
+from cifar_ray.run_lock import check_resume_or_overwrite, output_dir_lock
 
 
 def check_output_dir(out: Path, overwrite: bool, resume: bool) -> Path | None:
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a finished run already in the output dir")
     args = parser.parse_args(argv)
+    check_resume_or_overwrite(args.resume, args.overwrite)
     cfg = resolve(Config(), args)
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     with output_dir_lock(out, "cifar_ray.train"), stop_on_signals(out):

@@ -36,13 +36,13 @@ from cifar_ray import tracking
 from cifar_ray.cifar_files import load_dataset
 from cifar_ray.config import add_config_flags, overlay, resolve
 from cifar_ray.errors import Interrupted, UserError, cli_entry
-from cifar_ray.files import write_json, write_text
+from cifar_ray.files import remove_inside, write_json, write_text
 from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.plan import asha_rungs, make_plan
 from cifar_ray.ray_cluster import (concurrency, configure_auth, ctrl_c_stops_tune, plan_resources,
                                    start_ray, stop_signals, trials_that_fit)
 from cifar_ray.report import write_report
-from cifar_ray.run_lock import output_dir_lock
+from cifar_ray.run_lock import check_resume_or_overwrite, output_dir_lock
 from cifar_ray.search import (run_search, storage_dir, summarise_trials, training_seconds,
                               tune_space, write_trials_csv)
 from cifar_ray.search_config import SearchConfig, describe, format_value
@@ -145,13 +145,14 @@ def print_plan(cfg: SearchConfig, epoch_seconds: float | None) -> None:
 
 
 def check_output_dir(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool) -> None:
-    experiment = out / cfg.tune.name
+    """Refuse to touch a search already there unless told; --overwrite deletes the saved search
+    where the search writes it (tune.storage, else the output dir), and nothing outside."""
+    storage = storage_dir(cfg, out)
+    experiment = storage / cfg.tune.name
     if overwrite:
-        for path in (experiment, out / "train_runs", out / "results.json"):
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        for root, path in ((storage, experiment), (storage, storage / "train_runs"),
+                           (out, out / "results.json")):
+            remove_inside(root, path)
         return
     if resume:
         check_saved_state(experiment)
@@ -160,7 +161,7 @@ def check_output_dir(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool
         raise UserError(f"{out} already holds a finished search (results.json); "
                         "pass --overwrite to start again or choose another --output-dir")
     if experiment.exists():
-        raise UserError(f"{out} holds an interrupted search ({experiment.name}/); "
+        raise UserError(f"{experiment.parent} holds an interrupted search ({experiment.name}/); "
                         "pass --resume to continue it or --overwrite to start again")
 
 
@@ -202,6 +203,7 @@ def resumed(results: dict[str, Any]) -> str:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_resume_or_overwrite(args.resume, args.overwrite)
     cfg = resolve(SearchConfig(), args)
     if args.plan_epoch_seconds is not None and args.plan_epoch_seconds <= 0:
         raise UserError(f"--plan-epoch-seconds must be > 0, got {args.plan_epoch_seconds}")
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
     """Search, retrain, test, GradCAM, report: the command's work, in its output dir."""
     searched = list(cfg.search)
+    experiment = storage_dir(cfg, out) / cfg.tune.name
     check_output_dir(out, cfg, args.resume, args.overwrite)
     if cfg.tracking.mlflow_uri:
         tracking.prepare_experiment(cfg.tracking)
@@ -267,10 +270,10 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
                               args.verbose)
         if full := interrupted.full_disk:
             raise UserError(f"the search stopped: no space left to write {full.path} "
-                            f"({full.reason}); its state is saved in {out / cfg.tune.name}: "
+                            f"({full.reason}); its state is saved in {experiment}: "
                             "free some space and run the same command with --resume")
         if interrupted.is_set():
-            raise Interrupted(f"search interrupted; its state is saved in {out / cfg.tune.name}: "
+            raise Interrupted(f"search interrupted; its state is saved in {experiment}: "
                               f"run the same command with --resume to continue",
                               interrupted.exit_code)
         # Across resumes: the search's seconds are kept with Tune's state (SearchConsole).
@@ -282,7 +285,7 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
         print(startup_summary(rows, tune_seconds))
         scored = [r for r in rows if r["best_val_acc"] is not None]
         if not scored:
-            raise UserError(f"no trial reported {METRIC}; see the errors in {out / cfg.tune.name}")
+            raise UserError(f"no trial reported {METRIC}; see the errors in {experiment}")
         best = max(scored, key=lambda r: r["best_val_acc"])
         best["config"] = {key: best[key] for key in searched}
         print(f"best trial {best['trial_id']}: val_acc={best['best_val_acc']:.4f} "
@@ -333,7 +336,7 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
         "trials_csv": str(out / "trials.csv"),
         "report": str(out / "report.html"),
         "mlflow_run_id": retrain["mlflow_run_id"],
-        "experiment_dir": str(out / cfg.tune.name),
+        "experiment_dir": str(experiment),
         "config": cfg.to_dict(),
     }
     results["config"]["tracking"]["mlflow_uri"] = tracking.redacted(cfg.tracking.mlflow_uri)

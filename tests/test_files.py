@@ -190,3 +190,20 @@ def test_a_snapshot_checkpoint_is_the_state_when_saved_written_later(tmp_path):
         saved = torch.load(path, weights_only=True)["w"]
         assert torch.equal(saved, torch.full_like(saved, epoch))
     assert not io._copies  # each copy let go once written
+
+
+def test_outputs_get_the_umasks_permissions_and_importing_never_changes_the_umask(tmp_path):
+    """The umask is the kernel's to apply: files.py used to set it to 0 at import to read it,
+    a moment in which a file any other thread created was world-writable."""
+    code = ("import os, sys\n"
+            "calls = []\n"
+            "real = os.umask\n"
+            "os.umask = lambda mask: calls.append(mask) or real(mask)\n"
+            "real(0o027)\n"
+            "from cifar_ray.files import write_json\n"
+            "write_json(sys.argv[1], {'a': 1})\n"
+            "print(calls, oct(os.stat(sys.argv[1]).st_mode & 0o777))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["[]", "0o640"]

@@ -1,0 +1,114 @@
+"""What `tune` and `train` may do to the folders a user names: never delete outside them,
+refuse contradicting flags before touching anything, and look for a saved search where the
+search writes it (tune.storage). Each case runs the command as a user would and checks what
+is left on disk."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cifar_ray.errors import UserError
+from cifar_ray.search_config import SearchConfig
+from cifar_ray.tune import check_output_dir
+from tests.conftest import FAST_FLAGS, run_cli
+
+
+def _saved_search(folder: Path, name: str = "search") -> Path:
+    """What Tune leaves of an interrupted search: its state file, and one trial's run."""
+    (folder / name).mkdir(parents=True)
+    (folder / name / "experiment_state-2026-12-03.json").write_text("{}")
+    (folder / "train_runs" / "run_1").mkdir(parents=True)
+    return folder / name
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../x", ".hidden", "a/b", "", "retrain", "tmp",
+                                  "x" * 101, "a\0b", "tr\nx"])
+def test_a_search_name_that_is_not_a_plain_folder_name_is_refused_and_nothing_deleted(
+        tmp_path, name):
+    """`--name .. --overwrite` used to delete the output dir's parent and all in it."""
+    parent = tmp_path / "parent"
+    out = parent / "out"
+    _saved_search(out)
+    (parent / "precious.txt").write_text("keep me")
+    if "\0" in name:  # no argv can hold a NUL: the same value through the YAML
+        config = tmp_path / "c.yaml"
+        config.write_text(json.dumps({"tune": {"name": name}}))
+        args = ["--config", str(config)]
+    else:
+        args = ["--name", name]
+    proc = run_cli("cifar_ray.tune", *args, "--overwrite", "--output-dir", str(out),
+                   "--dataset", "folder", "--data-dir", str(tmp_path / "no-data"), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "tune.name must be a plain folder name" in proc.stderr.strip().splitlines()[-1]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (parent / "precious.txt").read_text() == "keep me"
+    assert (out / "search" / "experiment_state-2026-12-03.json").is_file()
+
+
+@pytest.mark.parametrize("command", ["cifar_ray.tune", "cifar_ray.train"])
+def test_resume_with_overwrite_is_refused_before_anything_is_touched(tmp_path, command):
+    """`--resume --overwrite` used to delete the saved search, then fail to resume it; train
+    ignored --overwrite."""
+    out = tmp_path / "out"
+    state = _saved_search(out)
+    (out / "last.ckpt").write_bytes(b"a checkpoint")
+    (out / "results.json").write_text("{}")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    proc = run_cli(command, "--resume", "--overwrite", "--output-dir", str(out),
+                   "--dataset", "folder", "--data-dir", str(tmp_path / "no-data"), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("error: --resume and --overwrite contradict each other "
+                                   "(--resume continues what is in the output dir, --overwrite "
+                                   "discards it): give one of them")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert state.is_dir() and (out / "last.ckpt").read_bytes() == b"a checkpoint"
+
+
+def test_resume_and_overwrite_look_where_the_search_writes_with_a_storage_path(tmp_path):
+    """tune.storage set: the saved state is under it, not under the output dir."""
+    out, storage = tmp_path / "out", tmp_path / "shared"
+    out.mkdir()
+    experiment = _saved_search(storage)
+    cfg = SearchConfig()
+    cfg.tune.storage = str(storage)
+    check_output_dir(out, cfg, resume=True, overwrite=False)  # finds the state: no error
+    with pytest.raises(UserError, match=f"{storage} holds an interrupted search"):
+        check_output_dir(out, cfg, resume=False, overwrite=False)
+    (storage / "unrelated").mkdir()
+    check_output_dir(out, cfg, resume=False, overwrite=True)
+    assert not experiment.exists() and not (storage / "train_runs").exists()
+    assert (storage / "unrelated").is_dir()  # only the search's own folders went
+    with pytest.raises(UserError, match=f"--resume: no search to resume in {experiment}"):
+        check_output_dir(out, cfg, resume=True, overwrite=False)
+
+
+def test_remove_inside_deletes_only_inside_the_named_folder(tmp_path):
+    from cifar_ray.files import remove_inside
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    for path in (root / "..", root, root / ".", root / "sub" / ".." / "..", tmp_path / "outside"):
+        with pytest.raises(UserError, match="refusing to delete"):
+            remove_inside(root, path)
+    remove_inside(root, root / "link")  # the link goes, never what it points to
+    assert not (root / "link").exists() and (tmp_path / "outside").is_dir()
+    remove_inside(root, root / "sub")
+    remove_inside(root, root / "never-there")
+    assert list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["cifar_ray.tune", "cifar_ray.train"])
+@pytest.mark.parametrize("case", ["a file", "under a file"])
+def test_an_output_dir_that_cannot_be_one_is_one_line(tmp_path, command, case):
+    """(Root ignores a folder's mode, so 'cannot be created' is a path through a file.)"""
+    (tmp_path / "taken").write_text("not a folder")
+    out = tmp_path / "taken" if case == "a file" else tmp_path / "taken" / "out"
+    proc = run_cli(command, "--output-dir", str(out), "--dataset", "folder", "--data-dir",
+                   str(tmp_path / "no-data"), *FAST_FLAGS, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot use {out} as the output dir"), \
+        proc.stderr[-2000:]
