@@ -5,11 +5,14 @@ reading, validation, and the seeded train / validation split.
         -> read_cifar -> CifarArrays: uint8 images (N, 32, 32, 3), int64 labels, class names
 
 The official files are Python 2 pickles. Unpickling can run code, so `_SafeUnpickler` accepts
-only the handful of globals a numpy array needs: a tampered batch file is refused, not executed.
+only the handful of globals a numpy array needs, and allocates no more than the file holds: a
+tampered batch file is refused, not executed, and cannot claim more memory than its own size.
 """
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import pickle
 import tempfile
@@ -18,6 +21,11 @@ from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
+
+try:  # numpy 2
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct
 
 from cifar_ray.config import DataConfig
 from cifar_ray.errors import DataError
@@ -114,6 +122,8 @@ def ensure_dataset(data_dir: str | Path, dataset: str) -> Path:
     download never leaves a half-written data set behind.
     """
     data_dir = Path(data_dir).expanduser().resolve()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir}: a file, not a folder")
     if dataset == "folder":  # the user's own images: nothing to download
         if not data_dir.is_dir():
             raise DataError(f"{data_dir}: data folder missing (--dataset folder reads "
@@ -146,38 +156,98 @@ def ensure_dataset(data_dir: str | Path, dataset: str) -> Path:
 # Reading and validation
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR batches (dicts of lists, strings and numpy arrays) and nothing else."""
+# Bounds on what a meta file may declare: the classes become the network's last layer.
+MAX_CLASSES = 10_000
+MAX_CLASS_NAME = 200
 
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
-    }
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches (dicts of lists, strings and numeric numpy arrays) and nothing
+    else, allocating no more than the file holds: every array and byte string a pickle asks
+    for is charged, before it is made, against `budget` (the file's size), since an honest
+    file carries each array's bytes itself. A crafted 200-byte file that declares gigabytes of
+    images is refused instead of allocated."""
+
+    _NDARRAY = object()  # stands for numpy.ndarray: an argument of _reconstruct, never called
+    RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"),
+                   ("numpy._core.multiarray", "_reconstruct")}
+
+    def __init__(self, data: bytes):
+        # latin1: the official files are Python 2 pickles whose strings are raw bytes.
+        super().__init__(io.BytesIO(data), encoding="latin1")
+        self.budget = len(data)
+
+    def charge(self, nbytes: int) -> None:
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise pickle.UnpicklingError("it declares more data than the file holds")
 
     def find_class(self, module: str, name: str):  # noqa: D102 (pickle's hook)
-        if (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
+        if (module, name) in self.RECONSTRUCT:
+            return self.reconstruct
+        if (module, name) == ("numpy", "ndarray"):
+            return self._NDARRAY
+        if (module, name) == ("numpy", "dtype"):
+            return numeric_dtype
+        if (module, name) == ("_codecs", "encode"):  # how protocol-2 pickles store bytes
+            return self.encode
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+    def reconstruct(self, subtype, shape, dtype) -> np.ndarray:
+        if subtype is not self._NDARRAY or not isinstance(shape, tuple) \
+                or not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise pickle.UnpicklingError("not a plain numpy array")
+        self.charge(math.prod(shape) * numeric_dtype(dtype).itemsize)
+        return _reconstruct(np.ndarray, shape, dtype)
+
+    def encode(self, text, encoding: str = "utf-8") -> bytes:
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise pickle.UnpicklingError("not a byte string")
+        self.charge(len(text))
+        return text.encode("latin1")
+
+
+def numeric_dtype(*args) -> np.dtype:
+    """numpy.dtype, for booleans, integers and floats only (no objects, no records)."""
+    try:
+        dtype = np.dtype(*args[:1])
+    except TypeError:
+        raise pickle.UnpicklingError("not a numeric dtype") from None
+    if dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"refusing dtype {dtype}")
+    return dtype
 
 
 def _unpickle(path: Path) -> dict:
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, where a CIFAR batch file should be")
     if not path.is_file():
         raise DataError(f"{path}: file missing")
     try:
-        with open(path, "rb") as f:
-            # latin1: the official files are Python 2 pickles whose strings are raw bytes.
-            obj = _SafeUnpickler(f, encoding="latin1").load()
+        obj = _SafeUnpickler(path.read_bytes()).load()
     except pickle.UnpicklingError as exc:
         raise DataError(f"{path}: not a CIFAR batch file ({exc})") from None
+    except MemoryError:
+        raise DataError(f"{path}: not a CIFAR batch file (it declares more data than fits in "
+                        "memory)") from None
     except Exception as exc:  # truncated or garbage files fail in many ways inside pickle
         raise DataError(f"{path}: cannot be read, truncated or corrupt ({type(exc).__name__})") \
             from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     return obj
+
+
+def _labels(value) -> np.ndarray | None:
+    """A batch's labels as int64, if they are a flat list of ints (or a 1-D int array)."""
+    if isinstance(value, np.ndarray):
+        return value.astype(np.int64) if value.ndim == 1 and value.dtype.kind in "iu" else None
+    if isinstance(value, list) and all(type(v) is int for v in value):
+        try:
+            return np.asarray(value, dtype=np.int64)
+        except OverflowError:
+            return None
+    return None
 
 
 def _read_batch(path: Path, labels_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -190,13 +260,9 @@ def _read_batch(path: Path, labels_key: str, num_classes: int) -> tuple[np.ndarr
             or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE:
         got = f"{data.shape} {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: 'data' must be an N x 3072 uint8 array, got {got}")
-    try:
-        labels = np.asarray(batch[labels_key])
-        labels = labels.astype(np.int64) if labels.size == 0 else labels  # [] reads as float
-    except Exception:
-        labels = np.asarray([[]], dtype=object)  # ragged or odd: reported just below
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise DataError(f"{path}: '{labels_key}' must be a list of ints")
+    labels = _labels(batch[labels_key])
+    if labels is None:
+        raise DataError(f"{path}: '{labels_key}' must be a flat list of ints")
     if len(labels) != len(data):
         raise DataError(f"{path}: {len(labels)} labels for {len(data)} images")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
@@ -204,7 +270,7 @@ def _read_batch(path: Path, labels_key: str, num_classes: int) -> tuple[np.ndarr
                         f"out of range for the {num_classes} classes in the meta file")
     # Rows are 1024 red, then 1024 green, then 1024 blue values: -> (N, 32, 32, 3).
     images = data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), labels.astype(np.int64)
+    return np.ascontiguousarray(images), labels
 
 
 def read_cifar(folder: str | Path, dataset: str) -> CifarArrays:
@@ -216,8 +282,10 @@ def read_cifar(folder: str | Path, dataset: str) -> CifarArrays:
     meta_path = folder / spec.meta_file
     meta = _unpickle(meta_path)
     classes = meta.get(spec.meta_key)
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise DataError(f"{meta_path}: '{spec.meta_key}' must be a non-empty list of class names")
+    if not isinstance(classes, list) or not 0 < len(classes) <= MAX_CLASSES \
+            or not all(isinstance(c, str) and 0 < len(c) <= MAX_CLASS_NAME for c in classes):
+        raise DataError(f"{meta_path}: '{spec.meta_key}' must be a list of 1 to {MAX_CLASSES} "
+                        f"class names of 1 to {MAX_CLASS_NAME} characters")
 
     def read_split(files: list[str], split: str) -> tuple[np.ndarray, np.ndarray]:
         parts = [_read_batch(folder / name, spec.labels_key, len(classes)) for name in files]
@@ -237,7 +305,7 @@ def load_dataset(data: DataConfig) -> CifarArrays:
     if data.dataset == "folder":
         from cifar_ray.image_folders import read_folders
 
-        return read_folders(data.data_dir)
+        return read_folders(ensure_dataset(data.data_dir, "folder"))
     return read_cifar(ensure_dataset(data.data_dir, data.dataset), data.dataset)
 
 

@@ -92,6 +92,86 @@ def test_a_batch_file_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+class _Declared:
+    """Pickles as numpy's own array constructor asked for `shape`: a few bytes in the file."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, self.shape, self.dtype))
+
+
+class _Encoded:
+    """Pickles as `_codecs.encode(text, 'latin1')`: many of them share one memoised string."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __reduce__(self):
+        import codecs
+
+        return (codecs.encode, (self.text, "latin1"))
+
+
+MEGABYTE = "x" * (1 << 20)  # one string: pickled once, then referenced
+
+
+def _nested_labels(levels: int) -> list:
+    level = [0] * 10
+    for _ in range(levels):
+        level = [level] * 10  # pickled once, then referenced: 10x more per ~25 bytes
+    return level
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({"data": _Declared((100_000, 3072), "u1"), "labels": _Declared((100_000,), "i8")},
+     "declares more data than the file holds"),
+    ({"data": np.zeros((10, 3072), np.uint8), "labels": _nested_labels(6)},
+     "'labels' must be a flat list of ints"),
+    ({"data": np.zeros((10, 3072), np.uint8), "labels": [0] * 10,
+      "filenames": [_Encoded(MEGABYTE) for _ in range(200)]},
+     "declares more data than the file holds"),
+    ({"data": np.zeros((10, 3072), np.uint8), "labels": [0] * 10,
+      "extra": _Declared((10,), "O")}, "refusing dtype object"),
+])
+def test_a_crafted_batch_file_is_refused_without_allocating_what_it_declares(
+        tmp_path, batch, message):
+    """A small file that asks for hundreds of megabytes (an array's declared shape, shared
+    nested lists, one string encoded over and over) is refused within a bound of its size."""
+    import tracemalloc
+
+    folder, _, _ = write_cifar10(tmp_path, n_train=50, n_test=20)
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    size = (folder / "data_batch_1").stat().st_size
+    assert size < 2_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as err:
+            read_cifar(folder, "cifar10")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert peak < 4 * size + 20_000_000, f"{peak / 1e6:.0f} MB for a {size / 1e3:.0f} KB file"
+
+
+def test_a_meta_file_with_too_many_classes_is_refused(tmp_path):
+    folder, _, _ = write_cifar10(tmp_path, n_train=50, n_test=20)
+    _corrupt(folder, "batches.meta", label_names=[b"c"] * 20_000)
+    with pytest.raises(DataError, match="must be a list of 1 to 10000 class names"):
+        read_cifar(folder, "cifar10")
+
+
+def test_a_data_dir_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(DataError, match=r"/data: a file, not a folder$"):
+        ensure_dataset(tmp_path / "data", "cifar10")
+
+
 @pytest.fixture
 def served_archive(tmp_path, monkeypatch):
     """Pack a fixture set like the official archive, serve it over HTTP on 127.0.0.1, and point
