@@ -21,12 +21,13 @@ model (module.py), so everything downstream normalises exactly as training did.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from cifar_ray.cifar_files import IMAGE_SIZE, CifarArrays, Normalization
 from cifar_ray.errors import DataError
@@ -34,24 +35,41 @@ from cifar_ray.files import atomic_path
 
 CACHE_NAME = ".cifar_ray_cache.npz"
 SPLITS = ("train", "val", "test")
+# Every image a user gives (class folders, predict, the app) is refused above this many pixels
+# before it is decoded: 50 megapixels decode to 150 MB of RGB.
+MAX_PIXELS = 50_000_000
+# The raster formats read, by content whatever a file is called (never EPS, which Pillow hands
+# to Ghostscript), and their extensions as Pillow registers them (.gif, .tif, .pgm, ...).
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "TGA")
+IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
+                             if fmt in FORMATS)
 
 
 def read_image(path: str | Path) -> np.ndarray:
     """Any image file -> (32, 32, 3) uint8 RGB, by area resampling; DataError naming the file
-    if it is missing or does not decode."""
-    if not Path(path).is_file():
+    if it is missing, does not decode, or has more than MAX_PIXELS pixels (checked from its
+    header, before anything is decoded: a small file can declare gigabytes of pixels)."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not an image file")
+    if not path.is_file():
         raise DataError(f"{path}: file missing")
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=FORMATS) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise DataError(f"{path}: {width}x{height} pixels, more than this project "
+                                f"reads ({MAX_PIXELS // 1_000_000} megapixels)")
             image = image.convert("RGB")
             image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+            SyntaxError) as exc:  # SyntaxError: Pillow's word for some malformed headers
         raise DataError(f"{path}: not a readable image ({type(exc).__name__})") from None
     return np.asarray(image, dtype=np.uint8)
 
 
 def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMG_EXTENSIONS
+    return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]], int]:
@@ -106,14 +124,42 @@ def cache_paths(root: Path) -> list[Path]:
     return [root / CACHE_NAME, base / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.npz"]
 
 
-def _load_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
+def _load_cache(path: Path, key: str, say) -> dict[str, np.ndarray] | None:
+    """The cached arrays if `path` holds the cache of `key`; None if it is missing or stale. A
+    damaged or foreign file is one warning line, and the images are decoded again (which
+    rewrites it)."""
+    if not path.is_file():
+        return None
     try:
+        _check_npz(path)
         with np.load(path, allow_pickle=False) as cached:  # arrays only: no code runs
             if str(cached["key"]) != key:
                 return None
             return {name: cached[name] for name in cached.files}
-    except (OSError, ValueError, KeyError):  # missing, truncated, or not ours: decode again
+    except Exception as exc:  # truncated, garbage, or not ours: zipfile, zlib, numpy errors
+        say(f"warning: the cache {path} is damaged ({type(exc).__name__}); decoding the "
+            "images again")
         return None
+
+
+HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                  (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _check_npz(path: Path) -> None:
+    """ValueError unless every array in the .npz is stored uncompressed (as np.savez writes
+    them) and declares no more bytes than it holds: numpy allocates what a header declares."""
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            if member.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{member.filename} is compressed")
+            with archive.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in HEADER_READERS:
+                    raise ValueError(f"{member.filename}: .npy version {version}")
+                shape, _, dtype = HEADER_READERS[version](f)
+                if math.prod(shape) * dtype.itemsize > member.file_size:
+                    raise ValueError(f"{member.filename} declares more than it holds")
 
 
 def _decode(root: Path, files: dict[str, list[tuple[Path, int]]], classes: list[str],
@@ -136,7 +182,7 @@ def read_folders(data_dir: str | Path, quiet: bool = False) -> CifarArrays:
     say = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
     note = f" ({skipped} files that are not images skipped)" if skipped else ""
     for cache in cache_paths(root):
-        arrays = _load_cache(cache, key)
+        arrays = _load_cache(cache, key, say)
         if arrays is not None:
             say(f"data: {root} read from its cache {cache}{note}")
             break

@@ -235,3 +235,73 @@ def test_predict_names_the_planted_class(folder_run, tmp_path, capsys):
     assert main(["--checkpoint", str(out / "best.ckpt"), str(bad)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {bad}: not a readable image (UnidentifiedImageError)")
+
+
+def test_an_image_declaring_more_pixels_than_the_bound_is_refused_before_decoding(tmp_path):
+    """A 60-megapixel PNG of one colour is a few kilobytes; decoded as RGB it is 180 MB."""
+    from cifar_ray.image_folders import MAX_PIXELS, read_image
+
+    path = tmp_path / "bomb.png"
+    Image.new("1", (10_000, 6_000)).save(path)
+    assert path.stat().st_size < 100_000 and 10_000 * 6_000 > MAX_PIXELS
+    with pytest.raises(DataError, match=r"bomb.png: 10000x6000 pixels, more than this project "
+                                        r"reads \(50 megapixels\)$"):
+        read_image(path)
+
+
+def test_a_folder_or_an_eps_file_given_as_an_image_is_named_for_what_it_is(tmp_path):
+    from cifar_ray.image_folders import read_image
+
+    with pytest.raises(DataError, match=r": a folder, not an image file$"):
+        read_image(tmp_path)
+    eps = tmp_path / "drawing.png"  # EPS inside, whatever the name: never handed to Ghostscript
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\nshowpage\n")
+    with pytest.raises(DataError, match="not a readable image"):
+        read_image(eps)
+
+
+def test_gif_and_tiff_files_in_class_folders_are_read_not_skipped(tmp_path, capsys):
+    write_class_folders(tmp_path, n_train=40, n_test=12)
+    first = read_folders(tmp_path, quiet=True)
+    for i, ext in enumerate((".gif", ".tif")):
+        Image.new("RGB", (40, 40), (200, 10 * i, 0)).save(tmp_path / "train" / "boat" / f"x{ext}")
+    again = read_folders(tmp_path)
+    assert len(again.train_labels) == len(first.train_labels) + 2
+    assert "skipped" not in capsys.readouterr().out.replace("3 files that are not images skipped", "")
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def _declare_a_gigabyte(path):
+    """An .npz whose 'key' array declares 10^9 bytes in a 128-byte header."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10**9,)})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("key.npy", header.getvalue() + b"\0" * 16)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _declare_a_gigabyte])
+def test_a_damaged_cache_is_one_warning_and_is_rebuilt(tmp_path, capsys, damage):
+    import tracemalloc
+
+    write_class_folders(tmp_path, n_train=40, n_test=12)
+    first = read_folders(tmp_path, quiet=True)
+    damage(tmp_path / CACHE_NAME)
+    tracemalloc.start()
+    try:
+        again = read_folders(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    out = capsys.readouterr().out
+    assert f"warning: the cache {tmp_path / CACHE_NAME} is damaged" in out, out
+    assert "decoding 52 images" in out and (again.train_images == first.train_images).all()
+    assert peak < 50_000_000, f"{peak / 1e6:.0f} MB"
+    read_folders(tmp_path)  # rebuilt: read from it again
+    assert "read from its cache" in capsys.readouterr().out
