@@ -8,17 +8,25 @@ try any checkpoint this project wrote.
   Mistakes   the misclassified test images and their CAMs: the gradcam stage's report beside
              the checkpoint when there is one, else computed from --data-dir at start.
 
-Bad input (a file that is not an image, an empty file) gets a message in the page; the app
-keeps running. It binds to 127.0.0.1 unless --host says otherwise, and runs on the CPU.
+Bad input (a file that is not an image, an empty file, an upload over --max-upload-mb, an
+image of more than image_folders.MAX_PIXELS pixels) gets a plain message in the page, never an
+exception's text; the app keeps running. It binds to 127.0.0.1 unless --host says otherwise
+(and warns when it serves beyond this machine), asks for a login when CIFAR_RAY_APP_USERNAME
+and CIFAR_RAY_APP_PASSWORD are set, runs on the CPU, and removes its temporary files when it
+stops (uploads older than an hour, every hour, while it runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import ipaddress
 import json
 import os
+import signal
+import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +37,14 @@ from cifar_ray import gradcam
 from cifar_ray.config import DataConfig
 from cifar_ray.cifar_files import CifarArrays, load_dataset
 from cifar_ray.errors import DataError, UserError, cli_entry
-from cifar_ray.image_folders import read_image
+from cifar_ray.image_folders import MAX_PIXELS, read_image
 from cifar_ray.model import CAM_LAYERS
 from cifar_ray.module import LitResNet9, load_module
 from cifar_ray.predict import prepare, probabilities
 
 PREDICTED = "the predicted class"
+AUTH_ENV = ("CIFAR_RAY_APP_USERNAME", "CIFAR_RAY_APP_PASSWORD")
+UPLOADS_KEPT_S = 3600  # Gradio deletes uploads older than this, this often
 
 
 class Classifier:
@@ -55,9 +65,29 @@ class Classifier:
             raise UserError(f"'{name}' is empty (0 bytes): upload an image file.")
         try:
             return read_image(path)
-        except DataError:
+        except DataError as exc:
+            if "megapixels" in str(exc):
+                raise UserError(f"'{name}' has more pixels than this app reads "
+                                f"({MAX_PIXELS // 1_000_000} megapixels).") from None
             raise UserError(f"'{name}' is not an image this app can read: "
                             "upload a PNG, JPEG, BMP, GIF or WebP file.") from None
+
+    def answer(self, path: str | None, top_k: int, cam_class: str, layer: str,
+               opacity: float) -> tuple:
+        """What the page shows for an upload: (probabilities, the image as the model sees it,
+        the CAM overlay, a caption). A problem is a plain message; an unexpected error's text
+        goes to the server's console, never to the visitor."""
+        try:
+            picture = self.read(path)
+            top, shown, caption = self.explain(picture, int(top_k), cam_class, layer, opacity)
+        except UserError as exc:
+            return None, None, None, f"⚠️ {exc}"
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            return None, None, None, ("⚠️ This image could not be classified; the server's "
+                                      "console has the details.")
+        big = np.asarray(Image.fromarray(picture).resize((128, 128), Image.Resampling.NEAREST))
+        return top, big, shown, caption
 
     def explain(self, picture: np.ndarray, top_k: int, cam_class: str, layer: str,
                 opacity: float) -> tuple[dict[str, float], np.ndarray, str]:
@@ -75,14 +105,15 @@ class Classifier:
 
 
 def gallery(checkpoint: Path, data_dir: str | None, arrays: CifarArrays | None,
-            report_dir: str | None) -> tuple[list, str]:
-    """The mistakes figures: an existing report, or one computed now from the data set."""
+            report_dir: str | None, workdir: Path) -> tuple[list, str]:
+    """The mistakes figures: an existing report, or one computed now from the data set (into
+    `workdir`)."""
     folder = Path(report_dir) if report_dir else checkpoint.parent / "gradcam"
     if not (folder / "misclassified.json").is_file():
         if arrays is None:
             return [], ("No GradCAM report beside the checkpoint; start the app with `--data-dir` "
                         "to compute one.")
-        folder = Path(tempfile.mkdtemp(prefix="cifar_ray_app_"))
+        folder = workdir / "gradcam"
         print(f"app: computing the GradCAM report of the test set into {folder} ...", flush=True)
         gradcam.analyse(checkpoint, data_dir, folder, device="cpu", arrays=arrays)
     items = [(str(folder / name), caption) for name, caption in gradcam.FIGURES.items()
@@ -93,11 +124,12 @@ def gallery(checkpoint: Path, data_dir: str | None, arrays: CifarArrays | None,
                    f"`{summary['target_layer']}`. Report: `{folder}`")
 
 
-def example_files(arrays: CifarArrays | None, count: int = 8) -> list[str]:
+def example_files(arrays: CifarArrays | None, workdir: Path, count: int = 8) -> list[str]:
     """The first test images of the data set, as PNG files the page can offer as examples."""
     if arrays is None:
         return []
-    folder = Path(tempfile.mkdtemp(prefix="cifar_ray_examples_"))
+    folder = workdir / "examples"
+    folder.mkdir()
     paths = []
     for i in range(min(count, len(arrays.test_labels))):
         path = folder / f"test_{i}_{arrays.classes[arrays.test_labels[i]]}.png"
@@ -116,20 +148,15 @@ def build(checkpoint: str | Path, data_dir: str | None = None, report_dir: str |
     if data_dir:
         arrays = load_dataset(DataConfig(dataset=classifier.module.hparams.dataset,
                                          data_dir=data_dir))
-    examples = example_files(arrays)
-    figures, report_note = gallery(checkpoint, data_dir, arrays, report_dir)
-
-    def classify(path, top_k, cam_class, layer, opacity):
-        try:
-            picture = classifier.read(path)
-        except UserError as exc:
-            return None, None, None, f"⚠️ {exc}"
-        top, shown, caption = classifier.explain(picture, int(top_k), cam_class, layer, opacity)
-        big = np.asarray(Image.fromarray(picture).resize((128, 128), Image.Resampling.NEAREST))
-        return top, big, shown, caption
+    # The examples and a computed report: removed with the app (the object's finaliser runs
+    # when it is collected or the process exits).
+    workdir = tempfile.TemporaryDirectory(prefix="cifar_ray_app_")
+    examples = example_files(arrays, Path(workdir.name))
+    figures, report_note = gallery(checkpoint, data_dir, arrays, report_dir, Path(workdir.name))
 
     h = classifier.module.hparams
-    with gr.Blocks(title="cifar_ray: ResNet-9 classifier", analytics_enabled=False) as demo:
+    with gr.Blocks(title="cifar_ray: ResNet-9 classifier", analytics_enabled=False,
+                   delete_cache=(UPLOADS_KEPT_S, UPLOADS_KEPT_S)) as demo:
         gr.Markdown(f"# ResNet-9 on {h.dataset.upper()}\n`{checkpoint.name}`: "
                     f"{h.num_classes} classes, width {h.width}. Upload an image: it is resized to "
                     "32x32, classified, and GradCAM shows where the model looked.")
@@ -155,12 +182,13 @@ def build(checkpoint: str | Path, data_dir: str | None = None, report_dir: str |
                     prediction = gr.Label(label="Prediction", elem_id="prediction")
             gr.on(triggers=[upload.change, top_k.release, cam_class.change, layer.change,
                             opacity.release],
-                  fn=classify, inputs=[upload, top_k, cam_class, layer, opacity],
+                  fn=classifier.answer, inputs=[upload, top_k, cam_class, layer, opacity],
                   outputs=[prediction, seen, cam, status])
         with gr.Tab("Mistakes"):
             gr.Markdown(report_note)
             gr.Gallery(value=figures, columns=2, height=720, object_fit="contain",
                        label="Misclassified test images (click one to enlarge)", elem_id="gallery")
+    demo.workdir = workdir  # lives as long as the app
     return demo
 
 
@@ -172,23 +200,59 @@ def build_parser() -> argparse.ArgumentParser:
                                            "mistakes report when none is beside the checkpoint")
     parser.add_argument("--report-dir", help="a gradcam stage output dir (default: gradcam/ "
                                              "beside the checkpoint)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: all)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (0.0.0.0: every network this machine is on)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0,
+                        help="largest file a visitor may upload, in megabytes")
     return parser
+
+
+def credentials() -> tuple[str, str] | None:
+    """The login the app asks for, from the environment (never from argv, which any user of
+    the machine can read in the process list); None when neither variable is set."""
+    user, password = (os.environ.get(name, "") for name in AUTH_ENV)
+    if bool(user) != bool(password):
+        raise UserError(f"set both {AUTH_ENV[0]} and {AUTH_ENV[1]} for a login, or neither")
+    return (user, password) if user else None
+
+
+def is_local(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not 0 < args.max_upload_mb <= 1024:
+        raise UserError(f"--max-upload-mb must be in (0, 1024], got {args.max_upload_mb}")
+    auth = credentials()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if importlib.util.find_spec("gradio") is None:
         raise UserError('the app needs Gradio: pip install -e ".[app]"')
     demo = build(args.checkpoint, args.data_dir, args.report_dir)
-    print(f"app: http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    if not is_local(args.host):
+        print(f"warning: serving on {args.host}: other machines can reach this app"
+              + ("" if auth else f"; set {AUTH_ENV[0]} and {AUTH_ENV[1]} to require a login"),
+              file=sys.stderr, flush=True)
+    print(f"app: http://{args.host}:{args.port} (Ctrl-C to stop)"
+          + (" (login required)" if auth else ""), flush=True)
+    # SIGTERM stops the server as Ctrl-C does, so the app's temporary files are removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, show_error=True, quiet=True)
+        demo.launch(server_name=args.host, server_port=args.port, show_error=False, quiet=True,
+                    auth=auth, max_file_size=int(args.max_upload_mb * 1024 * 1024))
     except OSError as exc:
         raise UserError(f"cannot serve on {args.host}:{args.port}: {exc}") from None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.workdir.cleanup()
     return 0
 
 
