@@ -9,6 +9,11 @@ MLflow for teams that track there.
                  Lightning's MLFlowLogger (`retrain_logger`), and the driver adds the checkpoint
                  and report.html to it as artifacts (`log_artifacts`). All under one
                  experiment, `tracking.mlflow_experiment`.
+
+Credentials reach MLflow through its own environment variables (MLFLOW_TRACKING_USERNAME,
+MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN), never through a file: a URI that holds a user
+and password (`http://user:pw@host`) has them moved into those variables by `take_credentials`
+before anything can pickle (Tune's state) or print (an error) the URI.
 """
 
 from __future__ import annotations
@@ -38,6 +43,32 @@ def tensorboard_hparams(logger, params: dict[str, Any]) -> None:
     writer.flush()
 
 
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def take_credentials(settings, local_ray: bool) -> None:
+    """Moves a user and password out of `settings.mlflow_uri` into MLflow's environment
+    variables, which this process and the local Ray instance it starts inherit. A cluster's
+    nodes do not: there, one line saying to set the variables on every node."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(settings.mlflow_uri)
+    if parts.username is None and parts.password is None:
+        return
+    if not local_ray:
+        raise UserError(f"tracking.mlflow_uri: credentials in the URI do not reach a cluster's "
+                        f"nodes; set {CREDENTIAL_ENV[0]} and {CREDENTIAL_ENV[1]} (or "
+                        "MLFLOW_TRACKING_TOKEN) on every node, and give the URI without them")
+    from urllib.parse import unquote
+
+    os.environ[CREDENTIAL_ENV[0]] = unquote(parts.username or "")
+    os.environ[CREDENTIAL_ENV[1]] = unquote(parts.password or "")
+    settings.mlflow_uri = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    print(f"tracking: the credentials in the MLflow URI go to MLflow through {CREDENTIAL_ENV[0]} "
+          f"and {CREDENTIAL_ENV[1]} (set those yourself to keep them out of the command line)",
+          flush=True)
+
+
 def redacted(uri: str) -> str:
     """The URI with any password in it replaced by ***, for files and the console."""
     from urllib.parse import urlsplit, urlunsplit
@@ -57,21 +88,27 @@ def require_mlflow() -> None:
 
 
 def prepare_experiment(settings) -> None:
-    """Creates the MLflow experiment if it is new. With a local `sqlite:///path.db` store, its
-    artifacts (the checkpoint, report.html) go beside the database, in `mlruns/`: MLflow's
-    default for such a store is `./mlruns` under whatever folder the command ran in. A
-    server (`http://...`) chooses for itself."""
+    """Creates the MLflow experiment if it is new; any failure (an unknown scheme, a server
+    that does not answer or refuses the credentials) is one line. With a local
+    `sqlite:///path.db` store, its artifacts (the checkpoint, report.html) go beside the
+    database, in `mlruns/`: MLflow's default for such a store is `./mlruns` under whatever
+    folder the command ran in. A server (`http://...`) chooses for itself."""
     require_mlflow()
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=settings.mlflow_uri)
-    if client.get_experiment_by_name(settings.mlflow_experiment) is not None:
-        return
-    location = None
-    if settings.mlflow_uri.startswith("sqlite:///"):
-        database = Path(settings.mlflow_uri[len("sqlite:///"):]).expanduser().resolve()
-        location = (database.parent / "mlruns").as_uri()
-    client.create_experiment(settings.mlflow_experiment, artifact_location=location)
+    try:
+        client = MlflowClient(tracking_uri=settings.mlflow_uri)
+        if client.get_experiment_by_name(settings.mlflow_experiment) is not None:
+            return
+        location = None
+        if settings.mlflow_uri.startswith("sqlite:///"):
+            database = Path(settings.mlflow_uri[len("sqlite:///"):]).expanduser().resolve()
+            location = (database.parent / "mlruns").as_uri()
+        client.create_experiment(settings.mlflow_experiment, artifact_location=location)
+    except Exception as exc:  # MLflow's own, requests', SQLAlchemy's: the first line is enough
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UserError(f"tracking.mlflow_uri {redacted(settings.mlflow_uri)}: MLflow cannot "
+                        f"use it ({type(exc).__name__}: {first})") from None
 
 
 def tune_callbacks(settings) -> list:

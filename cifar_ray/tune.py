@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_resume_or_overwrite(args.resume, args.overwrite)
     cfg = resolve(SearchConfig(), args)
+    # First: nothing below may pickle or print a password the URI holds.
+    tracking.take_credentials(cfg.tracking, local_ray=cfg.tune.address == "local")
     if args.plan_epoch_seconds is not None and args.plan_epoch_seconds <= 0:
         raise UserError(f"--plan-epoch-seconds must be > 0, got {args.plan_epoch_seconds}")
     if args.plan:

@@ -36,9 +36,11 @@ class MarkerPayload:
         return (Path.touch, (Path(self.marker),))
 
 
-def run_cli(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m module args` the way a user would; capture its output."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_cli(module: str, *args: str, timeout: int = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m module args` the way a user would (`env`: variables added to this
+    process's); capture its output."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from tests.conftest import (ARTIFACTS, ROOT, SMOKE, mains_in_a_fresh_process, registered_runs,
                             run_cli, search_env)
+from tests.mlflow_server import FakeMlflow
 from tests.processes import files_containing, free_port, pids_with
 
 pytestmark = pytest.mark.slow
@@ -235,13 +236,31 @@ def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_p
     space.write_text("search:\n  model.width: {choice: [8, 16]}\n"
                      "  augment.cutout_p: {uniform: [0, 1]}\n")
     out = tmp_path / "search"
+    password = f"pw-{secrets.token_hex(8)}"
+    with FakeMlflow(tmp_path / "mlflow_artifacts", "ada", password) as server:
+        # MLflow over HTTP with a password in the URI: it must reach the server, and nothing
+        # else (checked at the end).
+        uri = server.url.replace("http://", f"http://ada:{password}@")
+        _search_on_folders_resumed(class_folders, space, out, tmp_path, sys_tmp, uri)
+    assert {auth for _, _, auth in server.requests} == {server.expected}
+    runs = [r for r in server.runs.values() if r["info"]["status"] == "FINISHED"]
+    kinds = sorted(tag["value"] for r in runs for tag in r["data"]["tags"]
+                   if tag["key"] == "cifar_ray")
+    assert kinds == ["retrain", "trial", "trial", "trial"], kinds
+    written = files_containing(tmp_path, password) + files_containing(sys_tmp, password)
+    assert written == [], written
+
+
+def _search_on_folders_resumed(class_folders, space, out, tmp_path, sys_tmp, uri) -> None:
     args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--config", str(space),
             "--dataset", "folder", "--data-dir", str(class_folders), "--output-dir", str(out),
             "--num-samples", "3", "--epochs", "2", "--grace-period", "2",
-            "--retrain-epochs", "2", "--lr", "0.01", "--batch-size", "64"]
+            "--retrain-epochs", "2", "--lr", "0.01", "--batch-size", "64", "--mlflow-uri", uri]
+    password = uri.split(":")[2].split("@")[0]
     # SIGTERM once the retrain's first epoch is done.
     output = _sigterm_when(lambda log: (out / "retrain" / "last.ckpt").exists(), args,
                            tmp_path / "first.log", sys_tmp)
+    assert password not in output
     assert output.strip().splitlines()[-1] == (
         "error: stopped during the retrain; run the same command with --resume to finish (the "
         "search's trials are kept)")
@@ -251,6 +270,7 @@ def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_p
     proc = subprocess.run([*args, "--resume"], cwd=ROOT, env=search_env(sys_tmp),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert password not in proc.stdout + proc.stderr
     assert " started: " not in proc.stdout  # no trial ran again
     trials = _read_trials(out)
     assert list(trials[0]) == ["trial_id", "model.width", "augment.cutout_p", "epochs",
