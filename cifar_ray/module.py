@@ -16,6 +16,7 @@ arithmetic (tests/test_module.py counts them: zero).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -187,10 +188,32 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_module(path: str | Path) -> LitResNet9:
     """Rebuild a LitResNet9 from a checkpoint this project wrote (on CPU, in eval mode)."""
     ckpt = read_checkpoint(path)
+    hparams = dict(check_hyperparameters(path, ckpt))
     try:
-        module = LitResNet9(**dict(ckpt["hyper_parameters"]))
+        module = LitResNet9(**hparams)
         module.load_state_dict(ckpt["state_dict"], strict=True)
-    except (TypeError, RuntimeError) as exc:
+    except (TypeError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(f"{path}: does not match this project's ResNet-9: {first}") from None
     return module.eval()
+
+
+def check_hyperparameters(path: str | Path, ckpt: dict[str, Any]) -> Mapping[str, Any]:
+    """The checkpoint's hyperparameters, once they agree with its weights: the network is
+    built from them, so a width or class count its tensors do not have (a hand-edited or
+    hostile file) would allocate a network of any size. CheckpointError (one line) if not."""
+    hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+    if not isinstance(hparams, Mapping) or not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: its hyper_parameters and state_dict must be mappings")
+    width, classes = hparams.get("width", 64), hparams.get("num_classes", 10)
+    prep, fc = state.get("model.prep.0.weight"), state.get("model.fc.weight")
+    if not isinstance(prep, torch.Tensor) or not isinstance(fc, torch.Tensor) \
+            or prep.shape != (width, 3, 3, 3) or fc.shape != (classes, 8 * width):
+        raise CheckpointError(f"{path}: does not match this project's ResNet-9: its "
+                              f"hyper_parameters (width {width!r}, num_classes {classes!r}) do "
+                              "not match its weights")
+    names = hparams.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != classes
+                              or not all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{path}: its class_names must be a list of {classes} names")
+    return hparams

@@ -68,3 +68,24 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
     # The payload is live: an unsafe loader would have run it.
     torch.load(tmp_path / "evil.ckpt", weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(hyper_parameters=["width", 8]),
+     "its hyper_parameters and state_dict must be mappings"),
+    (lambda c: c["hyper_parameters"].update(class_names=["a", "b", "c"]),
+     "its class_names must be a list of 10 names"),
+    (lambda c: c["hyper_parameters"].update(class_names="abcdefghij"),
+     "its class_names must be a list of 10 names"),
+    # A network 64 times wider than its weights: built before loading, it would take ~2 GB.
+    (lambda c: c["hyper_parameters"].update(width=512),
+     "its hyper_parameters (width 512, num_classes 10) do not match its weights"),
+])
+def test_hyperparameters_that_disagree_with_the_weights_are_one_line(tmp_path, change, message):
+    module = LitResNet9(num_classes=10, width=8, class_names=list("abcdefghij"))
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    change(ckpt)
+    torch.save(ckpt, tmp_path / "m.ckpt")
+    with pytest.raises(CheckpointError) as err:
+        load_module(tmp_path / "m.ckpt")
+    assert message in str(err.value) and "\n" not in str(err.value)
