@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -210,19 +211,51 @@ def overlay(cfg: Config, values: dict[str, Any]) -> Config:
     return out
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does (PyYAML follows YAML 1.1, where
+    `1e-3`, without a dot, is a string, and people write learning rates that way), and without
+    aliases: a few lines of nested `*name` references stand for an exponentially large value."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not supported in a config",
+                self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping; ConfigError (one line) for anything that is not a readable
+    YAML file of at most MAX_CONFIG_BYTES."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path}: larger than {MAX_CONFIG_BYTES // 1024} KB; "
+                          "is it a config file?")
     try:
-        return yaml.safe_load(text) or {}
+        return yaml.load(data.decode("utf-8"), Loader=YamlLoader) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path}: not a text file (not UTF-8)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"config {path}: YAML syntax error{line}: {problem}") from None
+    except (ValueError, OverflowError, RecursionError) as exc:  # a date like 2026-13-45, ...
+        raise ConfigError(f"config {path}: a value cannot be read ({exc})") from None
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cfg: Any) -> None:

@@ -35,6 +35,18 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
     assert cfg.trainer.batch_size == 512  # untouched default
 
 
+def test_numbers_in_exponent_form_are_floats_as_people_mean_them(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-3` as a string: refused as 'expected float' before."""
+    cfg_file = tmp_path / "x.yaml"
+    cfg_file.write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-4\n"
+                        "search:\n  optim.lr: {loguniform: [1e-4, 1e-1]}\n"
+                        "  optim.weight_decay: {loguniform: [.5e-6, 1.0e-3]}\n")
+    cfg = _resolve("--config", str(cfg_file), kind=SearchConfig)
+    assert cfg.optim.lr == 0.001 and cfg.optim.weight_decay == 0.0005
+    assert cfg.space()["optim.lr"] == ("loguniform", [0.0001, 0.1])
+    assert cfg.space()["optim.weight_decay"] == ("loguniform", [5e-7, 0.001])
+
+
 def test_dict_round_trip_for_ray_trials():
     cfg = _resolve("--lr", "0.003", "--dataset", "cifar100")
     again = Config.from_dict(cfg.to_dict())
@@ -53,12 +65,19 @@ def test_dict_round_trip_for_ray_trials():
     ("data:\n  dataset: mnist\n", "data.dataset must be one of"),
     ("augment:\n  flip_p: 1.5\n", "augment.flip_p must be in [0, 1]"),
     ("optim:\n  lr: 0.1\n\tweight_decay: 0\n", "YAML syntax error at line 3"),
+    # A few lines of aliases stand for 10^9 values (repr'd in an error message, or expanded).
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "search:\n  trainer.batch_size: {choice: [*b]}\n",
+     "YAML syntax error at line 2: aliases (*name) are not supported in a config"),
+    ("data:\n  val_size: 2026-13-45\n", "a value cannot be read (month must be in 1..12)"),
+    ("\udcff\udcfe", "not a text file (not UTF-8)"),
+    ("a: " + "x" * (1 << 20), "larger than 1024 KB; is it a config file?"),
 ])
 def test_config_mistakes_are_one_line_errors(tmp_path, yaml_text, message):
     cfg_file = tmp_path / "bad.yaml"
-    cfg_file.write_text(yaml_text)
+    cfg_file.write_bytes(yaml_text.encode("utf-8", "surrogateescape"))
     with pytest.raises(ConfigError) as err:
-        _resolve("--config", str(cfg_file))
+        _resolve("--config", str(cfg_file), kind=SearchConfig)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
