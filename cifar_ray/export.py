@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifar_ray.errors import UserError, cli_entry
+from cifar_ray.errors import NO_SPACE, UserError, cli_entry
 from cifar_ray.files import atomic_path, write_json
 from cifar_ray.module import LitResNet9, load_module
 
@@ -77,8 +77,20 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path | None = None) -
     target = Path(output) if output else Path(checkpoint).with_suffix(FORMATS[fmt])
     model = Deployable(module).eval()
     classes = module.class_names
-    with torch.no_grad():
-        (export_onnx if fmt == "onnx" else export_torchscript)(model, classes, target)
+    try:
+        with torch.no_grad():
+            (export_onnx if fmt == "onnx" else export_torchscript)(model, classes, target)
+        write_sidecar(module, checkpoint, fmt, target)
+    except OSError as exc:  # a folder that does not exist as one, no permission, read-only
+        if exc.errno in NO_SPACE:
+            raise
+        raise UserError(f"cannot write {exc.filename or target}: {exc.strerror or exc}") from None
+    return target
+
+
+def write_sidecar(module: LitResNet9, checkpoint: str | Path, fmt: str, target: Path) -> None:
+    """`<target>.json`: the class names, the normalisation and the input's shape."""
+    classes = module.class_names
     norm = module.normalization
     write_json(target.with_name(target.name + ".json"), {
         "format": fmt, "checkpoint": str(checkpoint), "class_names": classes,
@@ -86,7 +98,6 @@ def export(checkpoint: str | Path, fmt: str, output: str | Path | None = None) -
                   "range": [0, 1], "channels": "RGB"},
         "output": {"name": OUTPUT, "shape": ["N", len(classes)]},
         "normalization": {"mean": list(norm.mean), "std": list(norm.std)}})
-    return target
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -150,6 +150,8 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
     """The whole stage as a function (the search calls it); returns the summary numbers."""
     if num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {num_images}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     checkpoint = Path(checkpoint).expanduser().resolve()
     out = Path(output_dir).expanduser().resolve() if output_dir else checkpoint.parent / "gradcam"
     dev = torch.device(resolve_device(device))

@@ -149,3 +149,23 @@ def test_validation_split_uses_the_training_split(weak_checkpoint, cifar10, tmp_
     summary = analyse(weak_checkpoint, cifar10[0], tmp_path, num_images=4, split="val",
                       device="cpu")
     assert summary["images"] == 200 and summary["split"] == "val"
+
+
+def test_a_batch_size_below_one_is_one_line(weak_checkpoint, cifar10, tmp_path):
+    proc = run_cli("cifar_ray.gradcam", "--checkpoint", weak_checkpoint, "--data-dir",
+                   str(cifar10[0]), "--output-dir", str(tmp_path / "g"), "--batch-size", "0")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "error: --batch-size must be >= 1, got 0"
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_into_a_place_that_cannot_be_written_is_one_line(weak_checkpoint, tmp_path, fmt):
+    (tmp_path / "taken").write_text("a file, where a folder should be")
+    target = tmp_path / "taken" / "model.bin"
+    proc = run_cli("cifar_ray.export", "--checkpoint", weak_checkpoint, "--format", fmt,
+                   "--output", str(target))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {tmp_path / 'taken'}"), \
+        proc.stderr[-2000:]
