@@ -113,7 +113,20 @@ def test_what_the_user_must_set_is_marked(cluster):
     """The account-specific values are marked SET-ME, and each is explained in the header."""
     text = (ROOT / "cluster.yaml").read_text()
     assert text.count("ami-SET-ME") == 1 and text.count("fs-SET-ME") == 1
+    assert text.count("sg-SET-ME") == 1
     nodes = cluster["available_node_types"]
     assert nodes["head"]["node_config"]["ImageId"] == nodes["gpu"]["node_config"]["ImageId"]
     readme = (ROOT / "README.md").read_text()
     assert "SET-ME" in readme and "ray up cluster.yaml" in readme
+
+
+def test_no_node_gets_rays_default_security_group_with_ssh_open_to_the_world(cluster):
+    """Ray's AWS launcher makes a group with SSH open to 0.0.0.0/0 for every node type that
+    names no SecurityGroupIds; each node type names the user's own group, whose SSH rule the
+    header restricts to the user's address."""
+    for name, node in cluster["available_node_types"].items():
+        assert node["node_config"].get("SecurityGroupIds") == ["sg-SET-ME"], name
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "--protocol tcp --port 22 --cidr YOUR.PUBLIC.IP/32" in text
+    readme = (ROOT / "README.md").read_text()
+    assert "SSH" in readme and "SecurityGroupIds" in readme
