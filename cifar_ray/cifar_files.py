@@ -15,6 +15,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,21 @@ class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes):
         # latin1: the official files are Python 2 pickles whose strings are raw bytes.
         super().__init__(io.BytesIO(data), encoding="latin1")
-        self.budget = len(data)
+        self.data, self.budget = data, len(data)
+
+    def load(self):
+        # The C unpickler's memo is an array as long as the largest index a PUT names: one
+        # 5-byte LONG_BINPUT of 175 million takes gigabytes. An honest pickle numbers its memo
+        # entries from 0, one per opcode at most, so an index past the file's size is refused.
+        try:
+            for opcode, arg, _ in pickletools.genops(self.data):
+                if "PUT" in opcode.name and arg > len(self.data):
+                    raise pickle.UnpicklingError(f"a memo index of {arg} in a "
+                                                 f"{len(self.data)}-byte file")
+        except ValueError as exc:  # pickletools' word for a malformed stream
+            first = (str(exc).splitlines() or ["?"])[0]
+            raise pickle.UnpicklingError(f"truncated or malformed pickle: {first}") from None
+        return super().load()
 
     def charge(self, nbytes: int) -> None:
         self.budget -= nbytes

@@ -14,10 +14,18 @@ from typing import Callable
 EXIT_USAGE = 2
 
 
+# What a message quotes of the user's input (a YAML key, a file name) may hold newlines or a
+# terminal's escape sequences: shown escaped, so the message stays one plain line.
+_ESCAPES = {c: ascii(chr(c))[1:-1] for c in (*range(32), 127)}
+
+
 class UserError(Exception):
     """A problem with the user's input, stated in one line."""
 
     exit_code = EXIT_USAGE
+
+    def __init__(self, message: str = ""):
+        super().__init__(str(message).translate(_ESCAPES))
 
 
 class ConfigError(UserError):

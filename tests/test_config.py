@@ -70,6 +70,8 @@ def test_dict_round_trip_for_ray_trials():
      "search:\n  trainer.batch_size: {choice: [*b]}\n",
      "YAML syntax error at line 2: aliases (*name) are not supported in a config"),
     ("data:\n  val_size: 2026-13-45\n", "a value cannot be read (month must be in 1..12)"),
+    # Found by tests/test_fuzz.py: a quoted name is shown escaped, the message one line.
+    ('"a\\nb\\e[31m": 1\n', "unknown section 'a\\nb\\x1b[31m'"),
     ("\udcff\udcfe", "not a text file (not UTF-8)"),
     ("a: " + "x" * (1 << 20), "larger than 1024 KB; is it a config file?"),
 ])
