@@ -29,6 +29,7 @@ DEVICES = ("auto", "cpu", "cuda")  # see runtime.py
 ENGINES = ("auto", "albumentations", "tensors")  # see augment.py
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 COMPILE_MODES = ("off", "default", "reduce-overhead")  # see module.py
+MAX_WIDTH = 1024
 
 
 def resolve_precision(device: str, choice: str = "auto") -> str:
@@ -311,7 +312,8 @@ def validate(cfg: Config) -> None:
     check(0 <= a.cutout_p <= 1, f"augment.cutout_p must be in [0, 1], got {a.cutout_p}")
     check(1 <= a.cutout_size <= 32, f"augment.cutout_size must be in [1, 32], got {a.cutout_size}")
     check(a.engine in ENGINES, f"augment.engine must be one of {ENGINES}, got '{a.engine}'")
-    check(m.width >= 1, f"model.width must be >= 1, got {m.width}")
+    # 1024 is 16 times the classic width, 1.7 billion parameters: a bound, not a recipe.
+    check(1 <= m.width <= MAX_WIDTH, f"model.width must be in [1, {MAX_WIDTH}], got {m.width}")
     check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     check(0 < o.pct_start < 1, f"optim.pct_start must be in (0, 1), got {o.pct_start}")
