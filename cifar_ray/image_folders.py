@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -43,6 +44,10 @@ MAX_PIXELS = 50_000_000
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "TGA")
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
                              if fmt in FORMATS)
+# read_image says itself why it refuses an image, in one line; Pillow's warnings about the same
+# (a size past its own, larger cap; EXIF it cannot parse) would be a second one.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", message="Corrupt EXIF data", module="PIL")
 
 
 def read_image(path: str | Path) -> np.ndarray:
