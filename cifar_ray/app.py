@@ -36,6 +36,7 @@ from PIL import Image
 from cifar_ray import gradcam
 from cifar_ray.config import DataConfig
 from cifar_ray.cifar_files import CifarArrays, load_dataset
+from cifar_ray import cli
 from cifar_ray.errors import DataError, UserError, cli_entry
 from cifar_ray.image_folders import MAX_PIXELS, read_image
 from cifar_ray.model import CAM_LAYERS
@@ -193,8 +194,8 @@ def build(checkpoint: str | Path, data_dir: str | None = None, report_dir: str |
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.parser("app", "The demo app: classify an uploaded image and see its GradCAM, "
+                               "and browse a checkpoint's mistakes, in the browser.")
     parser.add_argument("--checkpoint", required=True, help="a .ckpt this project wrote")
     parser.add_argument("--data-dir", help="the data set: test images as examples, and the "
                                            "mistakes report when none is beside the checkpoint")

@@ -55,6 +55,7 @@ from cifar_ray.config import AugmentConfig, Config
 from cifar_ray.augment import augment_batch, normalize, train_transform
 from cifar_ray.cifar_files import SPECS, load_dataset
 from cifar_ray.data import ImageArrayDataset, available_cpus
+from cifar_ray import cli
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import write_json
 from cifar_ray.model import ResNet9
@@ -563,10 +564,12 @@ def table(report: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.parser("bench", "Speed measurements: training (the module against a plain "
+                                 "loop), augmentation, GradCAM, TFLOP/s, cifar_ray.train end to "
+                                 "end, and searches; see docs/benchmarks.md.")
     parser.add_argument("--device", choices=["cpu", "cuda"],
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+                        default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="(default: cuda when there is a GPU)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     parser.add_argument("--data-dir", default="data",
                         help="CIFAR-10 (downloaded there if missing), for real images")

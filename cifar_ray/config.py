@@ -18,7 +18,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -41,16 +41,17 @@ def resolve_precision(device: str, choice: str = "auto") -> str:
     return "bf16-mixed" if device == "cuda" else "32-true"
 
 
-def setting(default: Any, help: str) -> Any:
+def setting(default: Any, help: str, choices: tuple | None = None) -> Any:
+    metadata = {"help": help, "choices": choices}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = setting("cifar10", "cifar10, cifar100, or folder (your own images in "
-                                      "train/<class>/, test/<class>/ and optionally val/<class>/)")
+    dataset: str = setting("cifar10", "folder: your own images in train/<class>/, test/<class>/ "
+                                      "and optionally val/<class>/", DATASETS)
     data_dir: str = setting("data", "folder holding cifar-10-batches-py/ (downloaded there if "
                                     "missing), or the class folders")
     val_size: int = setting(5000, "training images held out for validation (0: none)")
@@ -66,7 +67,8 @@ class AugmentConfig:
     cutout_size: int = setting(8, "side of the square cutout hole, filled with the data set's mean")
     engine: str = setting("auto", "tensors: whole batches with tensor ops on the training device, "
                                   "the data set held there; albumentations: one image at a time "
-                                  "in DataLoader workers; auto: tensors when training on CUDA")
+                                  "in DataLoader workers; auto: tensors when training on CUDA",
+                          ENGINES)
 
 
 @dataclass
@@ -87,11 +89,11 @@ class OptimConfig:
 class TrainerConfig:
     epochs: int = setting(24, "training epochs")
     batch_size: int = setting(512, "images per batch")
-    device: str = setting("auto", "cpu, cuda, or auto (cuda when there is a GPU)")
+    device: str = setting("auto", "auto: cuda when there is a GPU", DEVICES)
     devices: int = setting(1, "devices (GPUs) for this run")
-    precision: str = setting("auto", "auto (bf16-mixed on GPU, 32-true on CPU) or a Lightning precision")
-    compile: str = setting("off", "torch.compile the training forward on CUDA: off, default, or "
-                                  "reduce-overhead (CUDA graphs); costs seconds of compiling")
+    precision: str = setting("auto", "auto: bf16-mixed on a GPU, 32-true on a CPU", PRECISIONS)
+    compile: str = setting("off", "torch.compile the training forward on CUDA (reduce-overhead: "
+                                  "CUDA graphs); costs seconds of compiling", COMPILE_MODES)
     seed: int = setting(1, "seed for the split, the weights and the augmentation")
     output_dir: str = setting("outputs/train", "where checkpoints, logs, plots and results go")
     progress_bar: bool = setting(True, "show Lightning's per-epoch progress bar")
@@ -260,8 +262,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cfg: Any) -> None:
-    """One flag per leaf field (`--val-size`, `--lr`, ...), default None = 'not given'."""
-    parser.add_argument("--config", help="YAML file of overrides (see experiments/)")
+    """One flag per leaf field (`--val-size`, `--lr`, ...), default None = 'not given'; its
+    help shows `cfg`'s value (the dataclass default, or what --config set: see parse_command)."""
+    parser.add_argument("--config", metavar="YAML",
+                        help="YAML file of overrides (see experiments/); the defaults shown "
+                             "below include the one given")
     for sec_name, sec in sections(cfg).items():
         if not dataclasses.is_dataclass(sec):
             continue  # a free-form section (the search space) comes from YAML only
@@ -271,25 +276,53 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg: Any) -> None:
             if kind is object:
                 continue  # structured values come from YAML only
             flag = "--" + f.name.replace("_", "-")
-            help_text = f"{f.metadata.get('help', '')} [default: {getattr(sec, f.name)}]"
+            value = getattr(sec, f.name)
+            shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+            help_text = f.metadata.get("help", "")
+            if value != "":
+                help_text += f" (default: {shown})"
+            help_text = help_text.replace("%", "%%")
             if kind is bool:
                 group.add_argument(flag, dest=f"{sec_name}.{f.name}", default=None,
                                    action=argparse.BooleanOptionalAction, help=help_text)
             else:
                 group.add_argument(flag, dest=f"{sec_name}.{f.name}", default=None, type=kind,
-                                   metavar=kind.__name__.upper(), help=help_text)
+                                   choices=f.metadata.get("choices"),
+                                   metavar=None if f.metadata.get("choices") else
+                                   (f.name.upper() if kind is str else kind.__name__.upper()),
+                                   help=help_text)
+
+
+def apply_flags(cfg: Any, args: argparse.Namespace) -> None:
+    """Sets every config flag given on the command line (a value other than None) on `cfg`."""
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            sec_name, key = dest.split(".", 1)
+            setattr(sections(cfg)[sec_name], key, value)
 
 
 def resolve(cfg: Any, args: argparse.Namespace) -> Any:
     """Apply --config then the flags given on the command line to `cfg`; validate; return it."""
     if getattr(args, "config", None):
         apply_mapping(cfg, load_yaml(args.config), str(args.config))
-    for dest, value in vars(args).items():
-        if "." in dest and value is not None:
-            sec_name, key = dest.split(".", 1)
-            setattr(sections(cfg)[sec_name], key, value)
+    apply_flags(cfg, args)
     cfg.validate()
     return cfg
+
+
+def parse_command(build: Callable[[Any], argparse.ArgumentParser], cfg: Any,
+                  argv: list[str] | None) -> tuple[Any, argparse.Namespace]:
+    """A command's config and arguments: --config is read first, so that the parser `build`
+    makes from `cfg` shows in -h the defaults that file gives; then every flag, validated."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config")
+    given, _ = first.parse_known_args(argv)
+    if given.config:
+        apply_mapping(cfg, load_yaml(given.config), str(given.config))
+    args = build(cfg).parse_args(argv)
+    apply_flags(cfg, args)
+    cfg.validate()
+    return cfg, args
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cifar_ray import cli
 from cifar_ray.errors import NO_SPACE, UserError, cli_entry
 from cifar_ray.files import atomic_path, write_json
 from cifar_ray.module import LitResNet9, load_module
@@ -101,11 +102,12 @@ def write_sidecar(module: LitResNet9, checkpoint: str | Path, fmt: str, target: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Export a checkpoint as ONNX or TorchScript: float images in [0, 1], "
-                    "(N, 3, 32, 32) in, class probabilities out; class names included.")
+    parser = cli.parser("export", "Export a checkpoint as ONNX or TorchScript: float images in "
+                                  "[0, 1], (N, 3, 32, 32) in, class probabilities out; class "
+                                  "names included.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint this project wrote")
-    parser.add_argument("--format", required=True, choices=list(FORMATS))
+    parser.add_argument("--format", required=True, choices=list(FORMATS),
+                        help="onnx needs pip install 'cifar_ray[export]'")
     parser.add_argument("--output", help="the file to write (default: beside the checkpoint, "
                                          ".onnx or .pt)")
     return parser

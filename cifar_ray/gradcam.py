@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch.utils.data import DataLoader
 
+from cifar_ray import cli
 from cifar_ray.config import DataConfig
 from cifar_ray.augment import denormalize, eval_transform
 from cifar_ray.cifar_files import CifarArrays, load_dataset
@@ -234,16 +235,21 @@ figure{{margin:2em 0}}td{{padding:0 1em}}</style></head><body>
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.parser("gradcam", "Misclassification report of a checkpoint: its mistakes on "
+                                   "a split, and GradCAM's view of where the model looked.")
     parser.add_argument("--checkpoint", required=True, help="a .ckpt written by this project")
-    parser.add_argument("--data-dir", default="data", help="folder holding the data set")
-    parser.add_argument("--output-dir", help="default: gradcam/ beside the checkpoint")
-    parser.add_argument("--num-images", type=int, default=16, help="mistakes to show")
-    parser.add_argument("--target-layer", default=DEFAULT_LAYER, help="module name for GradCAM")
-    parser.add_argument("--split", choices=("test", "val"), default="test")
-    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--data-dir", default="data",
+                        help="folder holding the data set the checkpoint was trained on")
+    parser.add_argument("--output-dir", help="(default: gradcam/ beside the checkpoint)")
+    parser.add_argument("--num-images", type=int, default=16,
+                        help="mistakes to show, the most confident first")
+    parser.add_argument("--target-layer", default=DEFAULT_LAYER,
+                        help=f"the layer GradCAM looks at: {', '.join(CAM_LAYERS)}")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="val: the validation images the model was trained without")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when there is a GPU")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     args = parser.parse_args(argv)
     summary = analyse(args.checkpoint, args.data_dir, args.output_dir, args.num_images,
                       args.target_layer, args.split, args.device, args.batch_size)

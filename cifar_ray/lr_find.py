@@ -7,26 +7,36 @@ growing rates, and writes `lr_find.png` (loss against rate, suggestion marked) a
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from cifar_ray.config import Config, resolve
+from cifar_ray import train
+from cifar_ray.config import Config, parse_command
 from cifar_ray.data import CifarDataModule
-from cifar_ray.errors import cli_entry
+from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import save_figure, write_json
 from cifar_ray.module import LitResNet9
 from cifar_ray.pl import pl
 from cifar_ray.runtime import build_trainer, resolve_device
-from cifar_ray.train import build_parser
+
+
+def build_parser(cfg: Config) -> argparse.ArgumentParser:
+    parser = train.build_parser(cfg, "lr_find", "Learning-rate range test for ResNet-9: "
+                                                "writes lr_find.png and lr_find.json into the "
+                                                "output dir.")
+    parser.add_argument("--min-lr", type=float, default=1e-7, help="the first rate tried")
+    parser.add_argument("--max-lr", type=float, default=10.0, help="the last rate tried")
+    parser.add_argument("--steps", type=int, default=100, help="batches to try, one rate each")
+    return parser
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("Learning-rate range test for ResNet-9.")
-    parser.add_argument("--min-lr", type=float, default=1e-7)
-    parser.add_argument("--max-lr", type=float, default=10.0)
-    parser.add_argument("--steps", type=int, default=100, help="batches to try")
-    args = parser.parse_args(argv)
-    cfg = resolve(Config(), args)
+    cfg, args = parse_command(build_parser, Config(), argv)
+    if not 0 < args.min_lr < args.max_lr:
+        raise UserError(f"expected 0 < --min-lr < --max-lr, got {args.min_lr} and {args.max_lr}")
+    if args.steps < 2:
+        raise UserError(f"--steps must be >= 2, got {args.steps}")
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     pl.seed_everything(cfg.trainer.seed, verbose=False)
     data = CifarDataModule(cfg)

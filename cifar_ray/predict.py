@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cifar_ray.augment import normalize
+from cifar_ray import cli
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.image_folders import read_image
 from cifar_ray.module import LitResNet9, load_module
@@ -51,8 +52,8 @@ def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[list[tuple[str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Classify image files (any size, any common format) with a checkpoint.")
+    parser = cli.parser("predict",
+                        "Classify image files (any size, any common format) with a checkpoint.")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint this project wrote")
     parser.add_argument("--top-k", type=int, default=3, help="classes to show per image")

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cifar_ray.config import Config, check, keys, overlay, setting, validate
+from cifar_ray.config import Config, TrainerConfig, check, keys, overlay, setting, validate
 from cifar_ray.errors import ConfigError
 
 # Ray Tune's helpers, by name -> the arguments each takes (`search.tune_space` calls them).
@@ -106,6 +106,27 @@ def parse_space(space: Any, base: Config) -> dict[str, tuple[str, list]]:
     return parsed
 
 
+def search_flag(text: str) -> tuple[str, dict[str, list]]:
+    """`--search optim.lr=loguniform:1e-4,1e-1` -> ('optim.lr', {'loguniform': [0.0001, 0.1]}):
+    one key of the space, written on the command line; its values are read as YAML reads
+    them, and checked with the YAML's space (parse_space)."""
+    from cifar_ray.config import YamlLoader
+
+    import yaml
+
+    key, sep, rest = text.partition("=")
+    name, colon, values = rest.partition(":")
+    if not sep or not colon or not key.strip() or not name.strip():
+        raise ConfigError(f"--search {text!r}: expected KEY=DISTRIBUTION:VALUE,VALUE,..., e.g. "
+                          "optim.lr=loguniform:1e-4,1e-1 or trainer.batch_size=choice:128,256")
+    try:
+        args = [yaml.load(v.strip(), Loader=YamlLoader) for v in values.split(",")] \
+            if values.strip() else []
+    except (yaml.YAMLError, ValueError):
+        raise ConfigError(f"--search {text!r}: cannot read its values") from None
+    return key.strip(), {name.strip(): args}
+
+
 def optuna_distribution(name: str, args: list):
     """The Optuna distribution of one parsed key (what the report's figures and importance
     read; Ray's OptunaSearch converts Tune's helpers the same way for the search itself)."""
@@ -144,9 +165,9 @@ class TuneSettings:
     storage: str = setting("", "where trials write results; must be shared storage on a multi-node "
                           "cluster (default: the output dir)")
     name: str = setting("search", "name of the Tune experiment folder inside the output dir")
-    search_alg: str = setting("random", "how trials are sampled: random, or optuna (Optuna's TPE, "
-                                        "which learns from the finished trials; ASHA still stops "
-                                        "the weak ones)")
+    search_alg: str = setting("random", "how trials are sampled: optuna is Optuna's TPE, which "
+                                        "learns from the finished trials (ASHA still stops the "
+                                        "weak ones)", SEARCH_ALGS)
     search_seed: int = setting(0, "seed of the search's sampler")
 
 
@@ -159,12 +180,14 @@ class TrackingSettings:
 
 @dataclass
 class RetrainSettings:
-    init: str = setting("checkpoint", "checkpoint (start from the best trial's weights) or scratch")
+    init: str = setting("checkpoint", "checkpoint: start from the best trial's weights",
+                        ("checkpoint", "scratch"))
     retrain_epochs: int = setting(24, "epochs of the final retrain on train + validation")
 
 
 @dataclass
 class SearchConfig(Config):
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(output_dir="outputs/search"))
     search: dict = field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SPACE.items()})
     tune: TuneSettings = field(default_factory=TuneSettings)
     retrain: RetrainSettings = field(default_factory=RetrainSettings)

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Iterator
 
 from cifar_ray.cifar_files import load_dataset
-from cifar_ray.config import Config, add_config_flags, resolve
+from cifar_ray import cli
+from cifar_ray.config import Config, add_config_flags, parse_command
 from cifar_ray.errors import ConfigError, Interrupted, cli_entry
 from cifar_ray.run_lock import check_resume_or_overwrite, output_dir_lock
 
@@ -64,23 +65,23 @@ def stop_on_signals(out: Path) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_flags(parser, Config())
+def build_parser(cfg: Config, module: str = "train",
+                 description: str = "Train and test ResNet-9 once on a CIFAR data set."
+                 ) -> argparse.ArgumentParser:
+    parser = cli.parser(module, description, usage="[--config YAML] [flags]")
+    add_config_flags(parser, cfg)
+    if module == "train":
+        parser.add_argument("--resume", action="store_true",
+                            help="continue an interrupted run from last.ckpt in the output dir")
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace a finished run already in the output dir")
     return parser
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser("Train and test ResNet-9 once on a CIFAR data set.")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted run from last.ckpt in the output dir")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a finished run already in the output dir")
-    args = parser.parse_args(argv)
+    cfg, args = parse_command(build_parser, Config(), argv)
     check_resume_or_overwrite(args.resume, args.overwrite)
-    cfg = resolve(Config(), args)
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     with output_dir_lock(out, "cifar_ray.train"), stop_on_signals(out):
         check_output_dir(out, args.overwrite, args.resume)

@@ -34,7 +34,8 @@ from typing import Any
 
 from cifar_ray import tracking
 from cifar_ray.cifar_files import load_dataset
-from cifar_ray.config import add_config_flags, overlay, resolve
+from cifar_ray import cli
+from cifar_ray.config import add_config_flags, overlay, parse_command
 from cifar_ray.errors import Interrupted, UserError, cli_entry
 from cifar_ray.files import remove_inside, write_json, write_text
 from cifar_ray.console import CONSOLE_MARK
@@ -45,7 +46,8 @@ from cifar_ray.report import write_report
 from cifar_ray.run_lock import check_resume_or_overwrite, output_dir_lock
 from cifar_ray.search import (run_search, storage_dir, summarise_trials, training_seconds,
                               tune_space, write_trials_csv)
-from cifar_ray.search_config import SearchConfig, describe, format_value
+from cifar_ray.search_config import (DISTRIBUTIONS, SearchConfig, describe, format_value,
+                                     search_flag)
 from cifar_ray.trial import CHECKPOINT_FILE, METRIC, PHASES
 
 
@@ -100,13 +102,17 @@ def startup_summary(rows: list[dict[str, Any]], tune_seconds: float) -> str:
             f"({busy / max(tune_seconds, 1e-9):.0%})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Search the config's `search:` space (by default lr, weight decay, batch "
-                    "size) with Ray Tune + ASHA, retrain the best on the full training set, "
-                    "test it and explain its mistakes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_config_flags(parser, SearchConfig())
+def build_parser(cfg: SearchConfig) -> argparse.ArgumentParser:
+    parser = cli.parser("tune", "Search the config's `search:` space (by default lr, weight "
+                                "decay, batch size) with Ray Tune + ASHA, retrain the best on "
+                                "the full training set, test it and explain its mistakes.",
+                        usage="[--config YAML] [--search KEY=DIST:VALUES ...] [flags]")
+    parser.add_argument("--search", action="append", default=[], metavar="KEY=DIST:VALUES",
+                        help="one key of the search space, replacing that key of the YAML's "
+                             "(repeatable): e.g. optim.lr=loguniform:1e-4,1e-1, "
+                             "trainer.batch_size=choice:128,256,512; distributions: "
+                             f"{', '.join(DISTRIBUTIONS)}")
+    add_config_flags(parser, cfg)
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted search in the same output dir")
     parser.add_argument("--overwrite", action="store_true",
@@ -121,6 +127,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show Ray's and Lightning's worker output and Tune's per-trial "
                              "tables on the console (otherwise in <output dir>/logs/)")
     return parser
+
+
+def parse(argv: list[str] | None) -> tuple[SearchConfig, argparse.Namespace]:
+    """The search's config from --config, --search and the flags, with the flags that a search
+    would silently override refused (one line naming the way to do it)."""
+    cfg = SearchConfig()
+    cfg, args = parse_command(build_parser, cfg, argv)
+    for text in args.search:
+        key, spec = search_flag(text)
+        cfg.search[key] = spec
+    cfg.validate()  # the space again, with what --search changed
+    flags = {dest: value for dest, value in vars(args).items()
+             if "." in dest and value is not None}
+    for key in cfg.search:
+        if key in flags:
+            flag = "--" + key.split(".", 1)[1].replace("_", "-")
+            raise UserError(f"{flag} sets {key}, which the search samples: give its range with "
+                            f"--search {key}=DISTRIBUTION:VALUES, or take it out of the search "
+                            "space to fix it")
+    if flags.get("trainer.devices", 1) != 1:
+        raise UserError("--devices does nothing in a search: each trial's workers are "
+                        "--workers-per-trial (with --gpus-per-worker each)")
+    return cfg, args
 
 
 def print_plan(cfg: SearchConfig, epoch_seconds: float | None) -> None:
@@ -202,9 +231,8 @@ def resumed(results: dict[str, Any]) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    cfg, args = parse(argv)
     check_resume_or_overwrite(args.resume, args.overwrite)
-    cfg = resolve(SearchConfig(), args)
     # First: nothing below may pickle or print a password the URI holds.
     tracking.take_credentials(cfg.tracking, local_ray=cfg.tune.address == "local")
     if args.plan_epoch_seconds is not None and args.plan_epoch_seconds <= 0:
@@ -212,8 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         print_plan(cfg, args.plan_epoch_seconds)
         return 0
-    if cfg.trainer.output_dir == "outputs/train":
-        cfg.trainer.output_dir = "outputs/search"
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     cfg.trainer.output_dir = str(out)
     with output_dir_lock(out, "cifar_ray.tune"):

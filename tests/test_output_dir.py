@@ -106,8 +106,9 @@ def test_an_output_dir_that_cannot_be_one_is_one_line(tmp_path, command, case):
     """(Root ignores a folder's mode, so 'cannot be created' is a path through a file.)"""
     (tmp_path / "taken").write_text("not a folder")
     out = tmp_path / "taken" if case == "a file" else tmp_path / "taken" / "out"
+    flags = FAST_FLAGS if command == "cifar_ray.train" else ["--device", "cpu"]
     proc = run_cli(command, "--output-dir", str(out), "--dataset", "folder", "--data-dir",
-                   str(tmp_path / "no-data"), *FAST_FLAGS, timeout=120)
+                   str(tmp_path / "no-data"), *flags, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot use {out} as the output dir"), \
