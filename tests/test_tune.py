@@ -296,12 +296,15 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
     The searcher is Optuna's TPE, seeded: restarted afresh on a resume it would draw the first
     trials' values again; restored with the experiment, every trial's values are new.
     (One at a time: the kill comes once Tune has saved a second finished trial, up to ~20 s
-    after it finished, and must still find trials to run; three trials of ~20 s are left.)"""
+    after it finished, and must still find trials to run; three trials of ~20 s are left.)
+    The trials write to a storage path of their own (tune.storage, as on a cluster's shared
+    file system): --resume looks for the search there."""
     out = tmp_path / "search"
-    state = out / "search"
+    storage = tmp_path / "shared"
+    state = storage / "search"
     args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
             "--output-dir", str(out), "--retrain-epochs", "1", "--num-samples", "5",
-            "--max-concurrent", "1", "--search-alg", "optuna"]
+            "--max-concurrent", "1", "--search-alg", "optuna", "--storage", str(storage)]
 
     # SIGTERM (as `kill`, `timeout`, Slurm send it) once the first trial has finished and the
     # rest have not: the search stops as on Ctrl-C (tests/test_signals.py: both signals).
@@ -312,7 +315,7 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
     output = log.read_text()
     assert driver.returncode == 143, output[-3000:]
     assert output.strip().splitlines()[-1].startswith("error: search interrupted; its state is "
-                                                      "saved in"), output[-3000:]
+                                                      f"saved in {state}: "), output[-3000:]
     assert "run the same command with --resume" in output
     assert "SIGTERM received" not in output and "*** " not in output  # no C++ stack dumps
     assert not (out / "results.json").exists()
@@ -344,7 +347,8 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
         assert int(trials[trial_id]["epochs"]) == epochs
         assert _reports(state, trial_id) == epochs  # each epoch reported once: no second run
     results = json.loads((out / "results.json").read_text())
-    assert results["num_trials"] == 5
+    assert results["num_trials"] == 5 and results["experiment_dir"] == str(state)
+    assert not (out / "search").exists() and not (out / "train_runs").exists()
     # The times count all three sessions: their count came back with Tune's saved state.
     assert results["resumes"] == 2, results
     assert results["search_seconds"] >= results["tune_seconds"] >= results["training_seconds"] > 0
