@@ -17,7 +17,6 @@ has a spatial map (4x4), so its CAM is the most class-specific one.
 
 from __future__ import annotations
 
-import argparse
 import html
 from dataclasses import dataclass
 from pathlib import Path

@@ -27,6 +27,7 @@ HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
 # compared with 1 and 2 per GPU: `python -m cifar_ray.bench --sections search --search-shares
 # 1,0.5,0.25` measures trial-epochs per second for each (docs/benchmarks.md).
 AUTO_GPU_SHARE = 0.25
+AUTO_CPUS = 4  # per worker: its DataLoader processes feed a GPU share; more rarely helps
 
 
 def _check_reachable(address: str) -> None:
@@ -119,12 +120,41 @@ def filesystem_type(path: Path) -> str:
 
 def trials_that_fit(t, cpus: float, gpus: float) -> tuple[float, int]:
     """(GPUs each trial worker takes, how many trials fit at once) on `cpus` and `gpus`, for
-    the tune settings `t` (`gpus_per_worker: -1`: AUTO_GPU_SHARE when there are GPUs)."""
+    the tune settings `t`, whose automatic values (-1) it sets: `gpus_per_worker`
+    AUTO_GPU_SHARE when there are GPUs, else 0; `cpus_per_worker` the CPUs left per worker by
+    the trials the GPUs hold (at most AUTO_CPUS, at least 1), or 1 without GPUs."""
     gpus_per_worker = (AUTO_GPU_SHARE if gpus else 0.0) if t.gpus_per_worker < 0 else t.gpus_per_worker
+    if t.cpus_per_worker < 0:
+        by_gpu = int(gpus // (t.workers_per_trial * gpus_per_worker)) if gpus_per_worker else 0
+        share = cpus // max(1, by_gpu * t.workers_per_trial) if by_gpu else 1
+        t.cpus_per_worker = int(max(1, min(AUTO_CPUS, share)))
     fits = int(cpus // (t.workers_per_trial * t.cpus_per_worker))
     if gpus_per_worker:
         fits = min(fits, int(gpus // (t.workers_per_trial * gpus_per_worker)))
     return gpus_per_worker, fits
+
+
+def shortfall(t, cpus: float, gpus: float, gpus_per_worker: float) -> str:
+    """Why not one trial fits on `cpus` and `gpus`, and the flag that makes one fit."""
+    need_cpu = t.workers_per_trial * t.cpus_per_worker
+    need_gpu = t.workers_per_trial * gpus_per_worker
+    if need_cpu > cpus:
+        fix = (f"--cpus-per-worker {int(cpus // t.workers_per_trial)}"
+               if cpus >= t.workers_per_trial else f"--workers-per-trial {int(cpus) or 1}")
+    else:
+        fix = (f"--gpus-per-worker {gpus / t.workers_per_trial:g}" if gpus
+               else "--gpus-per-worker 0 (train on CPUs)")
+    return (f"a trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs ({t.workers_per_trial} "
+            f"worker{'s' if t.workers_per_trial > 1 else ''} x {t.cpus_per_worker} CPUs), but "
+            f"{{where}} has {cpus:g} CPUs and {gpus:g} GPUs: give {fix}")
+
+
+def machine_resources() -> tuple[int, int]:
+    """This machine's CPUs (those this process may use) and GPUs, as a local Ray instance
+    counts them."""
+    import torch
+
+    return len(os.sched_getaffinity(0)), torch.cuda.device_count()
 
 
 def concurrency(t, fits: int) -> int:
@@ -148,14 +178,11 @@ def plan_resources(cfg: SearchConfig, storage: Path) -> tuple[dict[str, Any], in
     print(f"ray: {'local instance' if t.address == 'local' else 'cluster ' + t.address}, "
           f"{nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs")
     gpus_per_worker, fits = trials_that_fit(t, cpus, gpus)
-    need_cpu, need_gpu = t.workers_per_trial * t.cpus_per_worker, t.workers_per_trial * gpus_per_worker
     if not fits:
-        shortfall = (f"a trial needs {need_cpu:g} CPUs and {need_gpu:g} GPUs "
-                     f"({t.workers_per_trial} workers), but the cluster has {cpus:g} CPUs "
-                     f"and {gpus:g} GPUs")
+        why = shortfall(t, cpus, gpus, gpus_per_worker).format(where="the cluster")
         if t.address == "local":
-            raise UserError(shortfall)
-        print(f"{shortfall} now: trials wait for the cluster's autoscaler to add nodes")
+            raise UserError(why)
+        print(f"{why}; trials wait for the cluster's autoscaler to add nodes")
     concurrent = concurrency(t, fits)
     if nodes > 1 and (kind := filesystem_type(storage)) in LOCAL_FILESYSTEMS:
         print(f"warning: results go to {storage}, on a local disk ({kind}): nodes on other "

@@ -157,7 +157,8 @@ class TuneSettings:
     grace_period: int = setting(2, "ASHA: epochs every trial runs before it may be stopped")
     reduction_factor: int = setting(3, "ASHA: keep the best 1/reduction_factor at each rung")
     workers_per_trial: int = setting(1, "Ray Train workers per trial (DDP when > 1)")
-    cpus_per_worker: int = setting(1, "CPUs each worker reserves (also its DataLoader processes)")
+    cpus_per_worker: int = setting(-1, "CPUs each worker reserves, also its DataLoader processes "
+                                       "(-1: those the GPUs' trials leave, up to 4; 1 without GPUs)")
     gpus_per_worker: float = setting(-1.0, "GPUs each worker reserves (-1: a quarter, four trials per GPU, if "
                                              "the cluster has GPUs, else 0)")
     max_failures: int = setting(2, "retries of a trial whose worker dies, from its last checkpoint")
@@ -207,7 +208,8 @@ class SearchConfig(Config):
                f"tune.grace_period must be in [1, epochs={self.trainer.epochs}], got {t.grace_period}")
         check(t.reduction_factor >= 2, f"tune.reduction_factor must be >= 2, got {t.reduction_factor}")
         check(t.workers_per_trial >= 1, f"tune.workers_per_trial must be >= 1, got {t.workers_per_trial}")
-        check(t.cpus_per_worker >= 1, f"tune.cpus_per_worker must be >= 1, got {t.cpus_per_worker}")
+        check(t.cpus_per_worker == -1 or t.cpus_per_worker >= 1,
+              f"tune.cpus_per_worker must be -1 (auto) or >= 1, got {t.cpus_per_worker}")
         check(t.gpus_per_worker == -1 or t.gpus_per_worker >= 0,
                f"tune.gpus_per_worker must be -1 (auto) or >= 0, got {t.gpus_per_worker}")
         check(t.max_failures >= -1, f"tune.max_failures must be >= -1, got {t.max_failures}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import statistics
 import time
@@ -40,8 +39,9 @@ from cifar_ray.errors import Interrupted, UserError, cli_entry
 from cifar_ray.files import remove_inside, write_json, write_text
 from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.plan import asha_rungs, make_plan
-from cifar_ray.ray_cluster import (concurrency, configure_auth, ctrl_c_stops_tune, plan_resources,
-                                   start_ray, stop_signals, trials_that_fit)
+from cifar_ray.ray_cluster import (AUTO_CPUS, concurrency, configure_auth, ctrl_c_stops_tune,
+                                   machine_resources, plan_resources, shortfall, start_ray,
+                                   stop_signals, trials_that_fit)
 from cifar_ray.report import write_report
 from cifar_ray.run_lock import check_resume_or_overwrite, output_dir_lock
 from cifar_ray.search import (run_search, storage_dir, summarise_trials, training_seconds,
@@ -153,24 +153,36 @@ def parse(argv: list[str] | None) -> tuple[SearchConfig, argparse.Namespace]:
 
 
 def print_plan(cfg: SearchConfig, epoch_seconds: float | None) -> None:
-    """--plan: the plan on this machine's resources, or on those the flags give."""
+    """--plan: the plan on this machine's resources, checked; or, with --max-concurrent (or a
+    cluster's --address), as the flags give them, for another machine."""
     t = cfg.tune
-    gpus = 0
-    if t.gpus_per_worker < 0:  # auto: what this machine has
-        import torch
-
-        gpus = torch.cuda.device_count()
-    cpus = os.cpu_count() or 1
-    gpus_per_worker, fits = trials_that_fit(t, cpus, gpus if t.gpus_per_worker < 0 else 1e9)
-    plan = make_plan(cfg, concurrency(t, fits or 1), gpus_per_worker, epoch_seconds,
+    here = t.address == "local" and not t.max_concurrent
+    if here:
+        cpus, gpus = machine_resources()
+        gpus_per_worker, fits = check_resources(cfg)
+    else:  # resources unknown here: the automatic CPUs are those of a GPU trial, if it has one
+        if t.cpus_per_worker < 0:
+            t.cpus_per_worker = AUTO_CPUS if t.gpus_per_worker != 0 else 1
+        gpus_per_worker, fits = trials_that_fit(t, 10**9, 10**9)
+    plan = make_plan(cfg, concurrency(t, fits if here else 0), gpus_per_worker, epoch_seconds,
                      "given" if epoch_seconds else "")
     print(plan.text())
-    if not t.max_concurrent:
-        held = (f"{fits} at a time" if fits else "not one trial (planned as 1 at a time)")
-        print(f"  (this machine, {cpus} CPUs and {gpus} GPUs, holds {held}; for a cluster "
-              "give --max-concurrent N and --gpus-per-worker G)")
+    if here:
+        print(f"  (this machine, {cpus} CPUs and {gpus} GPUs, holds {fits} at a time; for "
+              "another, give --max-concurrent N and --gpus-per-worker G)")
     if warning := plan.cpu_warning(starting=False):
         print(warning)
+
+
+def check_resources(cfg: SearchConfig) -> tuple[float, int]:
+    """A local search's trial must fit this machine: checked (and the automatic shares set)
+    before any data is read or downloaded. (GPUs per worker, trials at once.)"""
+    cpus, gpus = machine_resources()
+    gpus_per_worker, fits = trials_that_fit(cfg.tune, cpus, gpus)
+    if not fits:
+        raise UserError(shortfall(cfg.tune, cpus, gpus, gpus_per_worker)
+                        .format(where="this machine"))
+    return gpus_per_worker, fits
 
 
 def check_output_dir(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool) -> None:
@@ -255,6 +267,8 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
         tracking.prepare_experiment(cfg.tracking)
     start = time.perf_counter()
 
+    if cfg.tune.address == "local":
+        check_resources(cfg)
     # Prepare (download / validate / read) the data set once, before any trial starts.
     data_dir = Path(cfg.data.data_dir).expanduser().resolve()
     cfg.data.data_dir = str(data_dir)  # absolute: Ray changes each trial's working directory

@@ -25,7 +25,7 @@ from cifar_ray.config import add_config_flags, keys, resolve
 from cifar_ray.errors import UserError
 from cifar_ray.image_folders import read_image
 from cifar_ray.search_config import DISTRIBUTIONS, SearchConfig, parse_space
-from tests.cifar_fixture import dump_py2, write_cifar10
+from tests.cifar_fixture import write_cifar10
 
 FUZZ_EXAMPLES = int(os.environ.get("CIFAR_RAY_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,

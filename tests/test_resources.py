@@ -53,6 +53,43 @@ def test_auto_gives_each_trial_a_quarter_of_a_gpu_and_says_so(sys_tmp, no_leftov
 
 
 def test_without_gpus_auto_trains_on_cpus(sys_tmp, no_leftover_ray):
+    """One CPU per trial without GPUs (cpus_per_worker: -1): 16 trials at once on 16 CPUs."""
     (auto,), out = _plan(0, [-1], sys_tmp)
-    assert auto == {"gpu": 0.0, "use_gpu": False, "concurrent": 4}
+    assert auto == {"gpu": 0.0, "use_gpu": False, "concurrent": 16}
     assert "GPU (auto" not in out
+
+
+@pytest.mark.parametrize("cpus, gpus, workers, want", [
+    (16, 1, 1, (4, 0.25, 4)),   # four trials on the GPU, the CPUs shared among them
+    (2, 1, 1, (1, 0.25, 2)),    # a small GPU box (Colab): the CPUs bound the trials
+    (64, 8, 1, (2, 0.25, 32)),  # 32 trials on 8 GPUs: 2 CPUs each
+    (96, 8, 2, (3, 0.25, 16)),  # DDP trials: per worker
+    (8, 0, 1, (1, 0.0, 8)),     # CPUs only: one each
+])
+def test_automatic_cpus_and_gpus_per_worker(cpus, gpus, workers, want):
+    from cifar_ray.ray_cluster import trials_that_fit
+    from cifar_ray.search_config import SearchConfig
+
+    t = SearchConfig().tune
+    t.workers_per_trial = workers
+    gpus_per_worker, fits = trials_that_fit(t, cpus, gpus)
+    assert (t.cpus_per_worker, gpus_per_worker, fits) == want
+
+
+def test_a_search_this_machine_cannot_hold_is_one_line_before_any_download(tmp_path):
+    """--plan exited 0 saying 'holds not one trial'; a real run downloaded CIFAR-10 and
+    started Ray first."""
+    import os
+
+    from tests.conftest import run_cli
+
+    cpus = len(os.sched_getaffinity(0))
+    want = (f"error: a trial needs 999 CPUs and 0 GPUs (1 worker x 999 CPUs), but this machine "
+            f"has {cpus} CPUs and 0 GPUs: give --cpus-per-worker {cpus}")
+    plan = run_cli("cifar_ray.tune", "--plan", "--cpus-per-worker", "999", timeout=120)
+    assert plan.returncode == 2 and plan.stderr.strip() == want, plan.stderr + plan.stdout
+    data = tmp_path / "data"  # empty: CIFAR-10 would be downloaded into it
+    run = run_cli("cifar_ray.tune", "--cpus-per-worker", "999", "--data-dir", str(data),
+                  "--output-dir", str(tmp_path / "out"), timeout=120)
+    assert run.returncode == 2 and run.stderr.strip() == want, run.stderr[-2000:]
+    assert not data.exists() and not (tmp_path / "out").exists()
