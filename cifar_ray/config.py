@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import yaml
 
+from cifar_ray.cli import shown
 from cifar_ray.errors import ConfigError
 
 DATASETS = ("cifar10", "cifar100", "folder")  # folder: your own images (image_folders.py)
@@ -277,10 +278,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg: Any) -> None:
                 continue  # structured values come from YAML only
             flag = "--" + f.name.replace("_", "-")
             value = getattr(sec, f.name)
-            shown = f"{value:.3g}" if isinstance(value, float) else str(value)
             help_text = f.metadata.get("help", "")
             if value != "":
-                help_text += f" (default: {shown})"
+                help_text += f" (default: {shown(value)})"
             help_text = help_text.replace("%", "%%")
             if kind is bool:
                 group.add_argument(flag, dest=f"{sec_name}.{f.name}", default=None,

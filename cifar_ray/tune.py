@@ -159,7 +159,7 @@ def print_plan(cfg: SearchConfig, epoch_seconds: float | None) -> None:
     here = t.address == "local" and not t.max_concurrent
     if here:
         cpus, gpus = machine_resources()
-        gpus_per_worker, fits = check_resources(cfg)
+        gpus_per_worker, fits = check_resources(cfg, cpus, gpus)
     else:  # resources unknown here: the automatic CPUs are those of a GPU trial, if it has one
         if t.cpus_per_worker < 0:
             t.cpus_per_worker = AUTO_CPUS if t.gpus_per_worker != 0 else 1
@@ -174,10 +174,10 @@ def print_plan(cfg: SearchConfig, epoch_seconds: float | None) -> None:
         print(warning)
 
 
-def check_resources(cfg: SearchConfig) -> tuple[float, int]:
-    """A local search's trial must fit this machine: checked (and the automatic shares set)
-    before any data is read or downloaded. (GPUs per worker, trials at once.)"""
-    cpus, gpus = machine_resources()
+def check_resources(cfg: SearchConfig, cpus: int, gpus: int) -> tuple[float, int]:
+    """A local search's trial must fit this machine's `cpus` and `gpus`: checked (and the
+    automatic shares set) before any data is read or downloaded. (GPUs per worker, trials at
+    once.)"""
     gpus_per_worker, fits = trials_that_fit(cfg.tune, cpus, gpus)
     if not fits:
         raise UserError(shortfall(cfg.tune, cpus, gpus, gpus_per_worker)
@@ -268,7 +268,7 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
     start = time.perf_counter()
 
     if cfg.tune.address == "local":
-        check_resources(cfg)
+        check_resources(cfg, *machine_resources())
     # Prepare (download / validate / read) the data set once, before any trial starts.
     data_dir = Path(cfg.data.data_dir).expanduser().resolve()
     cfg.data.data_dir = str(data_dir)  # absolute: Ray changes each trial's working directory
