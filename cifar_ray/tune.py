@@ -27,6 +27,7 @@ import contextlib
 import json
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -153,12 +154,12 @@ def parse(argv: list[str] | None) -> tuple[SearchConfig, argparse.Namespace]:
 
 
 def print_plan(cfg: SearchConfig, epoch_seconds: float | None) -> None:
-    """--plan: the plan on this machine's resources, checked; or, with --max-concurrent (or a
-    cluster's --address), as the flags give them, for another machine."""
+    """--plan: the plan on this machine's resources, checked; or, for a cluster's --address
+    or GPUs this machine lacks (--gpus-per-worker G), as the flags give them."""
     t = cfg.tune
-    here = t.address == "local" and not t.max_concurrent
+    cpus, gpus = machine_resources() if t.address == "local" else (0, 0)
+    here = t.address == "local" and not (t.gpus_per_worker > 0 and not gpus)
     if here:
-        cpus, gpus = machine_resources()
         gpus_per_worker, fits = check_resources(cfg, cpus, gpus)
     else:  # resources unknown here: the automatic CPUs are those of a GPU trial, if it has one
         if t.cpus_per_worker < 0:
@@ -167,7 +168,7 @@ def print_plan(cfg: SearchConfig, epoch_seconds: float | None) -> None:
     plan = make_plan(cfg, concurrency(t, fits if here else 0), gpus_per_worker, epoch_seconds,
                      "given" if epoch_seconds else "")
     print(plan.text())
-    if here:
+    if here and not t.max_concurrent:
         print(f"  (this machine, {cpus} CPUs and {gpus} GPUs, holds {fits} at a time; for "
               "another, give --max-concurrent N and --gpus-per-worker G)")
     if warning := plan.cpu_warning(starting=False):
@@ -241,9 +242,43 @@ def resumed(results: dict[str, Any]) -> str:
     return f" (over {n + 1} sessions: resumed {n} time{'s' if n > 1 else ''})" if n else ""
 
 
+# The searches `tune` chooses between when no --config is given (sized_to_this_machine).
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+FULL, QUICK = EXPERIMENTS / "search.yaml", EXPERIMENTS / "search_smoke.yaml"
+
+
+def sized_to_this_machine(argv: list[str]) -> list[str]:
+    """Without --config, a local search is sized to this machine: the full search where there
+    is a GPU, the quick CPU search (minutes) where there is none; one line says which, and how
+    to get the other. `-h`, a cluster's --address and an install without experiments/ (the
+    built-in defaults are the full search) are left as they are."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config")
+    first.add_argument("--address", default="local")
+    first.add_argument("-h", "--help", action="store_true")
+    given, _ = first.parse_known_args(argv)
+    if given.config or given.help or given.address != "local" or not QUICK.is_file():
+        return argv
+    gpus = machine_resources()[1]
+    chosen, other = (FULL, QUICK) if gpus else (QUICK, FULL)
+    what = (f"{gpus} GPU{'s' if gpus > 1 else ''} here: the full search" if gpus
+            else "no GPU here: the quick CPU search (a few minutes)")
+    print(f"{what}, {_shown_path(chosen)}; for the {'quick check' if gpus else 'full search'} "
+          f"give --config {_shown_path(other)}", flush=True)
+    return ["--config", str(chosen), *argv]
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    cfg, args = parse(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg, args = parse(sized_to_this_machine(argv))
     check_resume_or_overwrite(args.resume, args.overwrite)
     # First: nothing below may pickle or print a password the URI holds.
     tracking.take_credentials(cfg.tracking, local_ray=cfg.tune.address == "local")

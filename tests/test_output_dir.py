@@ -14,6 +14,11 @@ from cifar_ray.tune import check_output_dir
 from tests.conftest import FAST_FLAGS, run_cli
 
 
+# A config for the search commands here: without one, a search is first sized to this
+# machine's GPUs (tune.sized_to_this_machine), which imports torch: seconds per call.
+FULL = ["--config", "experiments/search.yaml"]
+
+
 def _saved_search(folder: Path, name: str = "search") -> Path:
     """What Tune leaves of an interrupted search: its state file, and one trial's run."""
     (folder / name).mkdir(parents=True)
@@ -37,7 +42,7 @@ def test_a_search_name_that_is_not_a_plain_folder_name_is_refused_and_nothing_de
         args = ["--config", str(config)]
     else:
         args = ["--name", name]
-    proc = run_cli("cifar_ray.tune", *args, "--overwrite", "--output-dir", str(out),
+    proc = run_cli("cifar_ray.tune", *FULL, *args, "--overwrite", "--output-dir", str(out),
                    "--dataset", "folder", "--data-dir", str(tmp_path / "no-data"), timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "tune.name must be a plain folder name" in proc.stderr.strip().splitlines()[-1]
@@ -55,7 +60,8 @@ def test_resume_with_overwrite_is_refused_before_anything_is_touched(tmp_path, c
     (out / "last.ckpt").write_bytes(b"a checkpoint")
     (out / "results.json").write_text("{}")
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    proc = run_cli(command, "--resume", "--overwrite", "--output-dir", str(out),
+    proc = run_cli(command, *(FULL if command == "cifar_ray.tune" else []), "--resume",
+                   "--overwrite", "--output-dir", str(out),
                    "--dataset", "folder", "--data-dir", str(tmp_path / "no-data"), timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == ("error: --resume and --overwrite contradict each other "
@@ -106,7 +112,7 @@ def test_an_output_dir_that_cannot_be_one_is_one_line(tmp_path, command, case):
     """(Root ignores a folder's mode, so 'cannot be created' is a path through a file.)"""
     (tmp_path / "taken").write_text("not a folder")
     out = tmp_path / "taken" if case == "a file" else tmp_path / "taken" / "out"
-    flags = FAST_FLAGS if command == "cifar_ray.train" else ["--device", "cpu"]
+    flags = FAST_FLAGS if command == "cifar_ray.train" else [*FULL, "--device", "cpu"]
     proc = run_cli(command, "--output-dir", str(out), "--dataset", "folder", "--data-dir",
                    str(tmp_path / "no-data"), *flags, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

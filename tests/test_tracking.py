@@ -107,7 +107,8 @@ def test_a_uri_mlflow_cannot_use_is_one_line_without_the_password(tmp_path, uri,
 
     port = free_port()
     out = tmp_path / "out"
-    proc = run_cli("cifar_ray.tune", "--mlflow-uri", uri.format(port=port), "--output-dir",
+    proc = run_cli("cifar_ray.tune", "--config", "experiments/search.yaml",
+                   "--mlflow-uri", uri.format(port=port), "--output-dir",
                    str(out), "--dataset", "folder", "--data-dir", str(tmp_path), timeout=300,
                    env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -36,6 +36,32 @@ def _read_trials(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def test_the_readmes_main_command_as_written_finishes_with_the_report(noisy_data, tmp_path,
+                                                                       sys_tmp, no_leftover_ray):
+    """The README's first command, after its install, run as written in a fresh folder whose
+    ./data holds the tests' data set: on this machine (no GPU) the quick CPU search, said in its
+    first line, to a finished report.html of a model that learned."""
+    readme = (ROOT / "README.md").read_text()
+    (line,) = [l.strip() for l in readme.splitlines()
+               if l.startswith("    python3 -m venv .venv && .venv/bin/pip install -e . &&")]
+    command = line.split(" && ")[-1]
+    assert command.startswith(".venv/bin/"), command
+    program, *args = command[len(".venv/bin/"):].split()
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    (folder / "data").symlink_to(noisy_data)
+    proc = subprocess.run([str(Path(sys.executable).parent / program), *args], cwd=folder,
+                          env=search_env(sys_tmp), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0].startswith("no GPU here: the quick CPU search"), \
+        proc.stdout[:500]
+    out = folder / "outputs" / "search_smoke"
+    assert f"report:  {out / 'report.html'}" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_acc"] > 0.3, results  # 10 classes: chance is 0.1
+    assert (out / "gradcam" / "misclassified.png").is_file()
+
+
 def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray, browser):
     """The smoke search with Optuna's TPE, tracked in a real MLflow store on disk: its outputs,
     report.html in a browser, TensorBoard's HParams, the MLflow runs."""
@@ -610,7 +636,8 @@ def test_a_long_cpu_search_is_announced_before_its_first_trial(noisy_data, tmp_p
     """The full-size network on CPUs, 200 trials of up to 100 epochs: hours. The warning comes
     before the first trial starts; the search goes on until it is stopped."""
     out = tmp_path / "search"
-    args = [sys.executable, "-m", "cifar_ray.tune", "--data-dir", str(noisy_data),
+    args = [sys.executable, "-m", "cifar_ray.tune", "--config", "experiments/search.yaml",
+            "--data-dir", str(noisy_data),
             "--output-dir", str(out), "--device", "cpu", "--num-samples", "200", "--epochs",
             "100", "--cpus-per-worker", "1", "--max-concurrent", "1", "--val-size", "200"]
     output = _sigterm_when(lambda log: " started: optim.lr=" in log, args,
@@ -629,8 +656,10 @@ def test_help_and_bad_input_answer_before_ray_or_torch_is_imported(noisy_data, t
     finished.mkdir()
     (finished / "results.json").write_text("{}")
     data = str(noisy_data)
+    # (Without --config, a local search is sized to this machine's GPUs first: torch.)
     calls = [["--help"], ["--data-dir", data, "--config", str(bad)],
-             ["--data-dir", data, "--output-dir", str(finished)]]
+             ["--data-dir", data, "--output-dir", str(finished), "--config",
+              "experiments/search.yaml"]]
     codes, imported, stderr = mains_in_a_fresh_process("tune", calls)
     assert codes == [0, 2, 2] and imported == [], (codes, imported, stderr)
     errors = stderr.strip().splitlines()
