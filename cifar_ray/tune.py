@@ -28,6 +28,7 @@ import json
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -315,7 +316,12 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
 
     tmp = out / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    start_ray(cfg.tune, tmp)
+    # The workers' TMPDIR: where Ray's Lightning glue stages checkpoints (kept in the run's
+    # folder) and DataLoader workers bind Unix sockets, whose paths hold 107 bytes: a deep
+    # output dir failed the retrain ("AF_UNIX path too long"), so a short link to it.
+    holder = Path(tempfile.mkdtemp(prefix="cifar_ray-"))
+    (holder / "tmp").symlink_to(tmp)
+    start_ray(cfg.tune, holder / "tmp")
     from cifar_ray.progress import SearchConsole, route_worker_logs  # imports Ray
 
     if not args.verbose:
@@ -388,6 +394,7 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
         signals.close()
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(holder, ignore_errors=True)  # this process's own folder: the link goes
 
     retrain, gradcam_report = final["retrain"], final["gradcam"]
     results = {
