@@ -4,6 +4,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from pathlib import Path
 
 # Command-line fragments of the processes a Ray node runs.
@@ -11,18 +12,43 @@ RAY_PROCESS_NAMES = ("gcs_server", "raylet", "ray::", "dashboard", "default_work
                      "log_monitor", "runtime_env_agent", "ray/_private")
 
 
-def pids_with(*texts: str) -> set[int]:
-    """Processes whose command line contains any of `texts`."""
-    pids = set()
+# Every process this test session starts inherits this mark, so that two test runs on one machine
+# never count or stop each other's processes. Ray renames some of its processes (setproctitle
+# overwrites their environment), so a process also counts when an ancestor carries the mark.
+SESSION_MARK = f"CIFAR_RAY_TEST_SESSION={os.environ.setdefault('CIFAR_RAY_TEST_SESSION', uuid.uuid4().hex)}"
+
+
+def _processes() -> dict[int, tuple[int, str, bool]]:
+    """pid -> (parent pid, command line, whether its environment carries SESSION_MARK)."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
+                stat = (entry / "stat").read_text()
                 cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
+                environ = (entry / "environ").read_bytes().decode(errors="replace").split("\0")
             except OSError:
                 continue
-            if any(text in cmd for text in texts):
-                pids.add(int(entry.name))
-    return pids
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+            table[int(entry.name)] = (ppid, cmd, SESSION_MARK in environ)
+    return table
+
+
+def pids_with(*texts: str) -> set[int]:
+    """This test session's processes whose command line contains any of `texts`."""
+    table = _processes()
+
+    def ours(pid: int) -> bool:
+        seen = set()
+        while pid in table and pid not in seen:
+            seen.add(pid)
+            if table[pid][2]:
+                return True
+            pid = table[pid][0]
+        return False
+
+    return {pid for pid, (_, cmd, _) in table.items()
+            if any(text in cmd for text in texts) and ours(pid)}
 
 
 def descendants(pid: int) -> set[int]:
