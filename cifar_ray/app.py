@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cifar_ray import gradcam
+from cifar_ray import cli, gradcam
 from cifar_ray.config import DataConfig
-from cifar_ray.cifar_files import CifarArrays, load_dataset
-from cifar_ray import cli
+from cifar_ray.data.arrays import ImageArrays
+from cifar_ray.data.image_folders import MAX_PIXELS, read_image
+from cifar_ray.data.sources import load_dataset
 from cifar_ray.errors import DataError, UserError, cli_entry
-from cifar_ray.image_folders import MAX_PIXELS, read_image
 from cifar_ray.model import CAM_LAYERS
 from cifar_ray.module import LitResNet9, load_module
 from cifar_ray.predict import prepare, probabilities
@@ -105,7 +105,7 @@ class Classifier:
         return top, shown, caption
 
 
-def gallery(checkpoint: Path, data_dir: str | None, arrays: CifarArrays | None,
+def gallery(checkpoint: Path, data_dir: str | None, arrays: ImageArrays | None,
             report_dir: str | None, workdir: Path) -> tuple[list, str]:
     """The mistakes figures: an existing report, or one computed now from the data set (into
     `workdir`)."""
@@ -125,7 +125,7 @@ def gallery(checkpoint: Path, data_dir: str | None, arrays: CifarArrays | None,
                    f"`{summary['target_layer']}`. Report: `{folder}`")
 
 
-def example_files(arrays: CifarArrays | None, workdir: Path, count: int = 8) -> list[str]:
+def example_files(arrays: ImageArrays | None, workdir: Path, count: int = 8) -> list[str]:
     """The first test images of the data set, as PNG files the page can offer as examples."""
     if arrays is None:
         return []

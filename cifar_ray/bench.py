@@ -51,11 +51,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from cifar_ray.config import AugmentConfig, Config
-from cifar_ray.augment import augment_batch, normalize, train_transform
-from cifar_ray.cifar_files import SPECS, load_dataset
-from cifar_ray.data import ImageArrayDataset, available_cpus
 from cifar_ray import cli
+from cifar_ray.config import AugmentConfig, Config
+from cifar_ray.data.augment import augment_batch, normalize, train_transform
+from cifar_ray.data.cifar_files import SPECS
+from cifar_ray.data.datamodule import ImageArrayDataset, available_cpus
+from cifar_ray.data.sources import load_dataset
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import write_json
 from cifar_ray.model import ResNet9

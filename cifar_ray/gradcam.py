@@ -31,16 +31,21 @@ from torch.utils.data import DataLoader
 
 from cifar_ray import cli
 from cifar_ray.config import DataConfig
-from cifar_ray.augment import denormalize, eval_transform
-from cifar_ray.cifar_files import CifarArrays, load_dataset
-from cifar_ray.data import ImageArrayDataset, split_arrays
+from cifar_ray.data.arrays import ImageArrays
+from cifar_ray.data.augment import denormalize, eval_transform
+from cifar_ray.data.datamodule import ImageArrayDataset, split_arrays
+from cifar_ray.data.sources import load_dataset
 from cifar_ray.errors import ConfigError, UserError, cli_entry
 from cifar_ray.files import write_json, write_text
-from cifar_ray.runtime import resolve_device
 from cifar_ray.model import CAM_LAYERS
 from cifar_ray.module import LitResNet9, load_module
-from cifar_ray.plots import (plot_cam_grid, plot_confusion_matrix, plot_per_class_accuracy,
-                             plot_true_vs_pred)
+from cifar_ray.plots import (
+    plot_cam_grid,
+    plot_confusion_matrix,
+    plot_per_class_accuracy,
+    plot_true_vs_pred,
+)
+from cifar_ray.runtime import resolve_device
 
 DEFAULT_LAYER = CAM_LAYERS[-1]
 # The report's figures, in the order index.html shows them, with what each shows.
@@ -146,7 +151,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55) -> n
 def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path | None = None,
             num_images: int = 16, layer: str = DEFAULT_LAYER, split: str = "test",
             device: str = "auto", batch_size: int = 256,
-            arrays: CifarArrays | None = None) -> dict[str, Any]:
+            arrays: ImageArrays | None = None) -> dict[str, Any]:
     """The whole stage as a function (the search calls it); returns the summary numbers."""
     if num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {num_images}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cifar_ray import train
 from cifar_ray.config import Config, parse_command
-from cifar_ray.data import CifarDataModule
+from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import save_figure, write_json
 from cifar_ray.module import LitResNet9

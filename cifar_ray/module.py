@@ -25,8 +25,9 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cifar_ray.cifar_files import SPECS, Normalization
 from cifar_ray.config import Config
+from cifar_ray.data.arrays import Normalization
+from cifar_ray.data.cifar_files import SPECS
 from cifar_ray.errors import CheckpointError
 from cifar_ray.model import ResNet9
 from cifar_ray.pl import pl
@@ -70,7 +71,7 @@ class LitResNet9(pl.LightningModule):
     @classmethod
     def from_config(cls, cfg: Config, class_names: list[str],
                     norm: Normalization | None = None) -> "LitResNet9":
-        """`norm`: the data set's normalisation (CifarArrays.norm); CIFAR's own by default."""
+        """`norm`: the data set's normalisation (ImageArrays.norm); CIFAR's own by default."""
         o = cfg.optim
         norm = norm or SPECS[cfg.data.dataset].norm
         module = cls(num_classes=len(class_names), width=cfg.model.width, lr=o.lr,

@@ -12,7 +12,6 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from cifar_ray.files import save_figure  # noqa: E402
 
-
 CURVE_PANELS = [("train/loss", "Training loss"), ("train/acc", "Training accuracy"),
                 ("val/loss", "Validation loss"), ("val/acc", "Validation accuracy")]
 

@@ -20,10 +20,10 @@ import json
 import numpy as np
 import torch
 
-from cifar_ray.augment import normalize
 from cifar_ray import cli
+from cifar_ray.data.augment import normalize
+from cifar_ray.data.image_folders import read_image
 from cifar_ray.errors import UserError, cli_entry
-from cifar_ray.image_folders import read_image
 from cifar_ray.module import LitResNet9, load_module
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from cifar_ray.files import save_figure, write_text
-from cifar_ray.search_config import format_value, optuna_distribution
+from cifar_ray.search.settings import format_value, optuna_distribution
 
 FOLDER = "report"
 # The evaluator of hyperparameter importance, and how the page names it.

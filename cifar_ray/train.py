@@ -11,7 +11,7 @@ checkpoint safely and tests it once, then writes into the output dir:
 
 This module is the command: its flags, the config, the output dir and the data set are checked
 before torch and Lightning are imported (seconds), so `--help` and a mistake answer at once.
-The run itself is `train_run.run(cfg)`, which the search's retrain stage calls too.
+The run itself is `training.run(cfg)`, which the search's retrain stage calls too.
 """
 
 from __future__ import annotations
@@ -22,24 +22,11 @@ import signal
 from pathlib import Path
 from typing import Iterator
 
-from cifar_ray.cifar_files import load_dataset
 from cifar_ray import cli
 from cifar_ray.config import Config, add_config_flags, parse_command
-from cifar_ray.errors import ConfigError, Interrupted, cli_entry
-from cifar_ray.run_lock import check_resume_or_overwrite, output_dir_lock
-
-
-def check_output_dir(out: Path, overwrite: bool, resume: bool) -> Path | None:
-    """Never destroy a finished run by accident; return the checkpoint to resume from."""
-    if resume:
-        last = out / "last.ckpt"
-        if not last.is_file():
-            raise ConfigError(f"--resume: no {last} to resume from")
-        return last
-    if (out / "results.json").exists() and not overwrite:
-        raise ConfigError(f"{out} already holds a finished run (results.json); "
-                          "pass --overwrite or choose another --output-dir")
-    return None
+from cifar_ray.data.sources import load_dataset
+from cifar_ray.errors import Interrupted, cli_entry
+from cifar_ray.output_dir import check_resume_or_overwrite, output_dir_lock, resume_point
 
 
 @contextlib.contextmanager
@@ -84,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     check_resume_or_overwrite(args.resume, args.overwrite)
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     with output_dir_lock(out, "cifar_ray.train"), stop_on_signals(out):
-        check_output_dir(out, args.overwrite, args.resume)
+        resume_point(out, args.overwrite, args.resume)
         arrays = load_dataset(cfg.data)  # downloads CIFAR when it is missing
-        from cifar_ray.train_run import run  # torch, Lightning: only once the input is good
+        from cifar_ray.training import run  # torch, Lightning: only once the input is good
 
         results = run(cfg, arrays, overwrite=args.overwrite, resume=args.resume)
     val = f"{results['val_acc']:.4f}" if results["val_acc"] is not None else "n/a"

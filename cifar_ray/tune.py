@@ -5,7 +5,7 @@
                Ray Train run, ASHA stopping the weak ones on validation accuracy (search.py,
                trial.py)
     retrain    the best trial's sample laid over the base config (`config.overlay`), trained on
-               train + validation from its best checkpoint or from scratch (train_run.py)
+               train + validation from its best checkpoint or from scratch (training.py)
     test       once, on the test set
     gradcam    the retrained model's mistakes and where it looked (gradcam.py)
 
@@ -33,24 +33,43 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cifar_ray import tracking
-from cifar_ray.cifar_files import load_dataset
-from cifar_ray import cli
+from cifar_ray import cli, tracking
 from cifar_ray.config import add_config_flags, overlay, parse_command
+from cifar_ray.console import CONSOLE_MARK
+from cifar_ray.data.sources import load_dataset
 from cifar_ray.errors import Interrupted, UserError, cli_entry
 from cifar_ray.files import remove_inside, write_json, write_text
-from cifar_ray.console import CONSOLE_MARK
-from cifar_ray.plan import asha_rungs, make_plan
-from cifar_ray.ray_cluster import (AUTO_CPUS, concurrency, configure_auth, ctrl_c_stops_tune,
-                                   machine_resources, plan_resources, shortfall, start_ray,
-                                   stop_signals, trials_that_fit)
+from cifar_ray.output_dir import check_resume_or_overwrite, output_dir_lock
 from cifar_ray.report import write_report
-from cifar_ray.run_lock import check_resume_or_overwrite, output_dir_lock
-from cifar_ray.search import (run_search, storage_dir, summarise_trials, training_seconds,
-                              tune_space, write_trials_csv)
-from cifar_ray.search_config import (DISTRIBUTIONS, SearchConfig, describe, format_value,
-                                     search_flag)
-from cifar_ray.trial import CHECKPOINT_FILE, METRIC, PHASES
+from cifar_ray.search.cluster import (
+    AUTO_CPUS,
+    concurrency,
+    configure_auth,
+    ctrl_c_stops_tune,
+    machine_resources,
+    plan_resources,
+    shortfall,
+    start_ray,
+    stop_signals,
+    trials_that_fit,
+)
+from cifar_ray.search.names import CHECKPOINT_FILE, METRIC, PHASES
+from cifar_ray.search.plan import asha_rungs, make_plan
+from cifar_ray.search.settings import (
+    DISTRIBUTIONS,
+    SearchConfig,
+    describe,
+    format_value,
+    search_flag,
+)
+from cifar_ray.search.tuner import (
+    run_search,
+    storage_dir,
+    summarise_trials,
+    training_seconds,
+    tune_space,
+    write_trials_csv,
+)
 
 
 def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
@@ -59,7 +78,7 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
     `data`: [the object reference to the data set's arrays]."""
     import ray
 
-    from cifar_ray import gradcam, tracking, train_run
+    from cifar_ray import gradcam, tracking, training
 
     final = overlay(cfg, best["config"])  # the same overlay the trial made
     final.trainer.epochs = cfg.retrain.retrain_epochs
@@ -73,7 +92,7 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
                             "use retrain.init: scratch")
         init = str(Path(best["checkpoint"]) / CHECKPOINT_FILE)
     arrays = ray.get(data[0])
-    results = train_run.run(final, arrays=arrays, init_checkpoint=init, overwrite=True,
+    results = training.run(final, arrays=arrays, init_checkpoint=init, overwrite=True,
                             hparams=best["config"],
                             mlflow=tracking.retrain_logger(cfg.tracking, best["config"]),
                             line_prefix=CONSOLE_MARK + "retrain ")
@@ -322,7 +341,7 @@ def pipeline(cfg: SearchConfig, out: Path, args: argparse.Namespace) -> int:
     holder = Path(tempfile.mkdtemp(prefix="cifar_ray-"))
     (holder / "tmp").symlink_to(tmp)
     start_ray(cfg.tune, holder / "tmp")
-    from cifar_ray.progress import SearchConsole, route_worker_logs  # imports Ray
+    from cifar_ray.search.progress import SearchConsole, route_worker_logs  # imports Ray
 
     if not args.verbose:
         route_worker_logs(out / "logs" / "workers.log")

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_ray.augment import eval_transform
-from cifar_ray.cifar_files import SPECS
+from cifar_ray.data.augment import eval_transform
+from cifar_ray.data.cifar_files import SPECS
 from cifar_ray.module import load_module
 from tests.cifar_fixture import planted_images
 from tests.conftest import ROOT, run_cli

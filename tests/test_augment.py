@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from cifar_ray.config import AugmentConfig
-from cifar_ray.augment import augment_batch, normalize, train_transform
-from cifar_ray.cifar_files import SPECS
-from cifar_ray.data import DeviceBatches
+from cifar_ray.data.augment import augment_batch, normalize, train_transform
+from cifar_ray.data.cifar_files import SPECS
+from cifar_ray.data.datamodule import DeviceBatches
 from tests.conftest import FAST_FLAGS, run_cli
 from tests.test_data import find_shift
 

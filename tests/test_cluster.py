@@ -17,8 +17,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SMOKE, registered_runs, search_env
-from tests.processes import (descendants, files_containing, free_port, kill_all,
-                             listening_hosts, pids_with, wait_gone)
+from tests.processes import (
+    descendants,
+    files_containing,
+    free_port,
+    kill_all,
+    listening_hosts,
+    pids_with,
+    wait_gone,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from jsonschema import ValidationError
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from cifar_ray.config import load_yaml
-from cifar_ray.search_config import SearchConfig
+from cifar_ray.search.settings import SearchConfig
 from tests.conftest import ROOT
 
 GPU_FAMILIES = ("g4dn", "g5", "g6", "g6e", "p3", "p4d", "p4de", "p5", "p5e")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from cifar_ray.config import Config, add_config_flags, overlay, resolve
-from cifar_ray.search_config import SearchConfig
 from cifar_ray.errors import ConfigError
+from cifar_ray.search.settings import SearchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10
 
 from cifar_ray.config import AugmentConfig, Config
-from cifar_ray.augment import eval_transform, train_transform
-from cifar_ray.cifar_files import SPECS, ensure_dataset, read_cifar, split_train_val
-from cifar_ray.data import CifarDataModule, DeviceBatches
+from cifar_ray.data.arrays import split_train_val
+from cifar_ray.data.augment import eval_transform, train_transform
+from cifar_ray.data.cifar_files import SPECS, ensure_dataset, read_cifar
+from cifar_ray.data.datamodule import CifarDataModule, DeviceBatches
 from cifar_ray.errors import DataError
-from tests.conftest import MarkerPayload
 from tests.cifar_fixture import dump_py2, write_cifar10, write_cifar100
+from tests.conftest import MarkerPayload
 
 SPEC = SPECS["cifar10"].norm
 

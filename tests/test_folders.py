@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_ray import image_folders
+from cifar_ray.data import image_folders
+from cifar_ray.data.image_folders import CACHE_NAME, read_folders
 from cifar_ray.errors import DataError
-from cifar_ray.image_folders import CACHE_NAME, read_folders
 from tests.cifar_fixture import FOLDER_CLASSES, planted_images, write_class_folders
 from tests.conftest import FAST_FLAGS, run_cli
 
@@ -90,7 +90,7 @@ def test_a_data_dir_that_cannot_be_written_caches_in_the_users_cache_dir(tmp_pat
 
 
 def test_a_val_folder_is_the_validation_set_and_joins_training_without_validation(tmp_path):
-    from cifar_ray.data import split_arrays
+    from cifar_ray.data.datamodule import split_arrays
 
     write_class_folders(tmp_path, n_train=40, n_test=12, n_val=10)
     arrays = read_folders(tmp_path, quiet=True)
@@ -239,7 +239,7 @@ def test_predict_names_the_planted_class(folder_run, tmp_path, capsys):
 
 def test_an_image_declaring_more_pixels_than_the_bound_is_refused_before_decoding(tmp_path):
     """A 60-megapixel PNG of one colour is a few kilobytes; decoded as RGB it is 180 MB."""
-    from cifar_ray.image_folders import MAX_PIXELS, read_image
+    from cifar_ray.data.image_folders import MAX_PIXELS, read_image
 
     path = tmp_path / "bomb.png"
     Image.new("1", (10_000, 6_000)).save(path)
@@ -250,7 +250,7 @@ def test_an_image_declaring_more_pixels_than_the_bound_is_refused_before_decodin
 
 
 def test_a_folder_or_an_eps_file_given_as_an_image_is_named_for_what_it_is(tmp_path):
-    from cifar_ray.image_folders import read_image
+    from cifar_ray.data.image_folders import read_image
 
     with pytest.raises(DataError, match=r": a folder, not an image file$"):
         read_image(tmp_path)

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cifar_ray.cifar_files import read_cifar
 from cifar_ray.config import add_config_flags, keys, resolve
+from cifar_ray.data.cifar_files import read_cifar
+from cifar_ray.data.image_folders import read_image
 from cifar_ray.errors import UserError
-from cifar_ray.image_folders import read_image
-from cifar_ray.search_config import DISTRIBUTIONS, SearchConfig, parse_space
+from cifar_ray.search.settings import DISTRIBUTIONS, SearchConfig, parse_space
 from tests.cifar_fixture import write_cifar10
 
 FUZZ_EXAMPLES = int(os.environ.get("CIFAR_RAY_FUZZ_EXAMPLES", "300"))

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from cifar_ray.config import Config
-from cifar_ray.augment import eval_transform
-from cifar_ray.cifar_files import SPECS
+from cifar_ray.data.augment import eval_transform
+from cifar_ray.data.cifar_files import SPECS
 from cifar_ray.gradcam import DEFAULT_LAYER, compute_cams
 from cifar_ray.module import load_module
-from cifar_ray.train_run import run
+from cifar_ray.training import run
 from tests.cifar_fixture import PATCH, planted_images
 from tests.conftest import run_cli
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cifar_ray.run_lock import LOCK_NAME, output_dir_lock
+from cifar_ray.output_dir import LOCK_NAME, output_dir_lock
 from tests.conftest import FAST_FLAGS, ROOT, SMOKE, run_cli
 
 pytestmark = pytest.mark.slow

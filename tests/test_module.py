@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cifar_ray.config import Config
-from cifar_ray.data import CifarDataModule
+from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.module import LitResNet9
 from cifar_ray.pl import pl
 from cifar_ray.runtime import build_trainer

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from cifar_ray.errors import UserError
-from cifar_ray.search_config import SearchConfig
+from cifar_ray.search.settings import SearchConfig
 from cifar_ray.tune import check_output_dir
 from tests.conftest import FAST_FLAGS, run_cli
-
 
 # A config for the search commands here: without one, a search is first sized to this
 # machine's GPUs (tune.sized_to_this_machine), which imports torch: seconds per call.

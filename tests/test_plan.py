@@ -9,9 +9,9 @@ import pytest
 from ray.tune.schedulers.async_hyperband import _Bracket
 
 from cifar_ray.config import apply_mapping, load_yaml
-from cifar_ray.plan import asha_rungs, expected_epochs, make_plan, training_gflop_per_image
-from cifar_ray.progress import Estimator, SearchConsole
-from cifar_ray.search_config import SearchConfig
+from cifar_ray.search.plan import asha_rungs, expected_epochs, make_plan, training_gflop_per_image
+from cifar_ray.search.progress import Estimator, SearchConsole
+from cifar_ray.search.settings import SearchConfig
 from tests.conftest import ROOT
 
 

@@ -13,9 +13,9 @@ from PIL import Image
 from cifar_ray.config import add_config_flags, resolve
 from cifar_ray.errors import ConfigError
 from cifar_ray.plots import curve_panels
-from cifar_ray.plan import asha_rungs
 from cifar_ray.report import write_report
-from cifar_ray.search_config import SearchConfig
+from cifar_ray.search.plan import asha_rungs
+from cifar_ray.search.settings import SearchConfig
 from tests.conftest import ROOT
 
 SPACE = {"optim.lr": ("loguniform", [1e-4, 1e-1]), "trainer.batch_size": ("choice", [64, 128]),

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 SCRIPT = """
 import json, sys
 from cifar_ray.config import load_yaml, apply_mapping
-from cifar_ray.ray_cluster import configure_auth, plan_resources
-from cifar_ray.search_config import SearchConfig
+from cifar_ray.search.cluster import configure_auth, plan_resources
+from cifar_ray.search.settings import SearchConfig
 configure_auth("local")
 import ray
 ray.init(address="local", num_cpus=16, num_gpus=int(sys.argv[1]), include_dashboard=False)
@@ -67,8 +67,8 @@ def test_without_gpus_auto_trains_on_cpus(sys_tmp, no_leftover_ray):
     (8, 0, 1, (1, 0.0, 8)),     # CPUs only: one each
 ])
 def test_automatic_cpus_and_gpus_per_worker(cpus, gpus, workers, want):
-    from cifar_ray.ray_cluster import trials_that_fit
-    from cifar_ray.search_config import SearchConfig
+    from cifar_ray.search.cluster import trials_that_fit
+    from cifar_ray.search.settings import SearchConfig
 
     t = SearchConfig().tune
     t.workers_per_trial = workers

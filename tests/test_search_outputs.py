@@ -5,8 +5,8 @@ damaged saved state is one line. And the trials' times as trials.csv counts them
 import pandas as pd
 import pytest
 
-from cifar_ray.search import training_seconds, training_spans
-from cifar_ray.run_lock import LOCK_NAME
+from cifar_ray.output_dir import LOCK_NAME
+from cifar_ray.search.tuner import training_seconds, training_spans
 from tests.conftest import SMOKE, run_cli
 
 
@@ -22,7 +22,7 @@ def test_an_output_dir_with_a_search_is_refused(noisy_data, tmp_path, existing, 
     proc = run_cli("cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data), "--output-dir", str(out))
     assert proc.returncode == 2
     assert message in proc.stderr.strip().splitlines()[-1]
-    # Only the output dir's lock file was added (run_lock.py).
+    # Only the output dir's lock file was added (output_dir.py).
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_NAME} == before
 
 

@@ -67,7 +67,7 @@ def test_credentials_in_the_uri_move_to_mlflows_variables_and_out_of_what_tune_p
     password was in it. The URI's credentials become MLflow's own variables instead."""
     import cloudpickle
 
-    from cifar_ray.search_config import SearchConfig
+    from cifar_ray.search.settings import SearchConfig
     from cifar_ray.tracking import take_credentials, tune_callbacks
 
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -84,7 +84,7 @@ def test_credentials_in_the_uri_move_to_mlflows_variables_and_out_of_what_tune_p
 
 def test_credentials_in_the_uri_with_a_cluster_are_one_line_naming_the_variables():
     from cifar_ray.errors import UserError
-    from cifar_ray.search_config import SearchConfig
+    from cifar_ray.search.settings import SearchConfig
     from cifar_ray.tracking import take_credentials
 
     settings = SearchConfig().tracking

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from cifar_ray.config import Config
-from cifar_ray.data import CifarDataModule
+from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.module import load_module
 from tests.conftest import FAST_FLAGS, ROOT, mains_in_a_fresh_process, run_cli
 
@@ -100,7 +100,7 @@ def test_no_validation_set_keeps_the_last_epoch(cifar10, tmp_path):
     cfg.data.num_workers, cfg.model.width, cfg.trainer.epochs = 0, 8, 1
     cfg.trainer.batch_size, cfg.trainer.progress_bar = 64, False
     cfg.trainer.output_dir = str(tmp_path / "noval")
-    from cifar_ray.train_run import run
+    from cifar_ray.training import run
 
     results = run(cfg)
     assert results["val_acc"] is None and (tmp_path / "noval" / "best.ckpt").is_file()
@@ -195,7 +195,7 @@ def test_last_checkpoint_is_each_epochs_and_best_the_best_epochs(cifar10, tmp_pa
     cfg.data.num_workers, cfg.model.width, cfg.trainer.epochs, cfg.optim.lr = 0, 8, 4, 1e-6
     cfg.trainer.batch_size, cfg.trainer.progress_bar = 64, False
     cfg.trainer.output_dir = str(tmp_path / "run")
-    from cifar_ray.train_run import run
+    from cifar_ray.training import run
 
     results = run(cfg)
     accs = [row["val/acc"] for row in results["history"]]

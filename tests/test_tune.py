@@ -20,8 +20,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import (ARTIFACTS, ROOT, SMOKE, mains_in_a_fresh_process, registered_runs,
-                            run_cli, search_env)
+from tests.conftest import (
+    ARTIFACTS,
+    ROOT,
+    SMOKE,
+    mains_in_a_fresh_process,
+    registered_runs,
+    run_cli,
+    search_env,
+)
 from tests.mlflow_server import FakeMlflow
 from tests.processes import files_containing, free_port, pids_with
 

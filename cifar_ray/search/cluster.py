@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cifar_ray.errors import ConfigError, DiskFull, UserError
-from cifar_ray.search_config import SearchConfig
+from cifar_ray.search.settings import SearchConfig
 
 HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
 # What `gpus_per_worker: -1` (auto) gives each trial worker on a cluster with GPUs: a quarter

@@ -2,7 +2,7 @@
 reading, validation, and the seeded train / validation split.
 
     <data_dir>/cifar-10-batches-py/   data_batch_1..5, test_batch, batches.meta (pickles)
-        -> read_cifar -> CifarArrays: uint8 images (N, 32, 32, 3), int64 labels, class names
+        -> read_cifar -> ImageArrays: uint8 images (N, 32, 32, 3), int64 labels, class names
 
 The official files are Python 2 pickles. Unpickling can run code, so `_SafeUnpickler` accepts
 only the handful of globals a numpy array needs, and allocates no more than the file holds: a
@@ -28,10 +28,8 @@ try:  # numpy 2
 except ImportError:  # numpy 1
     from numpy.core.multiarray import _reconstruct
 
-from cifar_ray.config import DataConfig
+from cifar_ray.data.arrays import IMAGE_SIZE, ImageArrays, Normalization
 from cifar_ray.errors import DataError
-
-IMAGE_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -83,32 +81,6 @@ SPECS = {
     "cifar100": DatasetSpec("cifar100", "CIFAR100", "fine_labels",
                             (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel mean and std of a data set's pixels in [0, 1]: what every stage subtracts
-    and divides by. CIFAR's are fixed (SPECS); a class-folder set's are computed from its
-    training images. The model carries them (module.py)."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-@dataclass
-class CifarArrays:
-    """A data set in memory, whatever it was read from (these pickles, or class folders:
-    image_folders.py)."""
-
-    train_images: np.ndarray  # (N, 32, 32, 3) uint8, HWC as Albumentations wants
-    train_labels: np.ndarray  # (N,) int64
-    test_images: np.ndarray
-    test_labels: np.ndarray
-    classes: list[str]
-    norm: Normalization
-    # A validation set of its own (a class-folder set's val/), instead of a held-out split.
-    val_images: np.ndarray | None = None
-    val_labels: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +260,7 @@ def _read_batch(path: Path, labels_key: str, num_classes: int) -> tuple[np.ndarr
     return np.ascontiguousarray(images), labels
 
 
-def read_cifar(folder: str | Path, dataset: str) -> CifarArrays:
+def read_cifar(folder: str | Path, dataset: str) -> ImageArrays:
     """Read and validate a folder in the official python-pickle format; DataError if anything is off."""
     spec = SPECS[dataset]
     folder = Path(folder)
@@ -312,21 +284,4 @@ def read_cifar(folder: str | Path, dataset: str) -> CifarArrays:
 
     train_x, train_y = read_split(spec.train_files, "train")
     test_x, test_y = read_split(spec.test_files, "test")
-    return CifarArrays(train_x, train_y, test_x, test_y, classes, spec.norm)
-
-
-def load_dataset(data: DataConfig) -> CifarArrays:
-    """The data set `data` names: class folders (image_folders.py) or CIFAR's files."""
-    if data.dataset == "folder":
-        from cifar_ray.image_folders import read_folders
-
-        return read_folders(ensure_dataset(data.data_dir, "folder"))
-    return read_cifar(ensure_dataset(data.data_dir, data.dataset), data.dataset)
-
-
-def split_train_val(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded random split of range(n) into (train indices, validation indices)."""
-    if val_size >= n:
-        raise DataError(f"data.val_size ({val_size}) must be smaller than the {n} training images")
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[val_size:]), np.sort(order[:val_size])
+    return ImageArrays(train_x, train_y, test_x, test_y, classes, spec.norm)

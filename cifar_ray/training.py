@@ -12,17 +12,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from cifar_ray.cifar_files import CifarArrays
 from cifar_ray.config import Config
-from cifar_ray.data import CifarDataModule
+from cifar_ray.data.arrays import ImageArrays
+from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.files import write_json
 from cifar_ray.module import LitResNet9, load_module, read_checkpoint
-from cifar_ray.plan import format_duration
+from cifar_ray.output_dir import resume_point
 from cifar_ray.pl import pl
 from cifar_ray.plots import plot_curves
 from cifar_ray.runtime import build_trainer, device_name, resolve_device
+from cifar_ray.search.plan import format_duration
 from cifar_ray.tracking import tensorboard_hparams
-from cifar_ray.train import check_output_dir
 
 # We size DataLoader workers deliberately (see CifarDataModule.num_workers).
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -79,7 +79,7 @@ class EpochLines(pl.Callback):
               f"about {format_duration(per_epoch * (trainer.max_epochs - done))} left", flush=True)
 
 
-def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | Path | None = None,
+def run(cfg: Config, arrays: ImageArrays | None = None, init_checkpoint: str | Path | None = None,
         overwrite: bool = False, resume: bool = False, hparams: dict[str, Any] | None = None,
         mlflow=None, line_prefix: str = "") -> dict[str, Any]:
     """Train, test the best checkpoint, write the outputs; return the results dict.
@@ -87,7 +87,7 @@ def run(cfg: Config, arrays: CifarArrays | None = None, init_checkpoint: str | P
     `mlflow`: an MLflow logger that gets the same metrics (tracking.retrain_logger);
     `line_prefix`: before each epoch's line when there is no progress bar (EpochLines)."""
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
-    resume_from = check_output_dir(out, overwrite, resume)
+    resume_from = resume_point(out, overwrite, resume)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     data = CifarDataModule(cfg, arrays)
     if arrays is None:

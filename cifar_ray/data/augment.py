@@ -21,9 +21,8 @@ import cv2
 import torch
 from albumentations.pytorch import ToTensorV2
 
-from cifar_ray.cifar_files import IMAGE_SIZE, Normalization
 from cifar_ray.config import AugmentConfig
-
+from cifar_ray.data.arrays import IMAGE_SIZE, Normalization
 
 # ---------------------------------------------------------------------------------------------
 # Albumentations: per image, in DataLoader workers

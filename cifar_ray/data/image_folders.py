@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cifar_ray.cifar_files import IMAGE_SIZE, CifarArrays, Normalization
+from cifar_ray.data.arrays import IMAGE_SIZE, ImageArrays, Normalization
 from cifar_ray.errors import DataError
 from cifar_ray.files import atomic_path
 
@@ -176,8 +176,8 @@ def _decode(root: Path, files: dict[str, list[tuple[Path, int]]], classes: list[
     return arrays
 
 
-def read_folders(data_dir: str | Path, quiet: bool = False) -> CifarArrays:
-    """The class-folder data set at `data_dir` as CifarArrays (cifar_files.py), from the cache
+def read_folders(data_dir: str | Path, quiet: bool = False) -> ImageArrays:
+    """The class-folder data set at `data_dir` as ImageArrays (cifar_files.py), from the cache
     when it is current, else decoded (and cached)."""
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
@@ -197,7 +197,7 @@ def read_folders(data_dir: str | Path, quiet: bool = False) -> CifarArrays:
         arrays = _decode(root, files, classes, key)
         _write_cache(arrays, cache_paths(root), say)
     train = arrays["train_images"]
-    return CifarArrays(train, arrays["train_labels"], arrays["test_images"],
+    return ImageArrays(train, arrays["train_labels"], arrays["test_images"],
                        arrays["test_labels"], [str(c) for c in arrays["classes"]],
                        channel_stats(train), arrays.get("val_images"), arrays.get("val_labels"))
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from cifar_ray.errors import UserError
+from cifar_ray.errors import ConfigError, UserError
 
 LOCK_NAME = ".lock"
 
@@ -25,6 +25,20 @@ def check_resume_or_overwrite(resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other (--resume continues "
                         "what is in the output dir, --overwrite discards it): give one of them")
+
+
+def resume_point(out: Path, overwrite: bool, resume: bool) -> Path | None:
+    """A training run's output dir: never destroy a finished run by accident; return the
+    checkpoint to resume from."""
+    if resume:
+        last = out / "last.ckpt"
+        if not last.is_file():
+            raise ConfigError(f"--resume: no {last} to resume from")
+        return last
+    if (out / "results.json").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a finished run (results.json); "
+                          "pass --overwrite or choose another --output-dir")
+    return None
 
 
 @contextlib.contextmanager

@@ -19,10 +19,18 @@ from cifar_ray import tracking
 from cifar_ray.config import plain, resolve_precision
 from cifar_ray.errors import UserError
 from cifar_ray.files import write_text
-from cifar_ray.ray_cluster import HEAD_NODE
-from cifar_ray.search_config import SearchConfig
-from cifar_ray.trial import (CHECKPOINT_FILE, CHECKPOINT_PATH, FIRST_STEP_AT, METRIC, PHASES,
-                             REPORTED_AT, STARTUP, run_trial)
+from cifar_ray.search.cluster import HEAD_NODE
+from cifar_ray.search.names import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_PATH,
+    FIRST_STEP_AT,
+    METRIC,
+    PHASES,
+    REPORTED_AT,
+    STARTUP,
+)
+from cifar_ray.search.settings import SearchConfig
+from cifar_ray.search.trial import run_trial
 
 
 def storage_dir(cfg: SearchConfig, out: Path) -> Path:

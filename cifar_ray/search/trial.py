@@ -32,26 +32,8 @@ from typing import Any
 
 from cifar_ray.config import Config, overlay
 from cifar_ray.errors import full_disk
+from cifar_ray.search.names import METRIC
 
-METRIC = "val/acc"  # what ASHA and the choice of the best trial go by
-STARTUP = "time/startup_s"  # trial function start -> this worker's first training step
-CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
-CHECKPOINT_PATH = "checkpoint_path"  # the key of a report's checkpoint (as Ray's Tune callback)
-# Where a trial's start-up goes, in order; each is a report key "time/<phase>_s" and a column
-# "<phase>_s" of trials.csv. Their sum is the start-up.
-PHASES = {
-    "trial": "the trial's own process: imports, its config",
-    "controller": "Ray Train's controller and the worker's placement, to the worker process "
-                  "(0 when Ray had a worker process ready)",
-    "worker": "the worker process's start (and with several workers, torch's process group), "
-              "to the training function",
-    "imports": "torch, Lightning and the rest of the training code in the worker",
-    "data": "reading the data set (from Ray's object store) and the split",
-    "lightning": "the Lightning Trainer and strategy, the model on its device",
-    "first_step": "the data on the device, the optimiser, to the first training step",
-}
-# Unix times in every report, for how long the trials trained: from the first step to the report.
-FIRST_STEP_AT, REPORTED_AT = "time/first_step_at", "time/reported_at"
 # How often Ray Train's controller polls the trial's workers (seconds). A worker's report waits
 # in a queue of one until the next poll, so Tune and ASHA got at most one epoch every 2 s (Ray's
 # default), however fast the epochs: 8 epochs of 0.5 s, trained in 4.2 s, reached Tune over
@@ -63,7 +45,7 @@ POLL_ENV, POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 def train_worker(config: dict[str, Any]) -> None:
     """One trial's training on one Ray Train worker (rank 0 of 1, or one rank of a DDP group)."""
     entered = time.time()
-    from cifar_ray import worker
+    from cifar_ray.search import worker
 
     worker.train(config, entered)
 
@@ -71,12 +53,17 @@ def train_worker(config: dict[str, Any]) -> None:
 def run_trial(sample: dict[str, Any], base: dict[str, Any], scaling: dict[str, Any],
               storage: str, max_failures: int, data: list | None = None) -> None:
     """The trial function: `sample` is Tune's draw from the search space, in config keys;
-    `data`, when given, is [an object reference to the search's CifarArrays] (in a list, so
+    `data`, when given, is [an object reference to the search's ImageArrays] (in a list, so
     that Ray hands the reference on rather than the arrays)."""
     trial_started = time.time()
     import ray.tune
-    from ray.train import (CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
-                           WorkerGroupError)
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+        WorkerGroupError,
+    )
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 

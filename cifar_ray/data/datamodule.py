@@ -1,6 +1,6 @@
 """From arrays to batches: datasets, device-resident batches, and the Lightning DataModule.
 
-    CifarArrays (cifar_files.py) -> split -> augment.engine:
+    ImageArrays (cifar_files.py) -> split -> augment.engine:
         albumentations: ImageArrayDataset + DataLoader workers -> normalised float batches
         tensors:        DeviceBatches (the split on the device as uint8) -> augment_batch in
                         `on_after_batch_transfer` -> normalised float batches, channels-last
@@ -18,9 +18,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cifar_ray.augment import augment_batch, eval_transform, normalize, reseed_worker, train_transform
-from cifar_ray.cifar_files import CifarArrays, Normalization, ensure_dataset, load_dataset, split_train_val
 from cifar_ray.config import Config
+from cifar_ray.data.arrays import ImageArrays, Normalization, split_train_val
+from cifar_ray.data.augment import (
+    augment_batch,
+    eval_transform,
+    normalize,
+    reseed_worker,
+    train_transform,
+)
+from cifar_ray.data.cifar_files import ensure_dataset
+from cifar_ray.data.sources import load_dataset
 from cifar_ray.pl import pl
 
 
@@ -79,7 +87,7 @@ class DeviceBatches:
             yield self.images[index], self.labels[index]
 
 
-def split_arrays(arrays: CifarArrays, split: str, val_size: int,
+def split_arrays(arrays: ImageArrays, split: str, val_size: int,
                  seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of one split: "train", "val" or "test". With a validation set of its
     own, "val" is that set and "train" all of train/, or train + val when `val_size` is 0
@@ -113,7 +121,7 @@ class CifarDataModule(pl.LightningDataModule):
     images. `data.val_size=0` validates on nothing and trains on everything, a val/ folder
     included (the retrain after a search)."""
 
-    def __init__(self, cfg: Config, arrays: CifarArrays | None = None):
+    def __init__(self, cfg: Config, arrays: ImageArrays | None = None):
         super().__init__()
         self.cfg = cfg
         self.arrays = arrays

@@ -72,7 +72,7 @@ def image_counts(cfg, sizes: tuple[int, int] | None = None) -> tuple[int, int] |
     if sizes:
         total, val = sizes
     elif d.dataset == "folder":
-        from cifar_ray.image_folders import is_image
+        from cifar_ray.data.image_folders import is_image
 
         root = Path(d.data_dir).expanduser()
         count = {split: sum(1 for p in (root / split).rglob("*") if p.is_file() and is_image(p))

@@ -110,9 +110,9 @@ def search_flag(text: str) -> tuple[str, dict[str, list]]:
     """`--search optim.lr=loguniform:1e-4,1e-1` -> ('optim.lr', {'loguniform': [0.0001, 0.1]}):
     one key of the space, written on the command line; its values are read as YAML reads
     them, and checked with the YAML's space (parse_space)."""
-    from cifar_ray.config import YamlLoader
-
     import yaml
+
+    from cifar_ray.config import YamlLoader
 
     key, sep, rest = text.partition("=")
     name, colon, values = rest.partition(":")
@@ -130,8 +130,7 @@ def search_flag(text: str) -> tuple[str, dict[str, list]]:
 def optuna_distribution(name: str, args: list):
     """The Optuna distribution of one parsed key (what the report's figures and importance
     read; Ray's OptunaSearch converts Tune's helpers the same way for the search itself)."""
-    from optuna.distributions import (CategoricalDistribution, FloatDistribution,
-                                      IntDistribution)
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     if name == "choice":
         return CategoricalDistribution(args)

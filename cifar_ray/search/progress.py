@@ -28,9 +28,9 @@ from ray.tune import Callback
 
 from cifar_ray.console import CONSOLE_MARK, Console, screen
 from cifar_ray.errors import full_disk
-from cifar_ray.plan import SearchPlan, expected_epochs, format_duration
-from cifar_ray.search_config import describe
-from cifar_ray.trial import FIRST_STEP_AT, METRIC, REPORTED_AT, STARTUP
+from cifar_ray.search.names import FIRST_STEP_AT, METRIC, REPORTED_AT, STARTUP
+from cifar_ray.search.plan import SearchPlan, expected_epochs, format_duration
+from cifar_ray.search.settings import describe
 
 BATCH_KEY = "trainer.batch_size"
 LOG_EVERY = float(os.environ.get("CIFAR_RAY_PROGRESS_EVERY", "60"))  # seconds, when not a TTY

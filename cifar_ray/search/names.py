@@ -1,0 +1,21 @@
+"""The names a search's trials, its console and its results agree on: report keys and files."""
+
+METRIC = "val/acc"  # what ASHA and the choice of the best trial go by
+STARTUP = "time/startup_s"  # trial function start -> this worker's first training step
+CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
+CHECKPOINT_PATH = "checkpoint_path"  # the key of a report's checkpoint (as Ray's Tune callback)
+# Where a trial's start-up goes, in order; each is a report key "time/<phase>_s" and a column
+# "<phase>_s" of trials.csv. Their sum is the start-up.
+PHASES = {
+    "trial": "the trial's own process: imports, its config",
+    "controller": "Ray Train's controller and the worker's placement, to the worker process "
+                  "(0 when Ray had a worker process ready)",
+    "worker": "the worker process's start (and with several workers, torch's process group), "
+              "to the training function",
+    "imports": "torch, Lightning and the rest of the training code in the worker",
+    "data": "reading the data set (from Ray's object store) and the split",
+    "lightning": "the Lightning Trainer and strategy, the model on its device",
+    "first_step": "the data on the device, the optimiser, to the first training step",
+}
+# Unix times in every report, for how long the trials trained: from the first step to the report.
+FIRST_STEP_AT, REPORTED_AT = "time/first_step_at", "time/reported_at"
