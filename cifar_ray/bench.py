@@ -256,8 +256,8 @@ def bench_compile(device: torch.device, width: int, batch: int, steps: int,
 
 def bench_augment(images: np.ndarray, labels: np.ndarray, device: torch.device,
                   batch: int) -> dict[str, Any]:
-    aug, spec = AugmentConfig(), SPECS["cifar10"].norm
-    transform = train_transform(aug, spec, seed=0)
+    aug, norm = AugmentConfig(), SPECS["cifar10"].norm
+    transform = train_transform(aug, norm, seed=0)
     n = min(len(images), 2000)
     one = n / timed(lambda: [transform(image=images[i]) for i in range(n)], device)
 
@@ -272,10 +272,10 @@ def bench_augment(images: np.ndarray, labels: np.ndarray, device: torch.device,
     everyone = count * batch / seconds
 
     stacked = torch.from_numpy(images[:batch]).permute(0, 3, 1, 2).contiguous().to(device)
-    augment_batch(stacked, aug, spec.mean, spec.std)  # warm-up
+    augment_batch(stacked, aug, norm)  # warm-up
     repeats = 20
     gpu = repeats * len(stacked) / timed(
-        lambda: [augment_batch(stacked, aug, spec.mean, spec.std) for _ in range(repeats)], device)
+        lambda: [augment_batch(stacked, aug, norm) for _ in range(repeats)], device)
     return {"albumentations_one_worker_images_s": one,
             "albumentations_all_workers_images_s": everyone, "albumentations_workers": workers,
             "tensor_path_images_s": gpu, "tensor_path_speedup": gpu / everyone}
@@ -390,7 +390,7 @@ def bench_gradcam(images: np.ndarray, device: torch.device, width: int,
 
     module = LitResNet9(width=width).to(device).eval()
     spec = SPECS["cifar10"]
-    x = normalize(torch.from_numpy(images[:2048]).permute(0, 3, 1, 2), spec.mean, spec.std)  # (N, 3, 32, 32)
+    x = normalize(torch.from_numpy(images[:2048]).permute(0, 3, 1, 2), spec.norm)  # (N, 3, 32, 32)
     chunks = list(torch.split(x, batch))
     for chunk in {len(c): c for c in chunks}.values():  # warm-up, once per shape
         compute_cams(module, chunk, [0] * len(chunk), DEFAULT_LAYER, device)

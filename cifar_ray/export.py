@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cifar_ray import cli
+from cifar_ray.data.augment import Standardize
 from cifar_ray.errors import NO_SPACE, UserError, cli_entry
 from cifar_ray.files import atomic_path, write_json
 from cifar_ray.module import LitResNet9, load_module
@@ -37,13 +38,11 @@ class Deployable(nn.Module):
 
     def __init__(self, module: LitResNet9):
         super().__init__()
-        norm = module.normalization
+        self.standardize = Standardize(module.normalization)
         self.model = module.model
-        self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, 32, 32) in [0, 1]
-        return self.model((images - self.mean) / self.std).exp()  # (N, classes)
+        return self.model(self.standardize(images)).exp()  # (N, classes)
 
 
 def export_onnx(model: Deployable, classes: list[str], target: Path) -> None:

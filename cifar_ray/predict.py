@@ -29,9 +29,8 @@ from cifar_ray.module import LitResNet9, load_module
 
 def prepare(module: LitResNet9, images: np.ndarray) -> torch.Tensor:
     """(N, 32, 32, 3) uint8 -> the (N, 3, 32, 32) float batch the model was trained on."""
-    norm = module.normalization
     return normalize(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2),
-                     norm.mean, norm.std)
+                     module.normalization)
 
 
 def probabilities(module: LitResNet9, batch: torch.Tensor) -> np.ndarray:

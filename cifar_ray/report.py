@@ -141,8 +141,6 @@ def write_report(out: Path, results: dict[str, Any], rows: list[dict[str, Any]],
                  space: dict[str, tuple[str, list]], rungs: list[int],
                  gradcam_summary: dict[str, Any]) -> Path:
     """Draws the figures and writes `out/report.html`; returns its path."""
-    from cifar_ray.gradcam import FIGURES as GRADCAM_FIGURES
-
     folder = out / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     keys = list(space)
@@ -155,10 +153,40 @@ def write_report(out: Path, results: dict[str, Any], rows: list[dict[str, Any]],
             return f"<p class=note>{html.escape(caption)}: {html.escape(missing[name])}.</p>"
         return _figure(f"{FOLDER}/{name}", caption)
 
+    gradcam_link, gradcam = gradcam_section(out, gradcam_summary)
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>cifar_ray search report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}img{{max-width:100%}}
+figure{{margin:1.5em 0}}td,th{{padding:2px 10px;text-align:left}}tr.best{{background:#fde2e1}}
+table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}.note{{color:#666}}</style>
+</head><body>
+<h1>Search report</h1>
+<h2>Outcome</h2>
+{outcome_table(results)}
+<h2>Trials</h2>
+{_figure(f"{FOLDER}/curves.png", "Validation accuracy of every trial against epoch; dotted: ASHA's rungs, x: where ASHA stopped a trial; red: the best trial")}
+{figure("parallel_coordinates.png", "Parallel coordinates: each line a trial, its searched values, coloured by its best validation accuracy")}
+{figure("slices.png", "Each searched key against the best validation accuracy of each trial (log axes for log-sampled keys)")}
+{figure("importance.png", "Hyperparameter importance by " + IMPORTANCE)}
+<h2>Trials table</h2>
+{trials_table(rows, keys, best_id)}
+<h2>The retrain</h2>
+{_figure("retrain/curves.png", "The retrain's training loss and accuracy (trained on train + validation: no validation curves)")}
+<h2>Mistakes of the retrained model (GradCAM)</h2>
+<p>The full report: <a href="{gradcam_link}/index.html">{gradcam_link}/index.html</a>.</p>
+{gradcam}
+</body></html>
+"""
+    target = out / "report.html"
+    write_text(target, page)
+    return target
+
+
+def outcome_table(results: dict[str, Any]) -> str:
     best = results["best_config"]
-    outcome = _table(["", ""], [
+    return _table(["", ""], [
         ["best configuration", ", ".join(f"{k} = {format_value(v)}" for k, v in best.items())],
-        ["best trial", f"{best_id}: validation accuracy {results['best_val_acc']:.4f}"],
+        ["best trial", f"{results['best_trial']}: validation accuracy {results['best_val_acc']:.4f}"],
         ["test accuracy", f"{results['test_acc']:.4f} (loss {results['test_loss']:.4f}), after "
                           f"a retrain of {results['retrain_epochs']} epochs on train + "
                           f"validation (init: {results['retrain_init']})"],
@@ -169,40 +197,25 @@ def write_report(out: Path, results: dict[str, Any], rows: list[dict[str, Any]],
         ["files", "results.json, summary.md, trials.csv, "
                   f"checkpoint {results['checkpoint']}"],
     ])
+
+
+def trials_table(rows: list[dict[str, Any]], keys: list[str], best_id: str) -> str:
+    """Every trial, the best first, its row highlighted."""
     ranked = sorted(rows, key=lambda r: -1 if r["best_val_acc"] is None else r["best_val_acc"],
                     reverse=True)
-    trials = _table(
+    return _table(
         ["trial", *keys, "epochs", "best val acc", "status", "start-up s"],
         [[r["trial_id"], *(_cell(r[k]) for k in keys), str(r["epochs"]),
           _cell(r["best_val_acc"]), r["status"], _cell(r["startup_s"])] for r in ranked],
         highlight=next((i for i, r in enumerate(ranked) if r["trial_id"] == best_id), None))
-    gradcam_dir = Path(gradcam_summary["output_dir"])
-    link = Path(gradcam_dir.relative_to(out) if gradcam_dir.is_relative_to(out) else gradcam_dir)
-    gradcam = "".join(_figure(f"{link.as_posix()}/{name}", GRADCAM_FIGURES[name])
+
+
+def gradcam_section(out: Path, gradcam_summary: dict[str, Any]) -> tuple[str, str]:
+    """(The GradCAM report's folder as a link from the page, escaped; its figures)."""
+    from cifar_ray.gradcam import FIGURES as GRADCAM_FIGURES
+
+    folder = Path(gradcam_summary["output_dir"])
+    link = Path(folder.relative_to(out) if folder.is_relative_to(out) else folder)
+    figures = "".join(_figure(f"{link.as_posix()}/{name}", GRADCAM_FIGURES[name])
                       for name in gradcam_summary["figures"])
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>cifar_ray search report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}img{{max-width:100%}}
-figure{{margin:1.5em 0}}td,th{{padding:2px 10px;text-align:left}}tr.best{{background:#fde2e1}}
-table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}.note{{color:#666}}</style>
-</head><body>
-<h1>Search report</h1>
-<h2>Outcome</h2>
-{outcome}
-<h2>Trials</h2>
-{_figure(f"{FOLDER}/curves.png", "Validation accuracy of every trial against epoch; dotted: ASHA's rungs, x: where ASHA stopped a trial; red: the best trial")}
-{figure("parallel_coordinates.png", "Parallel coordinates: each line a trial, its searched values, coloured by its best validation accuracy")}
-{figure("slices.png", "Each searched key against the best validation accuracy of each trial (log axes for log-sampled keys)")}
-{figure("importance.png", "Hyperparameter importance by " + IMPORTANCE)}
-<h2>Trials table</h2>
-{trials}
-<h2>The retrain</h2>
-{_figure("retrain/curves.png", "The retrain's training loss and accuracy (trained on train + validation: no validation curves)")}
-<h2>Mistakes of the retrained model (GradCAM)</h2>
-<p>The full report: <a href="{html.escape(link.as_posix())}/index.html">{html.escape(link.as_posix())}/index.html</a>.</p>
-{gradcam}
-</body></html>
-"""
-    target = out / "report.html"
-    write_text(target, page)
-    return target
+    return html.escape(link.as_posix()), figures

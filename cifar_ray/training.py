@@ -17,6 +17,7 @@ from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.files import write_json
 from cifar_ray.module import LitResNet9, load_module, read_checkpoint
+from cifar_ray.names import METRIC
 from cifar_ray.output_dir import resume_point
 from cifar_ray.pl import pl
 from cifar_ray.plots import plot_curves
@@ -93,54 +94,66 @@ def run(cfg: Config, arrays: ImageArrays | None = None, init_checkpoint: str | P
     if arrays is None:
         data.prepare_data()
     data.setup()
-    has_val = len(data.val_set) > 0
     module = LitResNet9.from_config(cfg, data.classes, data.norm)
     if init_checkpoint is not None:
         module.load_state_dict(read_checkpoint(init_checkpoint)["state_dict"])
+    trainer, best_checkpoint, history = build(cfg, data, out, hparams, mlflow, line_prefix)
+    start = time.perf_counter()
+    # weights_only: resuming reads tensors and plain values only, like every load here.
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
+    train_seconds = time.perf_counter() - start
+    results = test_best(cfg, data, trainer, out / "best.ckpt", history, train_seconds)
+    score = best_checkpoint.best_model_score
+    results["val_acc"] = float(score) if len(data.val_set) and score is not None else None
+    results["mlflow_run_id"] = mlflow.run_id if mlflow else None
+    plot_curves(history.rows, out / "curves.png")
+    write_json(out / "results.json", results)
+    return results
 
-    history = EpochHistory()
-    # best.ckpt: the epoch of the best val/acc (without validation, the latest epoch); last.ckpt:
-    # every epoch, what --resume goes on from. Two callbacks: Lightning's own `save_last` writes
-    # last.ckpt only in an epoch that is the best so far (since 2.6). In an epoch that is both,
-    # last.ckpt is a hard link to best.ckpt (AtomicCheckpointIO). enable_version_counter=False:
-    # overwrite the file instead of writing best-v1.ckpt.
-    checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=out, filename="best", monitor="val/acc" if has_val else "epoch", mode="max",
+
+def build(cfg: Config, data: CifarDataModule, out: Path, hparams: dict[str, Any] | None,
+          mlflow, line_prefix: str) -> tuple[pl.Trainer, pl.callbacks.ModelCheckpoint,
+                                              EpochHistory]:
+    """The Trainer with its checkpoints, logs and callbacks (see `run` for the arguments)."""
+    has_val = len(data.val_set) > 0
+    # best.ckpt: the best val/acc (without validation, the latest epoch); last.ckpt: every
+    # epoch, for --resume (Lightning's `save_last` writes it only in a best epoch).
+    best = pl.callbacks.ModelCheckpoint(
+        dirpath=out, filename="best", monitor=METRIC if has_val else "epoch", mode="max",
         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
     last = pl.callbacks.ModelCheckpoint(dirpath=out, filename="last", save_top_k=1,
                                         enable_version_counter=False)
+    history = EpochHistory()
     batches = math.ceil(data.train_images_per_epoch() / cfg.trainer.batch_size)
-    device = resolve_device(cfg.trainer.device)
     tensorboard = pl.loggers.TensorBoardLogger(out, name="tensorboard", version="",
                                                default_hp_metric=False)
     if hparams:
         tensorboard_hparams(tensorboard, hparams)
     trainer = build_trainer(
-        device, cfg.trainer.precision, write_behind=True,
+        resolve_device(cfg.trainer.device), cfg.trainer.precision, write_behind=True,
         devices=cfg.trainer.devices,
         max_epochs=cfg.trainer.epochs,
         logger=[tensorboard, mlflow] if mlflow else tensorboard,
-        callbacks=[checkpoint, last, history, pl.callbacks.LearningRateMonitor("step"),
+        callbacks=[best, last, history, pl.callbacks.LearningRateMonitor("step"),
                    *([] if cfg.trainer.progress_bar else [EpochLines(line_prefix)])],
         enable_checkpointing=True,
         limit_val_batches=1.0 if has_val else 0,
         log_every_n_steps=max(1, min(50, batches)),
         enable_progress_bar=cfg.trainer.progress_bar,
     )
-    start = time.perf_counter()
-    # weights_only: resuming reads tensors and plain values only, like every load here.
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
-    train_seconds = time.perf_counter() - start
+    return trainer, best, history
 
-    best_path = out / "best.ckpt"
+
+def test_best(cfg: Config, data: CifarDataModule, trainer: pl.Trainer, best_path: Path,
+              history: EpochHistory, train_seconds: float) -> dict[str, Any]:
+    """The best checkpoint, read back safely and tested once: the results' numbers."""
     best = load_module(best_path)
     tested = trainer.test(best, datamodule=data, verbose=False)[0]
-    best_val = float(checkpoint.best_model_score) if has_val and checkpoint.best_model_score is not None else None
     images_seen = data.train_images_per_epoch() * (trainer.current_epoch - history.first_epoch)
-    results = {
+    return {
         "test_acc": tested["test/acc"],
         "test_loss": tested["test/loss"],
-        "val_acc": best_val,
+        "val_acc": None,
         "per_class_acc": best.test_report["per_class_acc"],
         "confusion_matrix": best.test_report["confusion_matrix"],
         "classes": data.classes,
@@ -148,12 +161,9 @@ def run(cfg: Config, arrays: ImageArrays | None = None, init_checkpoint: str | P
         "train_images": len(data.train_set),
         "train_seconds": round(train_seconds, 2),
         "train_images_per_second": round(images_seen / train_seconds, 1),
-        "device": device_name(device),
+        "device": device_name(resolve_device(cfg.trainer.device)),
         "checkpoint": str(best_path),
         "history": history.rows,
-        "mlflow_run_id": mlflow.run_id if mlflow else None,
+        "mlflow_run_id": None,
         "config": cfg.to_dict(),
     }
-    plot_curves(history.rows, out / "curves.png")
-    write_json(out / "results.json", results)
-    return results

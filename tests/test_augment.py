@@ -16,7 +16,7 @@ from cifar_ray.data.datamodule import DeviceBatches
 from tests.conftest import FAST_FLAGS, run_cli
 from tests.test_data import find_shift
 
-SPEC = SPECS["cifar10"].norm
+NORM = SPECS["cifar10"].norm
 
 
 def _batch(n: int, seed: int = 0) -> torch.Tensor:
@@ -25,25 +25,25 @@ def _batch(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def _augment(images: torch.Tensor, seed: int = 0, **aug) -> torch.Tensor:
-    return augment_batch(images, AugmentConfig(**aug), SPEC.mean, SPEC.std,
+    return augment_batch(images, AugmentConfig(**aug), NORM,
                          generator=torch.Generator().manual_seed(seed))
 
 
 def test_normalisation_matches_albumentations():
     image = _batch(1)
-    ours = normalize(image, SPEC.mean, SPEC.std)[0]
-    theirs = train_transform(AugmentConfig(pad_to=32, flip_p=0, cutout_p=0), SPEC, seed=0)(
+    ours = normalize(image, NORM)[0]
+    theirs = train_transform(AugmentConfig(pad_to=32, flip_p=0, cutout_p=0), NORM, seed=0)(
         image=image[0].permute(1, 2, 0).numpy())["image"]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_crops_are_shifts_within_the_pad_distributed_like_albumentations():
     images = _batch(1).expand(900, -1, -1, -1)
-    reference = normalize(images[:1], SPEC.mean, SPEC.std)[0]
+    reference = normalize(images[:1], NORM)[0]
     out = _augment(images, flip_p=0, cutout_p=0)
     ours = [find_shift(o, reference) for o in out]
     assert None not in ours  # each crop is the image shifted by at most 4 pixels, zero-filled
-    album = train_transform(AugmentConfig(flip_p=0, cutout_p=0), SPEC, seed=1)
+    album = train_transform(AugmentConfig(flip_p=0, cutout_p=0), NORM, seed=1)
     image = images[0].permute(1, 2, 0).numpy()
     theirs = [find_shift(album(image=image)["image"], reference) for _ in range(900)]
     for axis in (0, 1):  # both uniform over the 9 offsets: about 100 each of 900
@@ -54,7 +54,7 @@ def test_crops_are_shifts_within_the_pad_distributed_like_albumentations():
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
 def test_flip_rate_is_the_configured_probability(p):
     images = _batch(1).expand(1000, -1, -1, -1)
-    reference = normalize(images[:1], SPEC.mean, SPEC.std)[0]
+    reference = normalize(images[:1], NORM)[0]
     out = _augment(images, pad_to=32, flip_p=p, cutout_p=0)
     flipped = torch.tensor([torch.equal(o, reference.flip(-1)) for o in out])
     kept = torch.tensor([torch.equal(o, reference) for o in out])
@@ -75,7 +75,7 @@ def test_cutout_is_one_square_hole_inside_the_image_filled_with_the_mean():
         corners.append((int(rows[0]), int(cols[0])))
     # Fully inside, anywhere: top-left corners span [0, 24] (Albumentations' CoarseDropout).
     assert min(min(c) for c in corners) == 0 and max(max(c) for c in corners) == 24
-    assert torch.equal(out[~with_hole], normalize(images[:1], SPEC.mean, SPEC.std)
+    assert torch.equal(out[~with_hole], normalize(images[:1], NORM)
                        .expand(int((~with_hole).sum()), -1, -1, -1))
 
 

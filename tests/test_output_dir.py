@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cifar_ray.errors import UserError
+from cifar_ray.pipeline import check_search_dir
 from cifar_ray.search.settings import SearchConfig
-from cifar_ray.tune import check_output_dir
 from tests.conftest import FAST_FLAGS, run_cli
 
 # A config for the search commands here: without one, a search is first sized to this
@@ -77,15 +77,15 @@ def test_resume_and_overwrite_look_where_the_search_writes_with_a_storage_path(t
     experiment = _saved_search(storage)
     cfg = SearchConfig()
     cfg.tune.storage = str(storage)
-    check_output_dir(out, cfg, resume=True, overwrite=False)  # finds the state: no error
+    check_search_dir(out, cfg, resume=True, overwrite=False)  # finds the state: no error
     with pytest.raises(UserError, match=f"{storage} holds an interrupted search"):
-        check_output_dir(out, cfg, resume=False, overwrite=False)
+        check_search_dir(out, cfg, resume=False, overwrite=False)
     (storage / "unrelated").mkdir()
-    check_output_dir(out, cfg, resume=False, overwrite=True)
+    check_search_dir(out, cfg, resume=False, overwrite=True)
     assert not experiment.exists() and not (storage / "train_runs").exists()
     assert (storage / "unrelated").is_dir()  # only the search's own folders went
     with pytest.raises(UserError, match=f"--resume: no search to resume in {experiment}"):
-        check_output_dir(out, cfg, resume=True, overwrite=False)
+        check_search_dir(out, cfg, resume=True, overwrite=False)
 
 
 def test_remove_inside_deletes_only_inside_the_named_folder(tmp_path):

@@ -14,8 +14,6 @@ auto            tensors when training on CUDA, albumentations otherwise (data.py
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import albumentations as A
 import cv2
 import torch
@@ -49,11 +47,26 @@ def eval_transform(norm: Normalization) -> A.Compose:
                       ToTensorV2()], strict=True)
 
 
+class Standardize(torch.nn.Module):
+    """(B, 3, H, W) pixels in [0, 1] -> per channel (x - mean) / std: the one normalisation of
+    the tensor engine, predict, GradCAM's pictures and the exported model (Albumentations'
+    Normalize above is the same on the CPU engine's images; tests/test_augment.py)."""
+
+    def __init__(self, norm: Normalization):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    def inverse(self, images: torch.Tensor) -> torch.Tensor:
+        return images * self.std + self.mean
+
+
 def denormalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
     """(B, 3, H, W) normalised -> (B, H, W, 3) floats in [0, 1], for plotting."""
-    mean = torch.tensor(norm.mean).view(1, 3, 1, 1)
-    std = torch.tensor(norm.std).view(1, 3, 1, 1)
-    return (images.cpu().float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+    return Standardize(norm).inverse(images.cpu().float()).clamp(0, 1).permute(0, 2, 3, 1)
 
 
 def reseed_worker(worker_id: int) -> None:
@@ -68,19 +81,17 @@ def reseed_worker(worker_id: int) -> None:
 # Tensors: per batch, on the training device
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> float32, per channel (x / 255 - mean) / std."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean_t) / std_t
+def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> float32, normalised (Standardize)."""
+    return Standardize(norm).to(images.device)(images.float() / 255)
 
 
-def augment_batch(images: torch.Tensor, aug: AugmentConfig, mean: Sequence[float],
-                  std: Sequence[float], generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, aug: AugmentConfig, norm: Normalization,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, 3, 32, 32) uint8 on any device -> augmented, normalised (B, 3, 32, 32) float32."""
     b, _, h, w = images.shape
     device = images.device
-    x = normalize(images, mean, std)
+    x = normalize(images, norm)
 
     def uniform_ints(high: int) -> torch.Tensor:  # (B,) ints in [0, high]
         return torch.randint(0, high + 1, (b,), device=device, generator=generator)

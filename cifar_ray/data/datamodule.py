@@ -186,9 +186,9 @@ class CifarDataModule(pl.LightningDataModule):
         x, y = batch
         if x.dtype == torch.uint8:
             if self.trainer is not None and self.trainer.training:
-                x = augment_batch(x, self.cfg.augment, self.norm.mean, self.norm.std)
+                x = augment_batch(x, self.cfg.augment, self.norm)
             else:
-                x = normalize(x, self.norm.mean, self.norm.std)
+                x = normalize(x, self.norm)
             if x.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
         return x, y

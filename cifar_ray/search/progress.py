@@ -28,7 +28,7 @@ from ray.tune import Callback
 
 from cifar_ray.console import CONSOLE_MARK, Console, screen
 from cifar_ray.errors import full_disk
-from cifar_ray.search.names import FIRST_STEP_AT, METRIC, REPORTED_AT, STARTUP
+from cifar_ray.names import FIRST_STEP_AT, METRIC, REPORTED_AT, STARTUP
 from cifar_ray.search.plan import SearchPlan, expected_epochs, format_duration
 from cifar_ray.search.settings import describe
 

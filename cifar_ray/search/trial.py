@@ -32,7 +32,7 @@ from typing import Any
 
 from cifar_ray.config import Config, overlay
 from cifar_ray.errors import full_disk
-from cifar_ray.search.names import METRIC
+from cifar_ray.names import METRIC
 
 # How often Ray Train's controller polls the trial's workers (seconds). A worker's report waits
 # in a queue of one until the next poll, so Tune and ASHA got at most one epoch every 2 s (Ray's

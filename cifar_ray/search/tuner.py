@@ -19,8 +19,7 @@ from cifar_ray import tracking
 from cifar_ray.config import plain, resolve_precision
 from cifar_ray.errors import UserError
 from cifar_ray.files import write_text
-from cifar_ray.search.cluster import HEAD_NODE
-from cifar_ray.search.names import (
+from cifar_ray.names import (
     CHECKPOINT_FILE,
     CHECKPOINT_PATH,
     FIRST_STEP_AT,
@@ -29,6 +28,7 @@ from cifar_ray.search.names import (
     REPORTED_AT,
     STARTUP,
 )
+from cifar_ray.search.cluster import HEAD_NODE
 from cifar_ray.search.settings import SearchConfig
 from cifar_ray.search.trial import run_trial
 
@@ -111,24 +111,7 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     callbacks = [*tracking.tune_callbacks(cfg.tracking), *([console] if console else [])]
     verbosity = 2 if verbose else 0  # 0: the console's own lines and Tune's table, no blocks
     if resume:
-        if not tune.Tuner.can_restore(str(experiment)):
-            raise UserError(f"--resume: no search to resume in {experiment}")
-        # The searcher (its generator's or Optuna's state) and the callbacks (MLflow) are
-        # restored with the experiment.
-        try:
-            tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
-        except Exception as exc:  # a damaged state file: what to do, not Ray's traceback
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"--resume: the search's saved state in {experiment} cannot be "
-                            f"read ({type(exc).__name__}: {first[:200]}); start again with "
-                            "--overwrite") from None
-        # This session's console, in the place (Tune restores callbacks' state by position)
-        # of the one the experiment was saved with.
-        run_config = tuner._local_tuner.get_run_config()  # ray 2.60: no public setter
-        run_config.callbacks = [console if type(c).__name__ == "SearchConsole" else c
-                                for c in run_config.callbacks or []]
-        run_config.verbose = verbosity
-        return tuner.fit()
+        return restored(experiment, trainable, console, verbosity).fit()
     tuner = tune.Tuner(
         trainable,
         param_space=tune_space(cfg),
@@ -149,6 +132,28 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
             sync_config=tune.SyncConfig(sync_period=10)),
     )
     return tuner.fit()
+
+
+def restored(experiment: Path, trainable, console, verbosity: int):
+    """The interrupted search's Tuner, with its searcher's state and callbacks (MLflow) and
+    this session's console in the place of the one it was saved with."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(experiment)):
+        raise UserError(f"--resume: no search to resume in {experiment}")
+    try:
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
+    except Exception as exc:  # a damaged state file: what to do, not Ray's traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"--resume: the search's saved state in {experiment} cannot be "
+                        f"read ({type(exc).__name__}: {first[:200]}); start again with "
+                        "--overwrite") from None
+    # Tune restores callbacks' state by position; ray 2.60 has no public setter for them.
+    run_config = tuner._local_tuner.get_run_config()
+    run_config.callbacks = [console if type(c).__name__ == "SearchConsole" else c
+                            for c in run_config.callbacks or []]
+    run_config.verbose = verbosity
+    return tuner
 
 
 def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, Any]]:

@@ -24,15 +24,15 @@ from cifar_ray.config import Config, plain
 from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.module import LitResNet9
-from cifar_ray.pl import pl
-from cifar_ray.runtime import SnapshotCheckpointIO, build_trainer
-from cifar_ray.search.names import (
+from cifar_ray.names import (
     CHECKPOINT_FILE,
     CHECKPOINT_PATH,
     FIRST_STEP_AT,
     REPORTED_AT,
     STARTUP,
 )
+from cifar_ray.pl import pl
+from cifar_ray.runtime import SnapshotCheckpointIO, build_trainer
 from cifar_ray.tracking import tensorboard_hparams
 
 

@@ -1,4 +1,4 @@
-"""The names a search's trials, its console and its results agree on: report keys and files."""
+"""The names the stages agree on: the metric the search goes by, report keys, checkpoint files."""
 
 METRIC = "val/acc"  # what ASHA and the choice of the best trial go by
 STARTUP = "time/startup_s"  # trial function start -> this worker's first training step

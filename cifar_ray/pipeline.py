@@ -1,0 +1,373 @@
+"""The search's pipeline, stage by stage: prepare -> search -> choose -> retrain and test ->
+analyse -> report (docs/architecture.md). `python -m cifar_ray.tune` checks its input and
+calls `run`; each stage is a function that returns what the next one needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from cifar_ray import tracking
+from cifar_ray.config import overlay
+from cifar_ray.console import CONSOLE_MARK
+from cifar_ray.data.arrays import ImageArrays
+from cifar_ray.data.sources import load_dataset
+from cifar_ray.errors import Interrupted, UserError
+from cifar_ray.files import remove_inside, write_json, write_text
+from cifar_ray.names import CHECKPOINT_FILE, METRIC, PHASES
+from cifar_ray.report import write_report
+from cifar_ray.search.cluster import (
+    configure_auth,
+    ctrl_c_stops_tune,
+    machine_resources,
+    plan_resources,
+    shortfall,
+    start_ray,
+    stop_signals,
+    trials_that_fit,
+)
+from cifar_ray.search.plan import asha_rungs, make_plan
+from cifar_ray.search.settings import SearchConfig, describe, format_value
+from cifar_ray.search.tuner import (
+    run_search,
+    storage_dir,
+    summarise_trials,
+    training_seconds,
+    tune_space,
+    write_trials_csv,
+)
+
+
+@dataclass
+class Prepared:
+    """The data set, read once for every trial."""
+
+    arrays: ImageArrays | None  # None once in Ray's object store (`share`)
+    sizes: tuple[int, int]  # training images, validation images of its own
+    started: float  # when the command started (time.perf_counter)
+
+
+@dataclass
+class Searched:
+    rows: list[dict[str, Any]]  # one per trial (search.tuner.summarise_trials)
+    best: dict[str, Any]  # the best row; its "config": the sample, in config keys
+    scaling: dict[str, Any]  # one trial worker's resources: the retrain gets the same
+    setup_seconds: float  # from the command's start to Tune's
+    tune_seconds: float  # across resumes
+    sessions: int
+
+
+def run(cfg: SearchConfig, out: Path, resume: bool, overwrite: bool, verbose: bool) -> int:
+    """The whole search in `out`, which the caller holds the lock of."""
+    started = time.perf_counter()
+    check_search_dir(out, cfg, resume, overwrite)
+    if cfg.tracking.mlflow_uri:
+        tracking.prepare_experiment(cfg.tracking)
+    if cfg.tune.address == "local":
+        check_resources(cfg, *machine_resources())
+    prepared = prepare(cfg, started)
+    with ray_session(cfg, out, verbose) as stop:
+        data = share(prepared)
+        searched = search(cfg, out, prepared, data, resume, verbose, stop)
+        after_search = time.perf_counter()
+        final = retrain_remotely(cfg, searched, out, data, stop)
+    results = summarise(cfg, out, searched, final)
+    results["total_seconds"] = round(results["search_seconds"]
+                                     + time.perf_counter() - after_search, 1)
+    report(cfg, out, results, searched, final["gradcam"])
+    return 0
+
+
+def check_resources(cfg: SearchConfig, cpus: int, gpus: int) -> tuple[float, int]:
+    """A local search's trial must fit this machine's `cpus` and `gpus`: checked (and the
+    automatic shares set) before any data is read. (GPUs per worker, trials at once.)"""
+    gpus_per_worker, fits = trials_that_fit(cfg.tune, cpus, gpus)
+    if not fits:
+        raise UserError(shortfall(cfg.tune, cpus, gpus, gpus_per_worker)
+                        .format(where="this machine"))
+    return gpus_per_worker, fits
+
+
+@contextlib.contextmanager
+def ray_session(cfg: SearchConfig, out: Path, verbose: bool) -> Iterator[Any]:
+    """Ray started (or joined) for the body, with the workers' output in a log and a signal
+    handler whose `stop` event the stages check; everything undone when the body ends."""
+    configure_auth(cfg.tune.address)
+    import ray
+
+    tmp = out / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    # Workers bind Unix sockets (107 bytes at most) under their TMPDIR: a short link to it.
+    holder = Path(tempfile.mkdtemp(prefix="cifar_ray-"))
+    (holder / "tmp").symlink_to(tmp)
+    try:
+        start_ray(cfg.tune, holder / "tmp")
+        from cifar_ray.search.progress import route_worker_logs  # imports Ray
+
+        if not verbose:
+            route_worker_logs(out / "logs" / "workers.log")
+            print(f"worker output (Ray Train, Lightning): {out / 'logs' / 'workers.log'} "
+                  "(-v shows it here)")
+        with stop_signals("stopping") as stop:
+            yield stop
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(holder, ignore_errors=True)  # this process's own folder: the link goes
+
+
+def prepare(cfg: SearchConfig, started: float) -> Prepared:
+    """Read (download, validate) the data set once, before Ray starts."""
+    data_dir = Path(cfg.data.data_dir).expanduser().resolve()
+    cfg.data.data_dir = str(data_dir)  # absolute: Ray changes each trial's working directory
+    arrays = load_dataset(cfg.data)
+    sizes = (len(arrays.train_labels), 0 if arrays.val_labels is None else len(arrays.val_labels))
+    return Prepared(arrays, sizes, started)
+
+
+def share(prepared: Prepared) -> list:
+    """The data set into Ray's object store, which every trial's workers map it from; the
+    driver's own copy is let go. [The reference]: in a list, Ray hands it on as it is."""
+    import ray
+
+    data = [ray.put(prepared.arrays)]
+    prepared.arrays = None
+    return data
+
+
+def search(cfg: SearchConfig, out: Path, prepared: Prepared, data: list, resume: bool,
+           verbose: bool, stop) -> Searched:
+    """Tune's search over `cfg.search`, its trials summarised in trials.csv, the best chosen."""
+    import ray
+
+    from cifar_ray.search.progress import SearchConsole
+
+    scaling, concurrent = plan_resources(cfg, storage_dir(cfg, out))
+    plan = make_plan(cfg, concurrent, scaling["resources_per_worker"]["GPU"],
+                     cpus_total=ray.cluster_resources().get("CPU"), sizes=prepared.sizes)
+    print(f"search ({cfg.tune.search_alg}) over {', '.join(cfg.search)}\n{plan.text()}")
+    if warning := plan.cpu_warning():
+        print(warning, flush=True)
+    setup_seconds = time.perf_counter() - prepared.started
+    if stop.is_set():
+        raise Interrupted("stopped before the search started; nothing to resume", stop.exit_code)
+    with ctrl_c_stops_tune() as interrupted:
+        console = SearchConsole(plan, out, tune_space(cfg), verbose, cfg.tune.max_failures,
+                                interrupted)
+        grid = run_search(cfg, out, resume, concurrent, scaling, data[0], console,
+                          verbose)
+    check_stopped(interrupted, storage_dir(cfg, out) / cfg.tune.name)
+    rows = summarise_trials(grid, list(cfg.search), cfg.trainer.epochs)
+    write_trials_csv(rows, list(cfg.search), out / "trials.csv")
+    print(startup_summary(rows, console.seconds()))
+    return Searched(rows, choose(cfg, rows, storage_dir(cfg, out) / cfg.tune.name), scaling,
+                    setup_seconds, console.seconds(), console.sessions)
+
+
+def check_stopped(interrupted, experiment: Path) -> None:
+    """A full disk or a signal during the search: one line saying how to go on."""
+    if full := interrupted.full_disk:
+        raise UserError(f"the search stopped: no space left to write {full.path} "
+                        f"({full.reason}); its state is saved in {experiment}: "
+                        "free some space and run the same command with --resume")
+    if interrupted.is_set():
+        raise Interrupted(f"search interrupted; its state is saved in {experiment}: "
+                          f"run the same command with --resume to continue",
+                          interrupted.exit_code)
+
+
+def choose(cfg: SearchConfig, rows: list[dict[str, Any]], experiment: Path) -> dict[str, Any]:
+    """The trial of the best validation accuracy; its sample in config keys under "config"."""
+    scored = [r for r in rows if r["best_val_acc"] is not None]
+    if not scored:
+        raise UserError(f"no trial reported {METRIC}; see the errors in {experiment}")
+    best = max(scored, key=lambda r: r["best_val_acc"])
+    best["config"] = {key: best[key] for key in cfg.search}
+    print(f"best trial {best['trial_id']}: val_acc={best['best_val_acc']:.4f} "
+          f"{describe(best['config'])}; "
+          f"retraining for {cfg.retrain.retrain_epochs} epochs on train + validation")
+    return best
+
+
+def retrain_remotely(cfg: SearchConfig, searched: Searched, out: Path, data: list,
+                     stop) -> dict[str, Any]:
+    """`retrain_and_analyse` as a Ray task with a trial worker's resources (a GPU node on a
+    cluster), waited for while watching `stop`."""
+    import ray
+
+    finish = ray.remote(retrain_and_analyse).options(
+        num_cpus=cfg.tune.cpus_per_worker,
+        num_gpus=searched.scaling["resources_per_worker"]["GPU"])
+    task = finish.remote(cfg, searched.best, out, data)
+    while not ray.wait([task], timeout=0.5)[0]:
+        if stop.is_set():
+            ray.cancel(task, force=True)
+            raise Interrupted("stopped during the retrain; run the same command with "
+                              "--resume to finish (the search's trials are kept)",
+                              stop.exit_code)
+    try:
+        return ray.get(task)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, UserError):  # one line for the user, not Ray's traceback
+            raise exc.cause from None
+        raise
+
+
+def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
+                        data: list) -> dict[str, Any]:
+    """The best sample laid over the base config (the overlay the trial made), trained on
+    train + validation, tested once, its mistakes analysed; on a Ray worker."""
+    import ray
+
+    from cifar_ray import gradcam, training
+
+    final = overlay(cfg, best["config"])
+    final.trainer.epochs = cfg.retrain.retrain_epochs
+    final.trainer.output_dir = str(out / "retrain")
+    final.trainer.progress_bar = False
+    final.data.val_size = 0  # train on train + validation; the test set is touched once
+    init = None
+    if cfg.retrain.init == "checkpoint":
+        if not best["checkpoint"]:
+            raise UserError(f"trial {best['trial_id']} left no checkpoint to retrain from; "
+                            "use retrain.init: scratch")
+        init = str(Path(best["checkpoint"]) / CHECKPOINT_FILE)
+    arrays = ray.get(data[0])
+    results = training.run(final, arrays=arrays, init_checkpoint=init, overwrite=True,
+                           hparams=best["config"],
+                           mlflow=tracking.retrain_logger(cfg.tracking, best["config"]),
+                           line_prefix=CONSOLE_MARK + "retrain ")
+    report = gradcam.analyse(results["checkpoint"], final.data.data_dir, out / "gradcam",
+                             split="test", arrays=arrays)
+    return {"retrain": results, "gradcam": report}
+
+
+def summarise(cfg: SearchConfig, out: Path, searched: Searched,
+              final: dict[str, Any]) -> dict[str, Any]:
+    """results.json's contents (without total_seconds, which the caller measures)."""
+    best, rows, retrain = searched.best, searched.rows, final["retrain"]
+    results = {
+        "best_config": best["config"], "best_val_acc": best["best_val_acc"],
+        "best_trial": best["trial_id"], "num_trials": len(rows),
+        "trials_stopped_early": sum(r["status"] == "stopped early" for r in rows),
+        **{key: retrain[key] for key in ("test_acc", "test_loss", "per_class_acc", "checkpoint")},
+        "gradcam_dir": final["gradcam"]["output_dir"],
+        "retrain_epochs": cfg.retrain.retrain_epochs, "retrain_init": cfg.retrain.init,
+        "search_alg": cfg.tune.search_alg,
+        "search_seconds": round(searched.setup_seconds + searched.tune_seconds, 1),
+        "tune_seconds": round(searched.tune_seconds, 1),
+        "training_seconds": round(training_seconds(rows), 1),
+        "startup_phases_s": median_phases(rows),
+        "resumes": searched.sessions - 1,
+        "trials_csv": str(out / "trials.csv"), "report": str(out / "report.html"),
+        "mlflow_run_id": retrain["mlflow_run_id"],
+        "experiment_dir": str(storage_dir(cfg, out) / cfg.tune.name),
+        "config": cfg.to_dict(),
+    }
+    results["config"]["tracking"]["mlflow_uri"] = tracking.redacted(cfg.tracking.mlflow_uri)
+    return results
+
+
+def report(cfg: SearchConfig, out: Path, results: dict[str, Any], searched: Searched,
+           gradcam_report: dict[str, Any]) -> None:
+    """report.html, results.json, summary.md (and MLflow's copies); the closing lines."""
+    t = cfg.tune
+    page = write_report(out, results, searched.rows, cfg.space(),
+                        asha_rungs(cfg.trainer.epochs, t.grace_period, t.reduction_factor),
+                        gradcam_report)
+    write_json(out / "results.json", results)
+    write_text(out / "summary.md", summary_markdown(results))
+    tracking.log_artifacts(cfg.tracking, results["mlflow_run_id"], [results["checkpoint"], page])
+    best = searched.best
+    print(f"\ndone: best {describe(best['config'])} (val_acc {best['best_val_acc']:.4f}); "
+          f"test_acc={results['test_acc']:.4f}\n"
+          f"  report:  {page}\n"
+          f"  results: {out / 'results.json'}\n  summary: {out / 'summary.md'}\n"
+          f"  model:   {results['checkpoint']}\n"
+          f"  gradcam: {Path(gradcam_report['output_dir']) / 'index.html'}")
+
+
+def median_phases(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The median seconds of each start-up phase over the trials that measured it."""
+    out = {}
+    for phase in [*PHASES, "startup"]:
+        values = sorted(r[f"{phase}_s"] for r in rows if r[f"{phase}_s"] is not None)
+        if values:
+            out[phase] = round(statistics.median(values), 2)
+    return out
+
+
+def startup_summary(rows: list[dict[str, Any]], tune_seconds: float) -> str:
+    """Two lines: where the trials' start-up went, and how much of the search was training."""
+    phases = median_phases(rows)
+    if "startup" not in phases:
+        return "search: no trial reached its first training step"
+    parts = ", ".join(f"{phase} {phases[phase]:.1f}" for phase in PHASES if phase in phases)
+    busy = training_seconds(rows)
+    return (f"trial start-up, median {phases['startup']:.1f} s: {parts}\n"
+            f"search: {tune_seconds:.0f} s, of which some trial was training {busy:.0f} s "
+            f"({busy / max(tune_seconds, 1e-9):.0%})")
+
+
+def check_search_dir(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch a search already there unless told; --overwrite deletes the saved search
+    where the search writes it (tune.storage, else the output dir), and nothing outside."""
+    storage = storage_dir(cfg, out)
+    experiment = storage / cfg.tune.name
+    if overwrite:
+        for root, path in ((storage, experiment), (storage, storage / "train_runs"),
+                           (out, out / "results.json")):
+            remove_inside(root, path)
+        return
+    if resume:
+        check_saved_state(experiment)
+        return
+    if (out / "results.json").exists():
+        raise UserError(f"{out} already holds a finished search (results.json); "
+                        "pass --overwrite to start again or choose another --output-dir")
+    if experiment.exists():
+        raise UserError(f"{experiment.parent} holds an interrupted search ({experiment.name}/); "
+                        "pass --resume to continue it or --overwrite to start again")
+
+
+def check_saved_state(experiment: Path) -> None:
+    """--resume: the experiment's saved state must be there and read as JSON; a damaged one is
+    a line saying what to do (Tune's own error is a long traceback)."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    if not states:
+        raise UserError(f"--resume: no search to resume in {experiment}")
+    try:
+        json.loads(states[-1].read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"--resume: the search's saved state {states[-1]} is damaged ({exc}); "
+                        "start again with --overwrite") from None
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    best = results["best_config"]
+    return f"""# Search summary
+
+- trials: {results['num_trials']} ({results['trials_stopped_early']} stopped early by ASHA)
+- best configuration: {', '.join(f'{key} = {format_value(value)}' for key, value in best.items())}
+- best validation accuracy during the search: {results['best_val_acc']:.4f}
+- retrained for {results['retrain_epochs']} epochs on train + validation (init: {results['retrain_init']})
+- **test accuracy: {results['test_acc']:.4f}** (test loss {results['test_loss']:.4f})
+- search time: {results['search_seconds']:.0f} s, total: {results['total_seconds']:.0f} s{resumed(results)}
+
+The whole run on one page: `report.html`. Files: `trials.csv`, `retrain/` (checkpoint
+`{Path(results['checkpoint']).name}`, TensorBoard logs, `curves.png`), `gradcam/index.html`
+(misclassified images and their GradCAMs).
+"""
+
+
+def resumed(results: dict[str, Any]) -> str:
+    n = results["resumes"]
+    return f" (over {n + 1} sessions: resumed {n} time{'s' if n > 1 else ''})" if n else ""
