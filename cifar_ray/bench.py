@@ -52,7 +52,7 @@ import torch
 from torch.nn import functional as F
 
 from cifar_ray import cli
-from cifar_ray.config import AugmentConfig, Config
+from cifar_ray.config import DEVICES, AugmentConfig, Config
 from cifar_ray.data.augment import augment_batch, normalize, train_transform
 from cifar_ray.data.cifar_files import SPECS
 from cifar_ray.data.datamodule import ImageArrayDataset, available_cpus
@@ -62,7 +62,7 @@ from cifar_ray.files import write_json
 from cifar_ray.model import ResNet9
 from cifar_ray.module import LitResNet9, adam_options
 from cifar_ray.pl import pl
-from cifar_ray.runtime import build_trainer
+from cifar_ray.runtime import build_trainer, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -456,9 +456,7 @@ def run_section(name: str, section: Callable[[], dict[str, Any]], limit: float) 
 
 
 def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
+    device = torch.device(resolve_device(args.device))
     on_gpu = device.type == "cuda"
     width = args.width or (64 if on_gpu else 16)
     sizes = args.batch_sizes or ([512, 256, 128] if on_gpu else [128])
@@ -568,9 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("bench", "Speed measurements: training (the module against a plain "
                                  "loop), augmentation, GradCAM, TFLOP/s, cifar_ray.train end to "
                                  "end, and searches; see docs/benchmarks.md.")
-    parser.add_argument("--device", choices=["cpu", "cuda"],
-                        default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="(default: cuda when there is a GPU)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: cuda when there is a GPU")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     parser.add_argument("--data-dir", default="data",
                         help="CIFAR-10 (downloaded there if missing), for real images")

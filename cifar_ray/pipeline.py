@@ -26,12 +26,10 @@ from cifar_ray.names import CHECKPOINT_FILE, METRIC, PHASES
 from cifar_ray.report import write_report
 from cifar_ray.search.cluster import (
     configure_auth,
-    ctrl_c_stops_tune,
     machine_resources,
     plan_resources,
     shortfall,
     start_ray,
-    stop_signals,
     trials_that_fit,
 )
 from cifar_ray.search.plan import asha_rungs, make_plan
@@ -44,6 +42,7 @@ from cifar_ray.search.tuner import (
     tune_space,
     write_trials_csv,
 )
+from cifar_ray.signals import ctrl_c_stops_tune, stop_signals
 
 
 @dataclass

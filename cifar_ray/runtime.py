@@ -26,7 +26,7 @@ def resolve_device(choice: str) -> str:
     if choice not in DEVICES:
         raise ConfigError(f"device must be one of {DEVICES}, got '{choice}'")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda asked for, but no CUDA device is available")
+        raise ConfigError("--device cuda: no CUDA device is available here")
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return choice

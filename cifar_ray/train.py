@@ -17,39 +17,24 @@ The run itself is `training.run(cfg)`, which the search's retrain stage calls to
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 from pathlib import Path
-from typing import Iterator
 
 from cifar_ray import cli
 from cifar_ray.config import Config, add_config_flags, parse_command
 from cifar_ray.data.sources import load_dataset
 from cifar_ray.errors import Interrupted, cli_entry
 from cifar_ray.output_dir import check_resume_or_overwrite, output_dir_lock, resume_point
+from cifar_ray.signals import raise_on_signals
 
 
-@contextlib.contextmanager
-def stop_on_signals(out: Path) -> Iterator[None]:
-    """SIGTERM (`kill`, `timeout`, a cluster's scheduler) or Ctrl-C: stop the run and say how
-    to go on. Raised inside Lightning's loop, the exception lets Lightning tear down; the last
-    finished epoch's last.ckpt (written atomically) is what --resume starts from."""
-
-    def stop(sig, frame) -> None:
-        name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
-        if (out / "last.ckpt").is_file():
-            raise Interrupted(f"{name}: stopped; the last finished epoch is saved in "
-                              f"{out / 'last.ckpt'}: run the same command with --resume to go on",
-                              128 + sig)
-        raise Interrupted(f"{name}: stopped before the first epoch finished; nothing to resume",
-                          128 + sig)
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def interrupted(out: Path, name: str, exit_code: int) -> Interrupted:
+    """What a signal raises inside Lightning's loop, which then tears down: how to go on."""
+    if (out / "last.ckpt").is_file():
+        return Interrupted(f"{name}: stopped; the last finished epoch is saved in "
+                           f"{out / 'last.ckpt'}: run the same command with --resume to go on",
+                           exit_code)
+    return Interrupted(f"{name}: stopped before the first epoch finished; nothing to resume",
+                       exit_code)
 
 
 def build_parser(cfg: Config, module: str = "train",
@@ -70,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = parse_command(build_parser, Config(), argv)
     check_resume_or_overwrite(args.resume, args.overwrite)
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
-    with output_dir_lock(out, "cifar_ray.train"), stop_on_signals(out):
+    with output_dir_lock(out, "cifar_ray.train"), raise_on_signals(lambda name, code: interrupted(out, name, code)):
         resume_point(out, args.overwrite, args.resume)
         arrays = load_dataset(cfg.data)  # downloads CIFAR when it is missing
         from cifar_ray.training import run  # torch, Lightning: only once the input is good

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cifar_ray.search.cluster import ctrl_c_stops_tune
+from cifar_ray.signals import ctrl_c_stops_tune
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

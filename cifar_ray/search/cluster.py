@@ -1,6 +1,6 @@
 """Ray itself, for the search: start a local instance or join a cluster (with token
 authentication on), size the trials to the cluster's resources, check that results go to
-storage every node reaches, and turn Ctrl-C into a graceful stop of Tune.
+storage every node reaches (signals: signals.py).
 
 Ray is imported inside the functions: `configure_auth` must set Ray's variables before Ray is
 imported anywhere in the process.
@@ -8,16 +8,13 @@ imported anywhere in the process.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import signal
 import socket
-import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from cifar_ray.errors import ConfigError, DiskFull, UserError
+from cifar_ray.errors import ConfigError, UserError
 from cifar_ray.search.settings import SearchConfig
 
 HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
@@ -196,68 +193,3 @@ def plan_resources(cfg: SearchConfig, storage: Path) -> tuple[dict[str, Any], in
     scaling = {"num_workers": t.workers_per_trial, "use_gpu": gpus_per_worker > 0,
                "resources_per_worker": {"CPU": t.cpus_per_worker, "GPU": gpus_per_worker}}
     return scaling, concurrent
-
-
-class Stop(threading.Event):
-    """Set when the search was asked to stop; `exit_code` is the shell's for that signal
-    (130 for Ctrl-C, 143 for SIGTERM). The search also stops itself when a trial ran out of
-    disk space (`stop_for_full_disk`): every other trial would too."""
-
-    exit_code = 0
-    full_disk: DiskFull | None = None
-
-    def __init__(self, then=None):
-        super().__init__()
-        self.then = then
-
-    def request(self, exit_code: int, full_disk: DiskFull | None = None) -> None:
-        """Stop, once: note why, set, and call `then` (for the search: ask Tune to stop)."""
-        if not self.is_set():
-            self.exit_code, self.full_disk = exit_code, full_disk
-            self.set()
-            if self.then:
-                self.then()
-
-    def stop_for_full_disk(self, error: DiskFull) -> None:
-        self.request(error.exit_code, error)
-
-
-@contextlib.contextmanager
-def stop_signals(doing: str, then=None) -> Iterator[Stop]:
-    """Ctrl-C (SIGINT) or SIGTERM (`kill`, `timeout`, `ray job stop`, Kubernetes, Slurm) only
-    set the Stop yielded here (and call `then`), for the driver to check where it waits: an
-    exception raised by a handler inside Ray's C++ calls (ray.get) came out as a SystemError
-    traceback. A second signal aborts. The SIGTERM handler also replaces Ray's, which printed
-    C++ stack dumps. The previous handlers come back afterwards."""
-    stop = Stop(then)
-
-    def on_signal(sig, frame) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
-        print(f"\n{name}: {doing} (Ctrl-C again to abort) ...", flush=True)
-        stop.request(128 + sig)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def ctrl_c_stops_tune() -> Iterator[Stop]:
-    """stop_signals during the search: the first signal asks Tune to stop gracefully (save its
-    state, stop the trials, return), through Tune's own SIGUSR1 handler. Tune's SIGINT handler
-    is turned off so that the Stop yielded here tells afterwards whether the search was
-    interrupted: neither the trials' statuses nor their last results tell that reliably."""
-    # Until Tune installs its SIGUSR1 handler, SIGUSR1 must not kill the process.
-    previous_usr1 = signal.signal(signal.SIGUSR1, lambda sig, frame: None)
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    try:
-        with stop_signals("stopping the search",
-                          then=lambda: os.kill(os.getpid(), signal.SIGUSR1)) as interrupted:
-            yield interrupted
-    finally:
-        signal.signal(signal.SIGUSR1, previous_usr1)
