@@ -99,7 +99,7 @@ class Classifier:
         top = {self.classes[i]: float(probs[i]) for i in order}
         class_id = int(order[0]) if cam_class == PREDICTED else self.classes.index(cam_class)
         cam = gradcam.compute_cams(self.module, x, [class_id], layer, torch.device("cpu"))[0]
-        shown = gradcam.overlay(picture.astype(np.float32) / 255, cam, image_weight=1 - opacity)
+        shown = gradcam.heatmap_over(picture.astype(np.float32) / 255, cam, image_weight=1 - opacity)
         caption = (f"Predicted **{self.classes[order[0]]}** ({probs[order[0]]:.1%}). GradCAM for "
                    f"**{self.classes[class_id]}** at `{layer}`: red is where the evidence for it is.")
         return top, shown, caption

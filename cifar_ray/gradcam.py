@@ -141,7 +141,7 @@ def _unit_range(maps: torch.Tensor) -> torch.Tensor:
     return maps / (1e-7 + maps.amax((2, 3), keepdim=True))
 
 
-def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55) -> np.ndarray:
+def heatmap_over(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55) -> np.ndarray:
     """A (32, 32, 3) image in [0, 1] and its (32, 32) CAM -> an upscaled RGB overlay."""
     big = cv2.resize(image, (UPSCALE, UPSCALE), interpolation=cv2.INTER_CUBIC).clip(0, 1)
     mask = cv2.resize(cam, (UPSCALE, UPSCALE), interpolation=cv2.INTER_LINEAR).clip(0, 1)
@@ -193,11 +193,11 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
         pred_cams = compute_cams(module, batch, [m.predicted_id for m in shown], layer, dev)
         true_cams = compute_cams(module, batch, [m.true_id for m in shown], layer, dev)
         titles = [f"{m.true} / {m.predicted} ({m.probability:.2f})" for m in shown]
-        plot_cam_grid([p for p in pictures], [overlay(p, c) for p, c in zip(pictures, pred_cams)],
+        plot_cam_grid([p for p in pictures], [heatmap_over(p, c) for p, c in zip(pictures, pred_cams)],
                       titles, out / "misclassified.png")
         plot_true_vs_pred([p for p in pictures],
-                          [overlay(p, c) for p, c in zip(pictures, true_cams)],
-                          [overlay(p, c) for p, c in zip(pictures, pred_cams)],
+                          [heatmap_over(p, c) for p, c in zip(pictures, true_cams)],
+                          [heatmap_over(p, c) for p, c in zip(pictures, pred_cams)],
                           shown, out / "gradcam_true_vs_pred.png")
 
     summary = {"checkpoint": str(checkpoint), "split": split, "images": int(len(labels)),
