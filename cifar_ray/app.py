@@ -1,20 +1,8 @@
-"""The demo app: `python -m cifar_ray.app --checkpoint C [--data-dir D] [--host 127.0.0.1]
-[--port 7860]` serves a Gradio page (install with `pip install -e ".[app]"`) where a person can
-try any checkpoint this project wrote.
-
-  Classify   upload an image (any size, any common format: it is resized to 32x32) or pick a
-             test image; see the top-k classes with their probabilities, and the GradCAM of a
-             chosen class at a chosen layer, over the image at a chosen opacity.
-  Mistakes   the misclassified test images and their CAMs: the gradcam stage's report beside
-             the checkpoint when there is one, else computed from --data-dir at start.
-
-Bad input (a file that is not an image, an empty file, an upload over --max-upload-mb, an
-image of more than image_folders.MAX_PIXELS pixels) gets a plain message in the page, never an
-exception's text; the app keeps running. It binds to 127.0.0.1 unless --host says otherwise
-(and warns when it serves beyond this machine), asks for a login when CIFAR_RAY_APP_USERNAME
-and CIFAR_RAY_APP_PASSWORD are set, runs on the CPU, and removes its temporary files when it
-stops (uploads older than an hour, every hour, while it runs).
-"""
+"""The demo app: `python -m cifar_ray.app --checkpoint C [--data-dir D]` serves a Gradio page
+where a person classifies an image with any checkpoint this project wrote, sees GradCAM over it,
+and browses the model's mistakes (README.md, "The demo app"). Bad input is a plain message in
+the page, never an exception's text. It binds to 127.0.0.1 unless --host says otherwise, asks
+for a login when CIFAR_RAY_APP_USERNAME/PASSWORD are set, and removes its temporary files."""
 
 from __future__ import annotations
 
@@ -76,8 +64,7 @@ class Classifier:
     def answer(self, path: str | None, top_k: int, cam_class: str, layer: str,
                opacity: float) -> tuple:
         """What the page shows for an upload: (probabilities, the image as the model sees it,
-        the CAM overlay, a caption). A problem is a plain message; an unexpected error's text
-        goes to the server's console, never to the visitor."""
+        the CAM overlay, a caption); an unexpected error's text goes to the server's console."""
         try:
             picture = self.read(path)
             top, shown, caption = self.explain(picture, int(top_k), cam_class, layer, opacity)
@@ -147,19 +134,18 @@ def build(checkpoint: str | Path, data_dir: str | None = None, report_dir: str |
     classifier = Classifier(checkpoint)
     arrays = None  # read once, for the examples and for a report computed here
     if data_dir:
-        arrays = load_dataset(DataConfig(dataset=classifier.module.hparams.dataset,
+        arrays = load_dataset(DataConfig(dataset=classifier.module.data_config.dataset,
                                          data_dir=data_dir))
-    # The examples and a computed report: removed with the app (the object's finaliser runs
-    # when it is collected or the process exits).
+    # The examples and a computed report: removed with the app.
     workdir = tempfile.TemporaryDirectory(prefix="cifar_ray_app_")
     examples = example_files(arrays, Path(workdir.name))
     figures, report_note = gallery(checkpoint, data_dir, arrays, report_dir, Path(workdir.name))
 
-    h = classifier.module.hparams
+    module = classifier.module
     with gr.Blocks(title="cifar_ray: ResNet-9 classifier", analytics_enabled=False,
                    delete_cache=(UPLOADS_KEPT_S, UPLOADS_KEPT_S)) as demo:
-        gr.Markdown(f"# ResNet-9 on {h.dataset.upper()}\n`{checkpoint.name}`: "
-                    f"{h.num_classes} classes, width {h.width}. Upload an image: it is resized to "
+        gr.Markdown(f"# ResNet-9 on {module.data_config.dataset.upper()}\n`{checkpoint.name}`: "
+                    f"{module.num_classes} classes, width {module.width}. Upload an image: it is resized to "
                     "32x32, classified, and GradCAM shows where the model looked.")
         with gr.Tab("Classify"):
             with gr.Row():
@@ -168,7 +154,7 @@ def build(checkpoint: str | Path, data_dir: str | None = None, report_dir: str |
                     if examples:
                         gr.Examples(examples=[[p] for p in examples], inputs=[upload],
                                     label="Test images")
-                    top_k = gr.Slider(1, h.num_classes, value=min(5, h.num_classes), step=1,
+                    top_k = gr.Slider(1, module.num_classes, value=min(5, module.num_classes), step=1,
                                       label="Classes to show (top k)")
                     cam_class = gr.Dropdown([PREDICTED, *classifier.classes], value=PREDICTED,
                                             label="GradCAM for")

@@ -1,31 +1,9 @@
 """`python -m cifar_ray.bench [--device cpu|cuda] [--json OUT] [--sections a,b]`: how fast this
 project trains, augments, starts trials and explains, on this machine. Prints a table; `--json`
-writes the numbers after every section, so a section that fails or runs out of time
-(`--section-timeout`) records its error and the others still run.
-
-  framework   training images/s of the project's LightningModule (Lightning's fit loop) and of
-              a plain PyTorch loop over the same model, optimiser, batch size, precision and
-              device, fed the same in-memory batches: `framework_ratio` = module / plain; at
-              each of `--batch-sizes` (the search samples several). On CUDA also whether a
-              training step synchronises with the host (torch's sync debug mode). And the
-              module under DDP with one rank (`module_ddp_images_s`): what DDP costs a step (a
-              trial with several workers trains under it). And the Python calls each loop
-              makes per step (cProfile; the host's work a fast GPU waits on).
-  compile     (CUDA) the module with `trainer.compile` default and reduce-overhead (CUDA
-              graphs): images/s, and the seconds its first steps took (compiling).
-  augment     images/s of the Albumentations recipe (one process, and a DataLoader with one
-              worker per CPU) and of the batched tensor path on the device (augment.py's tensor engine).
-  gradcam     GradCAM images/s (the gradcam stage's CAM on the default layer, in batches).
-  flops       training FLOPs per image (counted by torch's FlopCounterMode), the achieved
-              TFLOP/s of the module, and on CUDA the device's measured peak (a large bf16
-              matmul) and the fraction of it reached.
-  train       `python -m cifar_ray.train` end to end (validation included): images/s over the run.
-  search      a real search (`python -m cifar_ray.tune`) per GPU share in `--search-shares`:
-              its wall time, the time some trial was training, their ratio, trial-epochs per
-              second, and the trials' start-up phases (`trial_overhead_s`: the median start-up).
-
-Numbers go in docs/benchmarks.md with the machine they came from.
-"""
+writes the numbers after every section (one that fails or times out records its error).
+Sections: framework (the module against a plain loop, syncs, DDP, Python calls per step),
+compile, augment (both engines), gradcam, flops, train (the command end to end), search (per
+GPU share). What each measures, and the numbers with their machine: docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -80,10 +58,6 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-# ---------------------------------------------------------------------------------------------
-# Training: the LightningModule vs a plain loop
-
-
 def synthetic_batches(n: int, batch: int, device: torch.device, seed: int = 0):
     """`n` normalised (B, 3, 32, 32) batches with labels, already on the device."""
     gen = torch.Generator().manual_seed(seed)
@@ -131,10 +105,8 @@ class _Iterable:
 
 
 class _StepClock(pl.Callback):
-    """Wall time of the warm-up batches, and from the start of batch `warmup` to the end of
-    the last batch (the GPU drained at both ends, never in between). On CUDA, with
-    `count_syncs`, torch's sync debug mode counts the host-device synchronisations made by
-    the timed steps (each a warning)."""
+    """Wall time of the warm-up batches, and of the timed ones (the GPU drained at both ends
+    only); on CUDA with `count_syncs`, the host-device synchronisations of the timed steps."""
 
     def __init__(self, warmup: int, device: torch.device, count_syncs: bool = False):
         self.warmup, self.device, self.count_syncs = warmup, device, count_syncs
@@ -170,9 +142,8 @@ class _StepClock(pl.Callback):
 
 def module_run(batches, width: int, device: torch.device, warmup: int, compile: str = "off",
                count_syncs: bool = False, ddp: bool = False) -> _StepClock:
-    """The same batches through the project's LitResNet9 and Lightning's fit loop; with `ddp`,
-    under Lightning's DDP strategy with one rank, what a trial with several workers adds to
-    each step (Ray's RayDDPStrategy is Lightning's DDPStrategy placed by Ray)."""
+    """The same batches through LitResNet9 and Lightning's fit loop; with `ddp`, under DDP with
+    one rank (what a trial with several workers adds to each step)."""
     torch.manual_seed(0)
     clock = _StepClock(warmup, device, count_syncs)
     options: dict[str, Any] = {}
@@ -180,19 +151,15 @@ def module_run(batches, width: int, device: torch.device, warmup: int, compile: 
         backend = "nccl" if device.type == "cuda" else "gloo"
         options["strategy"] = pl.strategies.DDPStrategy(process_group_backend=backend)
     trainer = build_trainer(device.type, max_epochs=1, callbacks=[clock], **options)
-    module = LitResNet9(width=width)
+    module = LitResNet9(model={"width": width})
     module.compile_mode = compile
     trainer.fit(module, train_dataloaders=_Iterable(batches))
     return clock
 
 
 def python_calls_per_step(run: Callable[[list], Any], device: torch.device) -> float:
-    """Python function calls (and calls into C) per training step of `run(batches)`, counted
-    by cProfile: the difference between a 30- and a 10-step run over 20 (set-up cancels out),
-    after a run that imports and caches what the first one would. The host's work per step,
-    which a fast GPU waits on (on the H200 both loops were bound by it), as a number that
-    does not depend on how busy the machine is. The callers run a tiny network: the count
-    does not depend on its size."""
+    """Python calls per training step of `run(batches)` (cProfile, a 30- less a 10-step run,
+    over 20): the host's work per step, which a fast GPU waits on, independent of load."""
     short, long = synthetic_batches(10, 4, device), synthetic_batches(30, 4, device)
     run(short)
     counts = []
@@ -206,8 +173,7 @@ def python_calls_per_step(run: Callable[[list], Any], device: torch.device) -> f
 def bench_framework(device: torch.device, width: int, batches_sizes: list[int], steps: int,
                     warmup: int) -> dict[str, Any]:
     """At each batch size: the plain loop and the module, alternated twice (each one's best
-    kept: less noise from the machine), then the module once under DDP with one rank, as a
-    trial with several workers runs it. The first batch size's figures are the headline."""
+    kept), then the module under DDP with one rank. The first batch size is the headline."""
     out: dict[str, Any] = {"by_batch_size": {}}
     for batch in batches_sizes:
         batches = synthetic_batches(warmup + steps, batch, device)
@@ -250,10 +216,6 @@ def bench_compile(device: torch.device, width: int, batch: int, steps: int,
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Augmentation
-
-
 def bench_augment(images: np.ndarray, labels: np.ndarray, device: torch.device,
                   batch: int) -> dict[str, Any]:
     aug, norm = AugmentConfig(), SPECS["cifar10"].norm
@@ -281,15 +243,9 @@ def bench_augment(images: np.ndarray, labels: np.ndarray, device: torch.device,
             "tensor_path_images_s": gpu, "tensor_path_speedup": gpu / everyone}
 
 
-# ---------------------------------------------------------------------------------------------
-# Whole commands: a training run, and searches
-
-
 def run_command(module: str, args: list[str], timeout: float, tmp: str) -> float:
-    """Run `python -m module args` from the project root; its wall seconds. UserError with
-    its last line when it fails. It runs in a process group of its own, which is ended whole
-    if it fails or runs out of time: a search's Ray processes must not outlive it and slow
-    the next section."""
+    """Run `python -m module args` from the project root in a process group of its own
+    (ended whole if it fails or times out); its wall seconds, or UserError with its last line."""
     env = dict(os.environ, TMPDIR=tmp)  # Ray's sockets: a short path
     started = time.perf_counter()
     with open(Path(tmp) / "output.log", "w+") as log:
@@ -338,10 +294,8 @@ def bench_train(data_dir: Path, on_gpu: bool, epochs: int, timeout: float) -> di
 
 def bench_search(data_dir: Path, on_gpu: bool, shares: list[float], trials: int, epochs: int,
                  timeout: float, record: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """One real search per GPU share (each trial a fraction of a GPU, as many at once as fit),
-    every trial running all `epochs` (ASHA's grace period = epochs), a 1-epoch retrain. On a
-    CPU, the smoke search's small trials, two at a time. Each search's numbers are handed to
-    `record` as soon as it ends (the section may run out of time in a later one)."""
+    """One real search per GPU share, every trial running all `epochs`, a 1-epoch retrain (on
+    a CPU, the smoke search); each search's numbers go to `record` as soon as it ends."""
     out: dict[str, Any] = {"by_share": {}}
     for share in shares if on_gpu else [0.0]:
         if on_gpu:
@@ -378,17 +332,13 @@ def bench_search(data_dir: Path, on_gpu: bool, shares: list[float], trials: int,
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# GradCAM
-
-
 def bench_gradcam(images: np.ndarray, device: torch.device, width: int,
                   batch: int = 256) -> dict[str, Any]:
     """The gradcam stage's own CAM call on up to 2,048 test images in batches of `batch`,
     each batch shape warmed up first."""
     from cifar_ray.gradcam import DEFAULT_LAYER, compute_cams
 
-    module = LitResNet9(width=width).to(device).eval()
+    module = LitResNet9(model={"width": width}).to(device).eval()
     spec = SPECS["cifar10"]
     x = normalize(torch.from_numpy(images[:2048]).permute(0, 3, 1, 2), spec.norm)  # (N, 3, 32, 32)
     chunks = list(torch.split(x, batch))
@@ -397,10 +347,6 @@ def bench_gradcam(images: np.ndarray, device: torch.device, width: int,
     seconds = timed(lambda: [compute_cams(module, c, [0] * len(c), DEFAULT_LAYER, device)
                              for c in chunks], device)
     return {"gradcam_images_s": len(x) / seconds, "gradcam_batch_size": batch}
-
-
-# ---------------------------------------------------------------------------------------------
-# FLOPs and the device's peak
 
 
 def train_flops_per_image(width: int) -> float:

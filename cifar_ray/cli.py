@@ -1,8 +1,5 @@
-"""What every command's command line shares: its program name and its help's format.
-
-A command runs as `python -m cifar_ray.X` or as a subcommand of the `cifar-ray` console script
-(cifar_ray/__main__.py); `-h` names it the way it was called.
-"""
+"""What every command line shares: its program name (`python -m cifar_ray.X` or the
+`cifar-ray X` subcommand, as it was called) and its help's format."""
 
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
-"""Run configuration: dataclasses, YAML loading, command-line overrides, validation.
-
-A config is a YAML file of sections (see `experiments/default.yaml`); each leaf is a field of one
-of the dataclasses below, and every field is also a command-line flag (`optim.lr` -> `--lr`),
-so field names are unique across sections. Precedence: dataclass default < YAML < flag.
-
-A leaf's dotted name (`optim.lr`) is its one name everywhere: `overlay` sets leaves by it (how
-a search trial's sample becomes a run's config), and a search space is written in it
-(search_config.py). Ray hands configs between processes as plain dicts (`to_dict`,
-`Config.from_dict`).
-"""
+"""Run configuration: dataclass sections, YAML, one flag per field (`optim.lr` -> `--lr`),
+validation. Precedence: default < YAML < flag. A leaf's dotted name (`optim.lr`) is its one
+name everywhere, in a search space and in `overlay`, which lays a trial's sample over a config."""
 
 from __future__ import annotations
 
@@ -34,9 +26,8 @@ MAX_WIDTH = 1024
 
 
 def resolve_precision(device: str, choice: str = "auto") -> str:
-    """bf16 mixed precision on a GPU ('cuda'), full precision on a CPU, unless asked otherwise.
-    Here, not in runtime.py, because the search's driver resolves it for its trials without
-    importing torch or Lightning (runtime.py's Trainer needs both)."""
+    """bf16 mixed precision on a GPU ('cuda'), full precision on a CPU, unless asked otherwise
+    (here, so that the search's driver resolves it without torch)."""
     if choice != "auto":
         return choice
     return "bf16-mixed" if device == "cuda" else "32-true"
@@ -127,10 +118,6 @@ class Config:
                          for f in dataclasses.fields(Config)})
 
 
-# ---------------------------------------------------------------------------------------------
-# Mapping YAML / dicts / flags onto the dataclasses
-
-
 def sections(cfg: Any) -> dict[str, Any]:
     """Section name -> section dataclass instance."""
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
@@ -219,9 +206,8 @@ MAX_CONFIG_BYTES = 1 << 20
 
 
 class YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading numbers as YAML 1.2 does (PyYAML follows YAML 1.1, where
-    `1e-3`, without a dot, is a string, and people write learning rates that way), and without
-    aliases: a few lines of nested `*name` references stand for an exponentially large value."""
+    """PyYAML's safe loader, reading numbers as YAML 1.2 does (`1e-3` is a float, not a
+    string) and refusing aliases (a few nested `*name` lines can stand for gigabytes)."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -323,10 +309,6 @@ def parse_command(build: Callable[[Any], argparse.ArgumentParser], cfg: Any,
     apply_flags(cfg, args)
     cfg.validate()
     return cfg, args
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: every rule is one readable line
 
 
 def check(ok: bool, message: str) -> None:

@@ -1,10 +1,5 @@
-"""The console of a long command: lines, and one progress line a terminal shows in place.
-
-Ray's worker processes print through the driver (progress.route_worker_logs sends that to a log
-file); a worker's line that starts with CONSOLE_MARK is shown to the person as well. `screen`
-is the process's one console: the driver's own lines and the workers' shown ones go through it, so
-that a terminal's progress line is redrawn under them rather than run into.
-"""
+"""The console of a long command: lines, and one progress line a terminal redraws in place
+under them. Workers' lines that start with CONSOLE_MARK reach it through the driver."""
 
 from __future__ import annotations
 

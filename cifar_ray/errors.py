@@ -1,8 +1,5 @@
 """User-facing errors: each becomes one line on stderr and exit code 2, never a traceback.
-
-Code raises these for problems the *user* can fix (bad data, bad config, bad checkpoint);
-anything else is a bug and keeps its traceback.
-"""
+Anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -14,8 +11,7 @@ from typing import Callable
 EXIT_USAGE = 2
 
 
-# What a message quotes of the user's input (a YAML key, a file name) may hold newlines or a
-# terminal's escape sequences: shown escaped, so the message stays one plain line.
+# Quoted input (a YAML key, a file name) is shown escaped: the message stays one plain line.
 _ESCAPES = {c: ascii(chr(c))[1:-1] for c in (*range(32), 127)}
 
 
@@ -40,9 +36,7 @@ class CheckpointError(UserError):
     pass
 
 
-# The errors below take more than a message; each says how to rebuild it (`__reduce__`), as an
-# error raised in a Ray worker is pickled to reach the driver (without it, Ray delivers a
-# TypeError from the failed rebuild instead).
+# Errors raised in a Ray worker are pickled to reach the driver: these say how to rebuild.
 
 
 class Interrupted(UserError):

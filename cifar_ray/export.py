@@ -1,17 +1,8 @@
 """Export a checkpoint to run without this package:
-`python -m cifar_ray.export --checkpoint C --format onnx|torchscript [--output F]`.
-
-The exported model takes float images in [0, 1], shape (N, 3, 32, 32) (RGB, any N), does the
-normalisation training used (the statistics stored in the checkpoint) and returns class
-probabilities, (N, classes). The class names travel with it: in the ONNX file's metadata
-(`class_names`, a JSON list) and inside the TorchScript file (extra file `class_names.json`),
-and, for both, in a sidecar `<output>.json` that also holds the normalisation and the input's
-shape. Needs `pip install 'cifar_ray[export]'` for ONNX (onnx and onnxscript: torch's exporter).
-
-    import onnxruntime as ort                      import torch, json
-    session = ort.InferenceSession("model.onnx")   model = torch.jit.load("model.pt")
-    probs = session.run(None, {"images": x})[0]    probs = model(torch.from_numpy(x))
-"""
+`python -m cifar_ray.export --checkpoint C --format onnx|torchscript [--output F]`. The model
+takes (N, 3, 32, 32) floats in [0, 1], normalises them as training did, and returns class
+probabilities; the class names travel inside the file and in a sidecar `<output>.json`
+(README.md, "Export and predict", shows how to run it)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""Files the project writes and deletes.
-
-Atomic outputs: a reader (or a crash) sees the old file or the new one, never a torn one. Each
-writer writes a temporary file beside the target, flushes it to disk, then `os.replace`s it over
-the target, which POSIX makes atomic within one filesystem.
-
-Deletion: `remove_inside` deletes a path only once it is proven to lie inside the folder the
-user named for it.
-"""
+"""Files the project writes and deletes. A writer writes a temporary file beside the target,
+flushes it, then `os.replace`s it over the target: a reader sees the old file or the new one.
+`remove_inside` deletes a path only once it is proven to lie inside the folder named for it."""
 
 from __future__ import annotations
 

@@ -1,19 +1,7 @@
 """What the model gets wrong, and where it looks: `python -m cifar_ray.gradcam --checkpoint C`.
-
-Loads a checkpoint safely, predicts a whole split in batches, ranks the mistakes by confidence,
-and computes GradCAM (the `grad-cam` package's maps, batched on the device) on the first N of
-them, for the predicted and for the true class. Writes into the output dir (default:
-`gradcam/` beside the checkpoint):
-
-    misclassified.png          each mistake beside its CAM for the predicted class
-    gradcam_true_vs_pred.png   where the model looked for the true vs the predicted class
-    confusion_matrix.png, per_class_accuracy.png
-    misclassified.json         every mistake: index, true, predicted, probability
-    index.html                 all of the above on one page, openable from disk
-
-The default target layer is `layer3_R`, the last residual block: the deepest layer that still
-has a spatial map (4x4), so its CAM is the most class-specific one.
-"""
+Predicts a split, ranks the mistakes by confidence, and draws GradCAM maps (for the predicted
+and the true class) of the first N, into the output dir (README.md, "Outputs"). The default
+layer, `layer3_R`, is the deepest with a spatial map (4x4): its CAM is the most specific."""
 
 from __future__ import annotations
 
@@ -97,26 +85,17 @@ def find_mistakes(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> 
 
 def compute_cams(module: LitResNet9, images: torch.Tensor, class_ids: list[int], layer: str,
                  device: torch.device) -> np.ndarray:
-    """GradCAM maps (B, 32, 32) in [0, 1] of `images` (B, 3, 32, 32) for `class_ids`.
-
-    The grad-cam package's GradCAM, computed for the whole batch on the device. The package
-    calls one target per image and min-max scales and resizes each map on the host (NumPy,
-    OpenCV), image by image; on an H200 that held it to 6-7k images/s at any batch size, and
-    its full backward pass computes every weight's gradient, which a CAM never reads. Here the
-    same steps are a few batched tensor ops, and autograd goes back only as far as the target
-    layer. tests/test_gradcam.py checks the maps equal the package's.
-
-    It runs with gradients on (also when called under inference mode) in eval mode, and puts
-    the model's train/eval mode back as it found it.
-    """
+    """GradCAM maps (B, 32, 32) in [0, 1] of `images` (B, 3, 32, 32) for `class_ids`: the
+    grad-cam package's computation as a few batched tensor ops, with autograd back to the
+    target layer only (tests/test_gradcam.py checks they equal the package's maps). Runs with
+    gradients, in eval mode, and puts the model's mode back."""
     was_training = module.training
     saved: list[torch.Tensor] = []
     hook = target_layer(module, layer).register_forward_hook(lambda _m, _i, out: saved.append(out))
     try:
         module.eval()
         with torch.inference_mode(False), torch.enable_grad():
-            # A normal tensor even if made in inference mode; requiring its gradient makes the
-            # layer's output require one too when the weights are frozen.
+            # Requiring the input's gradient makes the layer's output require one too.
             x = images.to(device).clone().requires_grad_(True)  # (B, 3, H, W)
             log_probs = module(x)  # (B, classes)
             ids = torch.as_tensor(class_ids, device=device).view(-1, 1)
@@ -161,17 +140,17 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
     out = Path(output_dir).expanduser().resolve() if output_dir else checkpoint.parent / "gradcam"
     dev = torch.device(resolve_device(device))
     module = load_module(checkpoint).to(dev)
-    h = module.hparams
+    trained = module.data_config
     target_layer(module, layer)  # fail on a bad name before any heavy work
     if arrays is None:
-        arrays = load_dataset(DataConfig(dataset=h.dataset, data_dir=str(data_dir)))
-    if len(arrays.classes) != h.num_classes:
-        raise UserError(f"{checkpoint}: trained for {h.num_classes} classes, but the data set "
-                        f"in {data_dir} has {len(arrays.classes)}")
-    if split == "val" and h.val_size == 0:
+        arrays = load_dataset(DataConfig(dataset=trained.dataset, data_dir=str(data_dir)))
+    if len(arrays.classes) != module.num_classes:
+        raise UserError(f"{checkpoint}: trained for {module.num_classes} classes, but the data "
+                        f"set in {data_dir} has {len(arrays.classes)}")
+    if split == "val" and trained.val_size == 0:
         raise ConfigError("this checkpoint was trained without a validation split; use --split test")
     # The same split the model was trained with, normalised as it was trained.
-    images, labels = split_arrays(arrays, split, h.val_size, h.seed)
+    images, labels = split_arrays(arrays, split, trained.val_size, module.hparams.seed)
     dataset = ImageArrayDataset(images, labels, eval_transform(module.normalization))
     probs = predict(module, DataLoader(dataset, batch_size=batch_size), dev)
     mistakes = find_mistakes(probs, labels, module.class_names)

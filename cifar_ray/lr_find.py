@@ -1,9 +1,5 @@
-"""Learning-rate range test: `python -m cifar_ray.lr_find [--config X] [--flags]`.
-
-Runs Lightning's LR finder from 1e-7 (the reference recipe's start) upwards with exponentially
-growing rates, and writes `lr_find.png` (loss against rate, suggestion marked) and
-`lr_find.json` into the output dir. Use the suggestion as `optim.lr`, the one-cycle peak.
-"""
+"""Learning-rate range test: `python -m cifar_ray.lr_find [--config X] [--flags]`: Lightning's
+LR finder from 1e-7 up; writes lr_find.png and lr_find.json. The suggestion is an `optim.lr`."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""One run per output dir: a search or a training run holds `<output dir>/.lock` while it runs.
-
-A second command pointed at the same dir refuses at once, naming the process that holds it;
-the first run is untouched. (The search's retrain writes into the search's dir, under the
-search's lock.) The lock is the kernel's (`fcntl.flock` on the open file): it goes
-away with the process that held it, however that process ended, so a lock left by a killed
-run never blocks the next one. The file itself stays, holding the last holder's pid.
-"""
+"""One run per output dir: a search or a training run holds `<output dir>/.lock` (the kernel's
+flock, gone with its process however it ended) while it runs; a second command refuses at once.
+Also what a training run's output dir may hold (`resume_point`)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cifar_ray import tracking
-from cifar_ray.config import overlay
+from cifar_ray.config import overlay, plain
 from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.sources import load_dataset
@@ -39,6 +39,7 @@ from cifar_ray.search.tuner import (
     storage_dir,
     summarise_trials,
     training_seconds,
+    trial_id,
     tune_space,
     write_trials_csv,
 )
@@ -167,7 +168,7 @@ def search(cfg: SearchConfig, out: Path, prepared: Prepared, data: list, resume:
     rows = summarise_trials(grid, list(cfg.search), cfg.trainer.epochs)
     write_trials_csv(rows, list(cfg.search), out / "trials.csv")
     print(startup_summary(rows, console.seconds()))
-    return Searched(rows, choose(cfg, rows, storage_dir(cfg, out) / cfg.tune.name), scaling,
+    return Searched(rows, choose(cfg, grid, rows, storage_dir(cfg, out) / cfg.tune.name), scaling,
                     setup_seconds, console.seconds(), console.sessions)
 
 
@@ -183,13 +184,16 @@ def check_stopped(interrupted, experiment: Path) -> None:
                           interrupted.exit_code)
 
 
-def choose(cfg: SearchConfig, rows: list[dict[str, Any]], experiment: Path) -> dict[str, Any]:
-    """The trial of the best validation accuracy; its sample in config keys under "config"."""
-    scored = [r for r in rows if r["best_val_acc"] is not None]
-    if not scored:
-        raise UserError(f"no trial reported {METRIC}; see the errors in {experiment}")
-    best = max(scored, key=lambda r: r["best_val_acc"])
-    best["config"] = {key: best[key] for key in cfg.search}
+def choose(cfg: SearchConfig, grid, rows: list[dict[str, Any]],
+           experiment: Path) -> dict[str, Any]:
+    """The trial of the best validation accuracy at any epoch, as Tune's ResultGrid names it:
+    its row, and under "config" its sample, in config keys, as Tune drew it."""
+    try:
+        result = grid.get_best_result(METRIC, "max", scope="all")
+    except RuntimeError:  # no trial reported the metric
+        raise UserError(f"no trial reported {METRIC}; see the errors in {experiment}") from None
+    best = dict(next(r for r in rows if r["trial_id"] == trial_id(result)))
+    best["config"] = {key: plain(result.config[key]) for key in cfg.search}
     print(f"best trial {best['trial_id']}: val_acc={best['best_val_acc']:.4f} "
           f"{describe(best['config'])}; "
           f"retraining for {cfg.retrain.retrain_epochs} epochs on train + validation")

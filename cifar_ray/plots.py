@@ -40,10 +40,6 @@ def plot_curves(history: list[dict[str, float]], target: str | Path) -> None:
     save_figure(fig, target, dpi=100)
 
 
-# ---------------------------------------------------------------------------------------------
-# GradCAM report figures
-
-
 def _grid_with_colour_bar(width: float, height: float, rows: int, cols: int, title: str,
                           label: str):
     """A figure of rows x cols sub-figures, with the heat map's scale in a strip on the right

@@ -1,16 +1,7 @@
 """Classify image files with a checkpoint:
-`python -m cifar_ray.predict --checkpoint C IMAGE... [--top-k K] [--json]`.
-
-Each file is read as training read its data set (image_folders.read_image: RGB, 32x32 by area
-resampling) and normalised with the statistics stored in the checkpoint. `classify` is the
-function the demo app's classify tab uses too.
-
-    $ python -m cifar_ray.predict --checkpoint outputs/search/retrain/best.ckpt cat.png
-    cat.png
-      1. cat          0.912
-      2. dog          0.051
-      ...
-"""
+`python -m cifar_ray.predict --checkpoint C IMAGE... [--top-k K] [--json]`. Each file is read
+as training read its data (image_folders.read_image) and normalised with the checkpoint's
+statistics; `classify` is the demo app's too."""
 
 from __future__ import annotations
 

@@ -1,18 +1,6 @@
-"""One page for a whole search: `report.html` in the search's output dir, its figures in
-`report/` beside it (the page works offline, opened from disk).
-
-    the outcome        best configuration, validation and test accuracy, times
-    report/curves.png  every trial's validation accuracy against epoch: ASHA's rungs, where it
-                       stopped each trial, the best trial
-    report/parallel_coordinates.png, report/slices.png, report/importance.png
-                       the searched keys against validation accuracy, drawn by Optuna's
-                       visualisations from the finished trials (whatever the searcher was)
-    the trials table   values, epochs, best accuracy, status, start-up seconds
-    the retrain        retrain/curves.png
-    GradCAM            the figures of gradcam/index.html, which this page links to
-
-A trial's score here is its best validation accuracy, as for the choice of the best trial.
-"""
+"""One page for a whole search: `report.html` in its output dir, its figures in `report/`
+(works offline, from disk): the outcome, every trial's curve with ASHA's rungs, the searched
+keys against validation accuracy (Optuna's visualisations), the trials, the retrain, GradCAM."""
 
 from __future__ import annotations
 

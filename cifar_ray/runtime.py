@@ -1,9 +1,5 @@
 """Where a run computes, in what precision, and the Lightning Trainer: decided here, once, for
-every caller (train, the search's workers, lr_find, bench).
-
-The project's one word for it is `device`: `auto` (CUDA when this process sees a GPU), `cpu` or
-`cuda`, in the config (`trainer.device`, `--device`) and in every command's flags.
-"""
+every caller. `device` is `auto` (CUDA when this process sees a GPU), `cpu` or `cuda`."""
 
 from __future__ import annotations
 
@@ -37,17 +33,9 @@ def device_name(device: str) -> str:
 
 
 class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
-    """Checkpoints written as every output is (files.atomic_path): to a temporary file beside
-    the target, then renamed over it. Lightning's own writer stages the file in the system's
-    temp dir and moves it; across file systems that move is a copy, and a copy stopped by a
-    full disk left a torn last.ckpt where the previous epoch's had been.
-
-    In an epoch that is the best so far, Lightning saves best.ckpt and last.ckpt from the same
-    state (the same epoch and step; only its own note of the other file's name differs): the
-    second is then a hard link to the first, not a second copy. For ResNet-9 with Adam's
-    state that is 79 MB and about 0.2 s (serialising, writing, fsync on the 2-core VM) saved
-    per such epoch, and half the disk. The next epoch's last.ckpt replaces the link, never
-    best.ckpt."""
+    """Checkpoints written as every output is (files.atomic_path), beside the target then
+    renamed (Lightning's writer moves across file systems: a full disk tore last.ckpt). In a
+    best epoch, last.ckpt is a hard link to best.ckpt, not a second copy."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,8 +48,8 @@ class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
             try:
                 link_atomically(self._written[1], path)
                 return
-            except OSError:  # a file system without hard links, or the file is gone: write it
-                pass  # (a full disk is a DiskFull, not an OSError: it goes on up)
+            except OSError:  # no hard links here, or the file is gone: write it
+                pass  # (a full disk is DiskFull, not OSError: it goes on up)
         buffer = io.BytesIO()  # torch.save to a file reports a full disk as a RuntimeError
         torch.save(checkpoint, buffer)
         with atomic_path(path) as tmp:
@@ -70,10 +58,8 @@ class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
 
 
 class SnapshotCheckpointIO(AtomicCheckpointIO):
-    """Saving takes a copy of the state (on its device, as Lightning's AsyncCheckpointIO does)
-    and keeps it; `write(path)` writes that copy, atomically, later and from any thread. For a
-    caller with a writing thread of its own: the search's worker hands each epoch's write to
-    Ray Train's checkpoint upload thread (worker.EpochReports)."""
+    """Saving takes a copy of the state and keeps it; `write(path)` writes it, atomically,
+    later and from any thread (the search's worker: Ray Train's upload thread)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,20 +75,12 @@ class SnapshotCheckpointIO(AtomicCheckpointIO):
 
 def build_trainer(device: str, precision: str = "auto", write_behind: bool = False,
                   **options: Any) -> pl.Trainer:
-    """A Lightning Trainer on `device` ('cpu' or 'cuda') with the project's defaults; `options`
-    are Trainer arguments that add to or replace them.
-
-    `write_behind`: checkpoints are written by a thread while training goes on (Lightning's
-    AsyncCheckpointIO: the state is copied on the caller's thread, on its device, then
-    serialised and written, atomically as ever, in the background, one at a time and in
-    order). An epoch then waits for the copy, not for the 79 MB write and fsync (0.2-0.35 s
-    on the 2-core VM; on the H200 an epoch trains in about half a second). A failed write (a
-    full disk) is raised at the next save or when fit ends, which waits for the last write.
-    A CheckpointIO among the caller's `plugins` replaces the project's (the search's worker
-    brings its own, runtime.SnapshotCheckpointIO)."""
+    """A Lightning Trainer on `device` ('cpu' or 'cuda') with the project's defaults, which
+    `options` add to or replace. `write_behind`: checkpoints are written by a thread while
+    training goes on (Lightning's AsyncCheckpointIO); a failed write is raised at the next save
+    or when fit ends. A CheckpointIO among `plugins` replaces the project's."""
     if device == "cuda":
-        # fp32 matmuls outside autocast may use TF32 tensor cores: chosen here, on purpose
-        # (Lightning otherwise suggests it on every start).
+        # TF32 for fp32 matmuls outside autocast, chosen here on purpose.
         torch.set_float32_matmul_precision("high")
     defaults: dict[str, Any] = {
         "accelerator": "gpu" if device == "cuda" else "cpu",
@@ -117,9 +95,7 @@ def build_trainer(device: str, precision: str = "auto", write_behind: bool = Fal
     plugins = list(options.get("plugins", []))
     if not any(isinstance(plugin, pl.plugins.CheckpointIO) for plugin in plugins):
         io = AtomicCheckpointIO()
-        # Lightning's AsyncCheckpointIO copies the state before it returns since 2.5.4; an
-        # older one (the `lightning` package some images carry) would write tensors that
-        # training changes.
+        # AsyncCheckpointIO copies the state first since Lightning 2.5.4.
         if write_behind and Version(pl.__version__) >= Version("2.5.4"):
             io = pl.plugins.AsyncCheckpointIO(io)
         plugins.append(io)

@@ -1,8 +1,6 @@
-"""Ctrl-C and SIGTERM (`kill`, `timeout`, `ray job stop`, a scheduler), the one place they are
-handled: a training run raises at once (`raise_on_signals`: Lightning then tears down); a
-search only sets a Stop that its driver checks where it waits (`stop_signals`), since an
-exception raised inside Ray's C++ calls comes out as a SystemError traceback.
-"""
+"""Ctrl-C and SIGTERM, handled in one place: a training run raises at once (Lightning then
+tears down); a search sets a Stop its driver checks where it waits (an exception raised
+inside Ray's C++ calls comes out as a SystemError traceback)."""
 
 from __future__ import annotations
 
@@ -42,9 +40,8 @@ def raise_on_signals(error: Callable[[str, int], Exception]) -> Iterator[None]:
 
 
 class Stop(threading.Event):
-    """Set when the search was asked to stop; `exit_code` is the shell's for that signal
-    (130 for Ctrl-C, 143 for SIGTERM). The search also stops itself when a trial ran out of
-    disk space (`stop_for_full_disk`): every other trial would too."""
+    """Set when the search was asked to stop (`exit_code`: the shell's for the signal), or
+    stopped itself when a trial ran out of disk space (every other trial would too)."""
 
     exit_code = 0
     full_disk: DiskFull | None = None
@@ -83,10 +80,8 @@ def stop_signals(doing: str, then=None) -> Iterator[Stop]:
 
 @contextlib.contextmanager
 def ctrl_c_stops_tune() -> Iterator[Stop]:
-    """stop_signals during the search: the first signal asks Tune to stop gracefully (save its
-    state, stop the trials, return), through Tune's own SIGUSR1 handler. Tune's SIGINT handler
-    is turned off so that the Stop yielded here tells afterwards whether the search was
-    interrupted: neither the trials' statuses nor their last results tell that reliably."""
+    """stop_signals during the search: the first signal asks Tune to stop gracefully, through
+    its own SIGUSR1 handler (its SIGINT handler off, so the Stop tells that it was asked)."""
     # Until Tune installs its SIGUSR1 handler, SIGUSR1 must not kill the process.
     previous_usr1 = signal.signal(signal.SIGUSR1, lambda sig, frame: None)
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"

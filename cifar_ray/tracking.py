@@ -1,20 +1,8 @@
-"""Where a search's runs are tracked besides its own files: TensorBoard's HParams dashboard, and
-MLflow for teams that track there.
-
-    TensorBoard  every Lightning run (each trial's, the retrain's) writes its hyperparameters
-                 beside its curves (`tensorboard_hparams`), so `tensorboard --logdir <output
-                 dir>` lists the trials side by side in the HParams tab with their metrics.
-    MLflow       `tracking.mlflow_uri`: Ray's MLflowLoggerCallback (mlflow_runs.py) makes each
-                 trial a run (its sample as params, every epoch's report as metrics); the retrain is a run of
-                 Lightning's MLFlowLogger (`retrain_logger`), and the driver adds the checkpoint
-                 and report.html to it as artifacts (`log_artifacts`). All under one
-                 experiment, `tracking.mlflow_experiment`.
-
-Credentials reach MLflow through its own environment variables (MLFLOW_TRACKING_USERNAME,
-MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN), never through a file: a URI that holds a user
-and password (`http://user:pw@host`) has them moved into those variables by `take_credentials`
-before anything can pickle (Tune's state) or print (an error) the URI.
-"""
+"""Where runs are tracked besides their files: TensorBoard's HParams tab (every trial and the
+retrain, side by side) and MLflow (`tracking.mlflow_uri`: a run per trial, the retrain a run
+with the checkpoint and report.html). Credentials reach MLflow only through its environment
+variables: `take_credentials` moves a URI's user and password there before anything can
+pickle or print it."""
 
 from __future__ import annotations
 
@@ -30,11 +18,8 @@ INSTALL_MLFLOW = "tracking.mlflow_uri needs MLflow: pip install 'cifar_ray[mlflo
 
 
 def tensorboard_hparams(logger, params: dict[str, Any]) -> None:
-    """Writes `params` ({"optim.lr": 0.003, ...}) as this TensorBoard run's hyperparameters.
-
-    Lightning's own `log_hyperparams` writes them only with a metric value it logs at step 0
-    (a false point on the curve); the HParams dashboard needs only the metrics' names, and reads
-    their values from the scalars the run logs anyway."""
+    """Writes `params` ({"optim.lr": 0.003, ...}) as this TensorBoard run's hyperparameters,
+    with the metrics' names only (Lightning's own would log a false point at step 0)."""
     from torch.utils.tensorboard.summary import hparams
 
     writer = logger.experiment._get_file_writer()
@@ -48,8 +33,7 @@ CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 def take_credentials(settings, local_ray: bool) -> None:
     """Moves a user and password out of `settings.mlflow_uri` into MLflow's environment
-    variables, which this process and the local Ray instance it starts inherit. A cluster's
-    nodes do not: there, one line saying to set the variables on every node."""
+    variables (which a local Ray inherits; a cluster's nodes do not: one line)."""
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(settings.mlflow_uri)
@@ -88,11 +72,8 @@ def require_mlflow() -> None:
 
 
 def prepare_experiment(settings) -> None:
-    """Creates the MLflow experiment if it is new; any failure (an unknown scheme, a server
-    that does not answer or refuses the credentials) is one line. With a local
-    `sqlite:///path.db` store, its artifacts (the checkpoint, report.html) go beside the
-    database, in `mlruns/`: MLflow's default for such a store is `./mlruns` under whatever
-    folder the command ran in. A server (`http://...`) chooses for itself."""
+    """Creates the MLflow experiment if it is new; any failure is one line. A local
+    `sqlite:///path.db` store keeps its artifacts beside the database, in `mlruns/`."""
     require_mlflow()
     from mlflow import MlflowClient
 
@@ -112,10 +93,8 @@ def prepare_experiment(settings) -> None:
 
 
 def tune_callbacks(settings) -> list:
-    """Tune's loggers for the search: its JSON and CSV results (`result.json`, which the
-    summaries read), and one MLflow run per trial when MLflow is on. Not Tune's TensorBoard
-    logger: each trial's Lightning logs are its TensorBoard run, with its hyperparameters; a
-    second run per trial would list every trial twice in the HParams tab."""
+    """Tune's loggers for the search: JSON and CSV results, and an MLflow run per trial when
+    MLflow is on (no TensorBoard logger: each trial's Lightning logs already are one)."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # only the loggers given here

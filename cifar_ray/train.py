@@ -9,9 +9,8 @@ checkpoint safely and tests it once, then writes into the output dir:
     curves.png       loss and accuracy against epoch
     results.json     test/val numbers, per-class accuracy, confusion matrix, timings, config
 
-This module is the command: its flags, the config, the output dir and the data set are checked
-before torch and Lightning are imported (seconds), so `--help` and a mistake answer at once.
-The run itself is `training.run(cfg)`, which the search's retrain stage calls too.
+Flags, config, output dir and data are checked before torch and Lightning are imported, so a
+mistake answers at once. The run itself is `training.run(cfg)`, the search's retrain too.
 """
 
 from __future__ import annotations

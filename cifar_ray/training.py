@@ -1,8 +1,5 @@
-"""One training run as a function, `run(cfg)`: the data set, LitResNet9 and a Lightning
-Trainer; fit with validation each epoch, reload the best checkpoint safely and test it once,
-write the outputs (what they are: train.py, the command that calls it; the search's retrain
-stage calls it too).
-"""
+"""One training run as a function, `run(cfg)`: fit with validation each epoch, test the best
+checkpoint once, write the outputs (train.py lists them). The search's retrain calls it too."""
 
 from __future__ import annotations
 
@@ -58,10 +55,8 @@ class EpochHistory(pl.Callback):
 
 
 class EpochLines(pl.Callback):
-    """One line per epoch when there is no progress bar (under a search's retrain, or
-    --no-progress-bar): epochs done, the last metrics, time left at the measured seconds per
-    epoch. `prefix`: console.CONSOLE_MARK + 'retrain ' inside a search, so the line reaches its
-    console from the Ray worker that trains."""
+    """One line per epoch when there is no progress bar: metrics and time left. `prefix`:
+    CONSOLE_MARK + 'retrain ' in a search, so the line reaches its console from a Ray worker."""
 
     def __init__(self, prefix: str = ""):
         self.prefix = prefix

@@ -107,10 +107,8 @@ FULL, QUICK = EXPERIMENTS / "search.yaml", EXPERIMENTS / "search_smoke.yaml"
 
 
 def sized_to_this_machine(argv: list[str]) -> list[str]:
-    """Without --config, a local search is sized to this machine: the full search where there
-    is a GPU, the quick CPU search (minutes) where there is none; one line says which, and how
-    to get the other. `-h`, a cluster's --address and an install without experiments/ (the
-    built-in defaults are the full search) are left as they are."""
+    """Without --config, a local search is sized to this machine: the full search with a GPU,
+    the quick CPU search without; one line says which. Not for -h or a cluster's --address."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config")
     first.add_argument("--address", default="local")

@@ -114,7 +114,7 @@ def test_smoke_search_end_to_end(noisy_data, tmp_path, sys_tmp, no_leftover_ray,
         assert key in results
     # The retrained checkpoint loads without Ray, safely.
     from cifar_ray.module import load_module
-    assert load_module(results["checkpoint"]).hparams.val_size == 0
+    assert load_module(results["checkpoint"]).data_config.val_size == 0
 
     gradcam = Path(results["gradcam_dir"])
     for name in ("misclassified.png", "gradcam_true_vs_pred.png", "confusion_matrix.png",
@@ -315,7 +315,7 @@ def _search_on_folders_resumed(class_folders, space, out, tmp_path, sys_tmp, uri
     assert results["best_config"] == {"model.width": int(best["model.width"]),
                                       "augment.cutout_p": pytest.approx(float(best["augment.cutout_p"]))}
     from cifar_ray.module import load_module
-    assert load_module(results["checkpoint"]).hparams.width == int(best["model.width"])
+    assert load_module(results["checkpoint"]).width == int(best["model.width"])
     assert f"model.width={best['model.width']}" in proc.stdout
     assert "model.width = " in (out / "summary.md").read_text()
     # Learned on the user's images: 4 classes, chance is 0.25.

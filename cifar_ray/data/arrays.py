@@ -13,9 +13,8 @@ IMAGE_SIZE = 32
 
 @dataclass(frozen=True)
 class Normalization:
-    """Per-channel mean and std of a data set's pixels in [0, 1]: what every stage subtracts
-    and divides by. CIFAR's are fixed (SPECS); a class-folder set's are computed from its
-    training images. The model carries them (module.py)."""
+    """Per-channel mean and std of a data set's pixels in [0, 1]: CIFAR's fixed (SPECS), a
+    class-folder set's from its training images; the model carries them."""
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]

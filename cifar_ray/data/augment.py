@@ -1,16 +1,7 @@
-"""The augmentation recipe, in its two engines side by side (`augment.engine`).
-
-    normalise -> pad to `pad_to` with 0 (the mean, after normalising) -> random 32x32 crop
-    -> horizontal flip with `flip_p` -> with `cutout_p`, one `cutout_size` square hole, fully
-    inside the image, filled with 0 (the mean)
-
-albumentations  `train_transform`: one image at a time (HWC uint8), in DataLoader worker
-                processes: about 5-8k images/s per CPU core, far below what a GPU trains on.
-tensors         `augment_batch`: a whole batch (B, 3, 32, 32) uint8 in a handful of tensor ops
-                on the training device, the same parameters and distribution, each image
-                drawing its own crop offset, flip and hole.
-auto            tensors when training on CUDA, albumentations otherwise (data.py decides).
-"""
+"""The augmentation recipe, in two engines (`augment.engine`): normalise -> pad to `pad_to`
+with 0 (the mean) -> random 32x32 crop -> flip with `flip_p` -> with `cutout_p`, one
+`cutout_size` hole filled with 0. albumentations: per image, in DataLoader workers;
+tensors: a whole batch in a few ops on the device; auto: tensors on CUDA."""
 
 from __future__ import annotations
 
@@ -21,9 +12,6 @@ from albumentations.pytorch import ToTensorV2
 
 from cifar_ray.config import AugmentConfig
 from cifar_ray.data.arrays import IMAGE_SIZE, Normalization
-
-# ---------------------------------------------------------------------------------------------
-# Albumentations: per image, in DataLoader workers
 
 
 def train_transform(aug: AugmentConfig, norm: Normalization, seed: int | None = None) -> A.Compose:
@@ -49,8 +37,7 @@ def eval_transform(norm: Normalization) -> A.Compose:
 
 class Standardize(torch.nn.Module):
     """(B, 3, H, W) pixels in [0, 1] -> per channel (x - mean) / std: the one normalisation of
-    the tensor engine, predict, GradCAM's pictures and the exported model (Albumentations'
-    Normalize above is the same on the CPU engine's images; tests/test_augment.py)."""
+    the tensor engine, predict, GradCAM's pictures and export (Albumentations' is the same)."""
 
     def __init__(self, norm: Normalization):
         super().__init__()
@@ -77,9 +64,6 @@ def reseed_worker(worker_id: int) -> None:
     if transform is not None:
         transform.set_random_seed(torch.initial_seed() % 2**32)
 
-# ---------------------------------------------------------------------------------------------
-# Tensors: per batch, on the training device
-
 
 def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> float32, normalised (Standardize)."""
@@ -99,8 +83,7 @@ def augment_batch(images: torch.Tensor, aug: AugmentConfig, norm: Normalization,
     def coin(p: float) -> torch.Tensor:  # (B,) bools, True with probability p
         return torch.rand(b, device=device, generator=generator) < p
 
-    # Pad and crop in one gather: output pixel (i, j) of image k reads padded pixel
-    # (top_k + i, left_k + j), i.e. source pixel (top_k + i - pad_top, ...), 0 outside the image.
+    # Pad and crop in one gather: output (i, j) reads source (top + i, left + j), 0 outside.
     pad_top, pad_left = max(0, aug.pad_to - h) // 2, max(0, aug.pad_to - w) // 2
     top = uniform_ints(max(0, aug.pad_to - h)) - pad_top  # (B,)
     left = uniform_ints(max(0, aug.pad_to - w)) - pad_left

@@ -1,13 +1,6 @@
-"""The CIFAR data sets on disk, in the official "python version" format: download, safe
-reading, validation, and the seeded train / validation split.
-
-    <data_dir>/cifar-10-batches-py/   data_batch_1..5, test_batch, batches.meta (pickles)
-        -> read_cifar -> ImageArrays: uint8 images (N, 32, 32, 3), int64 labels, class names
-
-The official files are Python 2 pickles. Unpickling can run code, so `_SafeUnpickler` accepts
-only the handful of globals a numpy array needs, and allocates no more than the file holds: a
-tampered batch file is refused, not executed, and cannot claim more memory than its own size.
-"""
+"""The CIFAR data sets in the official python-pickle format: download, and a reading that runs
+no code (`_SafeUnpickler` allows the globals a numpy array needs) and allocates no more than
+the file holds."""
 
 from __future__ import annotations
 
@@ -44,8 +37,7 @@ class DatasetSpec:
 
     @property
     def source(self) -> type:
-        # Imported when first needed: torchvision (and torch with it) takes seconds to import,
-        # and every command checks its flags and config before it reads any data.
+        # Imported when first needed: torch comes with it, and flags are checked before.
         import torchvision.datasets
 
         return getattr(torchvision.datasets, self.source_name)
@@ -83,17 +75,10 @@ SPECS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Download
-
-
 def ensure_dataset(data_dir: str | Path, dataset: str) -> Path:
-    """Return the data set's folder, downloading and md5-checking the archive if it is missing.
-
-    An existing folder is used as it is (it may be a user's own set in this format); `read_cifar`
-    validates it. Extraction goes to a temporary folder renamed into place, so an interrupted
-    download never leaves a half-written data set behind.
-    """
+    """The data set's folder, downloaded and md5-checked if missing (extracted to a
+    temporary folder renamed into place). An existing folder is used as it is; `read_cifar`
+    validates it."""
     data_dir = Path(data_dir).expanduser().resolve()
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"--data-dir {data_dir}: a file, not a folder")
@@ -125,10 +110,6 @@ def ensure_dataset(data_dir: str | Path, dataset: str) -> Path:
     return folder
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading and validation
-
-
 # Bounds on what a meta file may declare: the classes become the network's last layer.
 MAX_CLASSES = 10_000
 MAX_CLASS_NAME = 200
@@ -136,10 +117,8 @@ MAX_CLASS_NAME = 200
 
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickles CIFAR batches (dicts of lists, strings and numeric numpy arrays) and nothing
-    else, allocating no more than the file holds: every array and byte string a pickle asks
-    for is charged, before it is made, against `budget` (the file's size), since an honest
-    file carries each array's bytes itself. A crafted 200-byte file that declares gigabytes of
-    images is refused instead of allocated."""
+    else; every array and string is charged, before it is made, against `budget` (the file's
+    size): an honest file carries each array's bytes itself."""
 
     _NDARRAY = object()  # stands for numpy.ndarray: an argument of _reconstruct, never called
     RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"),
@@ -151,9 +130,8 @@ class _SafeUnpickler(pickle.Unpickler):
         self.data, self.budget = data, len(data)
 
     def load(self):
-        # The C unpickler's memo is an array as long as the largest index a PUT names: one
-        # 5-byte LONG_BINPUT of 175 million takes gigabytes. An honest pickle numbers its memo
-        # entries from 0, one per opcode at most, so an index past the file's size is refused.
+        # The C unpickler's memo is as long as the largest PUT index: one past the file's
+        # size (an honest pickle numbers from 0) would allocate gigabytes.
         try:
             for opcode, arg, _ in pickletools.genops(self.data):
                 if "PUT" in opcode.name and arg > len(self.data):

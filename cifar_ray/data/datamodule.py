@@ -1,11 +1,6 @@
-"""From arrays to batches: datasets, device-resident batches, and the Lightning DataModule.
-
-    ImageArrays (cifar_files.py) -> split -> augment.engine:
-        albumentations: ImageArrayDataset + DataLoader workers -> normalised float batches
-        tensors:        DeviceBatches (the split on the device as uint8) -> augment_batch in
-                        `on_after_batch_transfer` -> normalised float batches, channels-last
-    -> (B, 3, 32, 32) float32 batches for the module
-"""
+"""From arrays to batches: ImageArrays -> split -> one of two engines (data/augment.py):
+Albumentations in DataLoader workers, or DeviceBatches on the training device augmented in
+`on_after_batch_transfer` -> (B, 3, 32, 32) float32 batches for the module."""
 
 from __future__ import annotations
 
@@ -45,26 +40,20 @@ class ImageArrayDataset(Dataset):
         return self.transform(image=self.images[index])["image"], int(self.labels[index])
 
 
-# Validation and test batches hold at least this many images. Evaluation keeps no activations
-# for a backward pass and BatchNorm then uses its running statistics, so the batch size changes
-# nothing but the number of steps; on a GPU a small step costs its kernel launches more than
-# its arithmetic, and the search samples training batches as small as 128.
+# Evaluation batches hold at least this many images: the size changes nothing but the number
+# of steps, and on a GPU a small step costs its kernel launches more than its arithmetic.
 EVAL_BATCH = 1024
 
 
 def drop_partial(images: int, batch_size: int) -> bool:
-    """Whether training drops each epoch's last, partial batch: yes when there is a full one.
-    Every training step then has the same shape (one compiled graph, one CUDA graph), and no
-    step's BatchNorm statistics come from a handful of images; the images left out differ
-    each epoch, since the order is shuffled."""
+    """Whether training drops each epoch's last, partial batch (when there is a full one):
+    every step the same shape, no BatchNorm statistics from a handful of images."""
     return images >= batch_size
 
 
 class DeviceBatches:
-    """Batches of (uint8 images, labels) sliced from tensors already on the training device:
-    no DataLoader processes, no host-to-device copy per batch. Shuffled anew each epoch from
-    `seed` (then the partial last batch is dropped, see `drop_partial`); under DDP each rank
-    takes every `world`-th image of the shuffled order."""
+    """Batches of (uint8 images, labels) sliced from tensors already on the training device,
+    shuffled anew each epoch from `seed`; under DDP each rank takes every `world`-th image."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
@@ -89,10 +78,9 @@ class DeviceBatches:
 
 def split_arrays(arrays: ImageArrays, split: str, val_size: int,
                  seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images, labels) of one split: "train", "val" or "test". With a validation set of its
-    own, "val" is that set and "train" all of train/, or train + val when `val_size` is 0
-    (no validation: train on everything). Else `val_size` training images, drawn with `seed`,
-    are the validation set (none when 0)."""
+    """(images, labels) of "train", "val" or "test". A data set's own val/ is the validation
+    set (train + val/ are trained on when `val_size` is 0); else `val_size` training images,
+    drawn with `seed`."""
     if split == "test":
         return arrays.test_images, arrays.test_labels
     if arrays.val_images is not None:
@@ -116,10 +104,7 @@ def available_cpus() -> int:
 
 
 class CifarDataModule(pl.LightningDataModule):
-    """Train / validation / test loaders for one run. The validation set is the data set's
-    own (a class-folder set's val/) when it has one, else `data.val_size` held-out training
-    images. `data.val_size=0` validates on nothing and trains on everything, a val/ folder
-    included (the retrain after a search)."""
+    """Train / validation / test loaders for one run (validation: see `split_arrays`)."""
 
     def __init__(self, cfg: Config, arrays: ImageArrays | None = None):
         super().__init__()

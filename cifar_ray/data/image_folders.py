@@ -1,22 +1,8 @@
-"""A data set of your own images in class folders (`data.dataset: folder`), torchvision's
-ImageFolder layout:
-
-    <data_dir>/train/<class>/<images>    required
-    <data_dir>/test/<class>/<images>     required; its classes must all be in train/
-    <data_dir>/val/<class>/<images>      optional: the validation set, instead of holding out
-                                         data.val_size training images
-
-Any format Pillow reads, any size: each image becomes RGB (grayscale, palette and RGBA alike;
-alpha is dropped) and 32x32 by area resampling (`read_image`, which predict and the app use too).
-Class names are train/'s folder names, sorted. Files whose extension is not an image type
-(`.DS_Store`, `notes.txt`) are skipped and counted once.
-
-Decoding happens once: the arrays go to a cache (`.cifar_ray_cache.npz` in the data dir, or
-under ~/.cache/cifar_ray/ when the data dir cannot be written), keyed by every image's path, size
-and modification time, so a search's trials and the next run read arrays, not files.
-The per-channel mean and std of the training images are computed here and travel with the
-model (module.py), so everything downstream normalises exactly as training did.
-"""
+"""Your own images in class folders (`data.dataset: folder`): train/<class>/, test/<class>/
+and optionally val/<class>/ (README.md, "Your own images"). Any format Pillow reads, any size:
+each image becomes 32x32 RGB (`read_image`, which predict and the app use too). Decoded once,
+into a cache keyed by every file's path, size and time; the training images' per-channel
+mean and std travel with the model."""
 
 from __future__ import annotations
 
@@ -36,24 +22,20 @@ from cifar_ray.files import atomic_path
 
 CACHE_NAME = ".cifar_ray_cache.npz"
 SPLITS = ("train", "val", "test")
-# Every image a user gives (class folders, predict, the app) is refused above this many pixels
-# before it is decoded: 50 megapixels decode to 150 MB of RGB.
+# Every image a user gives is refused above this many pixels before it is decoded (150 MB RGB).
 MAX_PIXELS = 50_000_000
-# The raster formats read, by content whatever a file is called (never EPS, which Pillow hands
-# to Ghostscript), and their extensions as Pillow registers them (.gif, .tif, .pgm, ...).
+# Read by content, whatever a file is called (never EPS, which Pillow hands to Ghostscript).
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "TGA")
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items()
                              if fmt in FORMATS)
-# read_image says itself why it refuses an image, in one line; Pillow's warnings about the same
-# (a size past its own, larger cap; EXIF it cannot parse) would be a second one.
+# read_image explains a refusal in one line; Pillow's warnings would be a second.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 warnings.filterwarnings("ignore", message="Corrupt EXIF data", module="PIL")
 
 
 def read_image(path: str | Path) -> np.ndarray:
     """Any image file -> (32, 32, 3) uint8 RGB, by area resampling; DataError naming the file
-    if it is missing, does not decode, or has more than MAX_PIXELS pixels (checked from its
-    header, before anything is decoded: a small file can declare gigabytes of pixels)."""
+    if it is missing, does not decode, or declares more than MAX_PIXELS in its header."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: a folder, not an image file")
@@ -130,9 +112,8 @@ def cache_paths(root: Path) -> list[Path]:
 
 
 def _load_cache(path: Path, key: str, say) -> dict[str, np.ndarray] | None:
-    """The cached arrays if `path` holds the cache of `key`; None if it is missing or stale. A
-    damaged or foreign file is one warning line, and the images are decoded again (which
-    rewrites it)."""
+    """The cached arrays if `path` holds the cache of `key`; None if missing or stale. A
+    damaged or foreign file is one warning, and the images are decoded again."""
     if not path.is_file():
         return None
     try:

@@ -1,10 +1,6 @@
-"""Ray itself, for the search: start a local instance or join a cluster (with token
-authentication on), size the trials to the cluster's resources, check that results go to
-storage every node reaches (signals: signals.py).
-
-Ray is imported inside the functions: `configure_auth` must set Ray's variables before Ray is
-imported anywhere in the process.
-"""
+"""Ray itself, for the search: start a local instance or join a cluster (token
+authentication on), size the trials to its resources, check the storage every node reaches.
+Ray is imported inside the functions: `configure_auth` must run before any import of it."""
 
 from __future__ import annotations
 
@@ -18,11 +14,8 @@ from cifar_ray.errors import ConfigError, UserError
 from cifar_ray.search.settings import SearchConfig
 
 HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
-# What `gpus_per_worker: -1` (auto) gives each trial worker on a cluster with GPUs: a quarter
-# of a GPU, so four trials share one. A ResNet-9 trial alone leaves an H200 idle through its
-# start-up and its small-batch steps, and four trials at 0.25 GPU each ran well on one. Not yet
-# compared with 1 and 2 per GPU: `python -m cifar_ray.bench --sections search --search-shares
-# 1,0.5,0.25` measures trial-epochs per second for each (docs/benchmarks.md).
+# Auto GPUs per trial worker: four trials share a GPU, which one ResNet-9 trial leaves idle
+# (`python -m cifar_ray.bench --sections search --search-shares` compares shares).
 AUTO_GPU_SHARE = 0.25
 AUTO_CPUS = 4  # per worker: its DataLoader processes feed a GPU share; more rarely helps
 
@@ -45,14 +38,9 @@ def _free_port() -> int:
 
 
 def configure_auth(address: str) -> None:
-    """Token authentication for a local Ray instance, decided before Ray is imported (Ray reads
-    these variables once, at import).
-
-    A local instance gets a fresh random token in this process's environment, which Ray's
-    processes inherit: it is never printed, and never written into the home directory. A
-    token the user already provides (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) is kept. Joining a
-    cluster uses the token set up for that cluster, as Ray documents.
-    """
+    """Token authentication, decided before Ray is imported: a local instance gets a fresh
+    random token in this process's environment (never printed or written to the home
+    directory) unless the user gives one; a cluster uses the token set up for it."""
     if address != "local":
         return
     os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -67,17 +55,11 @@ def start_ray(settings, temp_dir: Path) -> None:
     # Ray's Lightning callback stages checkpoints under the temp dir: keep them in the run's.
     env = {"TMPDIR": str(temp_dir)}
     if settings.address == "local":
-        # Ray Train starts a PreemptionWatcher process per trial, for cloud nodes that are
-        # taken back; one machine has none to watch for, and the process costs a trial
-        # start-up time (docs/benchmarks.md).
+        # No PreemptionWatcher process per trial: one machine has no spot node to lose.
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-        # Ray's processes find "their" instance by its address, else by looking for Ray's
-        # processes on the machine, which fails once a second instance runs there (another
-        # search, a notebook): Ray Train's placement-group cleaner then dies, and the placement
-        # group of every trial that ends (Tune ends a trial's controller with its process)
-        # stays reserved: the next trials wait forever. So this instance's address is chosen
-        # here (Ray reads RAY_GCS_SERVER_PORT when it starts; a port the user set is kept) and
-        # given to all its processes.
+        # Ray's processes find their instance by its address, else by searching the machine,
+        # which fails beside a second instance (the trials' placement groups then leak and
+        # the search hangs): choose the port here and hand it to all of them.
         chosen = "RAY_GCS_SERVER_PORT" not in os.environ
         port = os.environ.setdefault("RAY_GCS_SERVER_PORT", str(_free_port()))
         env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
@@ -101,25 +83,21 @@ LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "overlay", "
 
 
 def filesystem_type(path: Path) -> str:
-    """The type of the file system holding `path` (its deepest mount point), from /proc/mounts."""
+    """The type of the file system holding `path` (its deepest mount point)."""
+    import psutil
+
     path, best, kind = path.resolve(), "", "unknown"
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return kind
-    for line in mounts:
-        fields = line.split()
-        mount = fields[1].replace("\\040", " ")
-        if (path == Path(mount) or Path(mount) in path.parents) and len(mount) > len(best):
-            best, kind = mount, fields[2]
+    for part in psutil.disk_partitions(all=True):
+        mount = Path(part.mountpoint)
+        if (path == mount or mount in path.parents) and len(part.mountpoint) > len(best):
+            best, kind = part.mountpoint, part.fstype
     return kind
 
 
 def trials_that_fit(t, cpus: float, gpus: float) -> tuple[float, int]:
-    """(GPUs each trial worker takes, how many trials fit at once) on `cpus` and `gpus`, for
-    the tune settings `t`, whose automatic values (-1) it sets: `gpus_per_worker`
-    AUTO_GPU_SHARE when there are GPUs, else 0; `cpus_per_worker` the CPUs left per worker by
-    the trials the GPUs hold (at most AUTO_CPUS, at least 1), or 1 without GPUs."""
+    """(GPUs each trial worker takes, how many trials fit at once) on `cpus` and `gpus`; sets
+    the automatic (-1) values of `t`: AUTO_GPU_SHARE of a GPU where there are GPUs, and the
+    CPUs the GPUs' trials leave per worker (1 to AUTO_CPUS), or 1 without GPUs."""
     gpus_per_worker = (AUTO_GPU_SHARE if gpus else 0.0) if t.gpus_per_worker < 0 else t.gpus_per_worker
     if t.cpus_per_worker < 0:
         by_gpu = int(gpus // (t.workers_per_trial * gpus_per_worker)) if gpus_per_worker else 0
@@ -160,12 +138,8 @@ def concurrency(t, fits: int) -> int:
 
 
 def plan_resources(cfg: SearchConfig, storage: Path) -> tuple[dict[str, Any], int]:
-    """Each trial's ScalingConfig and how many trials run at once.
-
-    A local instance must hold a trial now. A cluster may not yet: its autoscaler adds nodes when
-    trials ask for them, so there the search goes on and the trials wait (the GPU count is then
-    best given explicitly, `gpus_per_worker: 1`, since "auto" can only see the nodes up now).
-    """
+    """Each trial's ScalingConfig and how many trials run at once. A local instance must hold
+    a trial now; a cluster's autoscaler adds nodes when trials ask for them."""
     import ray
 
     t = cfg.tune

@@ -1,20 +1,6 @@
-"""What a search will cost, before it starts: `python -m cifar_ray.tune --plan`.
-
-From the config alone (no Ray, no data read, seconds): how many trials, how many at once and
-on what, ASHA's rungs and the trial-epochs they allow, the retrain, and, given the seconds one
-trial-epoch takes (`--plan-epoch-seconds`, or a figure from `python -m cifar_ray.bench`), the
-wall time and GPU-hours. Every search prints the same block before its first trial; on CPUs
-alone it estimates the epoch from the network's FLOPs, and warns when the search would run for
-hours.
-
-ASHA (Ray's asynchronous successive halving) compares a trial at each rung with the trials
-that reached that rung before it and stops it unless it is in the best 1/reduction_factor.
-Two figures follow:
-    at most   num_samples x max_t trial-epochs: a trial that beats every earlier one at each
-              rung is never stopped, so in the worst order no trial is;
-    expected  each rung keeps 1/reduction_factor of the trials that reach it, the budget
-              successive halving aims for (`expected_epochs`).
-"""
+"""What a search will cost, before it starts (`python -m cifar_ray.tune --plan`), from the
+config alone: trials, concurrency, ASHA's rungs and the trial-epochs they allow (at most, and
+as successive halving expects), the retrain, and time (docs/architecture.md, "The plan")."""
 
 from __future__ import annotations
 
@@ -25,17 +11,15 @@ from pathlib import Path
 
 # CIFAR-10 and CIFAR-100 both have 50,000 training images (cifar_files.py reads them).
 CIFAR_TRAIN_IMAGES = 50_000
-# Training throughput of one CPU core on ResNet-9 in fp32: the bench measured 0.095 TFLOP/s
-# on a 2-core x86_64 VM (docs/benchmarks.md). Used only to warn before a CPU search, never
-# for a GPU: there the first epochs measure it.
+# One CPU core's fp32 training throughput on ResNet-9 (docs/benchmarks.md): only to warn
+# before a CPU search; on a GPU the first epochs measure it.
 CPU_GFLOPS_PER_CORE = 47.0
 WARN_CPU_HOURS = 3.0  # a CPU search estimated past this many hours is announced loudly
 
 
 def asha_rungs(max_t: int, grace_period: int, reduction_factor: int) -> list[int]:
-    """The epochs at which ASHA compares trials and stops the weaker ones: Ray's own rule
-    (`ray.tune.schedulers.async_hyperband._Bracket`, one bracket), less a rung at max_t, where
-    there is nothing left to cut."""
+    """The epochs at which ASHA compares trials: Ray's own rule (one bracket of
+    `async_hyperband._Bracket`), less a rung at max_t, where there is nothing left to cut."""
     count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
     return [grace_period * reduction_factor ** k for k in range(count)
             if grace_period * reduction_factor ** k < max_t]
@@ -65,9 +49,8 @@ def training_gflop_per_image(width: int) -> float:
 
 
 def image_counts(cfg, sizes: tuple[int, int] | None = None) -> tuple[int, int] | None:
-    """(training, validation) images per search epoch. `sizes`: the data set's (train/, val/)
-    sizes when it has been read; else from the config (and, for your own images, a listing
-    of the folders); None when that cannot be told without the data."""
+    """(training, validation) images per search epoch: from `sizes` (the data set read), else
+    the config (and a listing of class folders); None when that needs the data."""
     d = cfg.data
     if sizes:
         total, val = sizes
@@ -204,10 +187,8 @@ class SearchPlan:
 def make_plan(cfg, concurrent: int, gpus_per_worker: float, epoch_seconds: float | None = None,
               epoch_source: str = "", cpus_total: float | None = None,
               sizes: tuple[int, int] | None = None) -> SearchPlan:
-    """The plan of `cfg` (a SearchConfig) with `concurrent` trials at once. With no
-    `epoch_seconds` and no GPU, the epoch is estimated from FLOPs and CPU_GFLOPS_PER_CORE, the
-    trials at once sharing `cpus_total` cores (default: this machine's). `sizes`: see
-    image_counts."""
+    """The plan of `cfg` (a SearchConfig) with `concurrent` trials at once; without
+    `epoch_seconds` or a GPU, the epoch is estimated from FLOPs on `cpus_total` cores."""
     t = cfg.tune
     plan = SearchPlan(
         trials=t.num_samples, concurrent=concurrent, workers=t.workers_per_trial,

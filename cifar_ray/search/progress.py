@@ -1,17 +1,6 @@
-"""What a person watching a search or a run sees, and what goes to files instead.
-
-    Estimator       the search's remaining time, from the seconds per epoch its trials measured
-                    (per batch size) and their start-ups, under ASHA's expected cuts (plan.py)
-    SearchConsole   a Tune callback on the driver: one line per trial event (started, stopped
-                    by ASHA, finished, failed and retried, with the error in full), Tune's own
-                    status table every 30 s, and the progress line (refreshed in place on a
-                    terminal, once a minute in a log); every estimate also goes to
-                    <output dir>/logs/progress.jsonl. It keeps the search's seconds across
-                    resumes in Tune's saved state.
-    route_worker_logs  Ray's and Lightning's per-worker output to <output dir>/logs/workers.log
-                    instead of the console; a worker line that starts with CONSOLE_MARK still
-                    reaches the console (the retrain's progress, a trial's warnings).
-"""
+"""What a person watching a search sees, and what goes to files instead: the remaining-time
+Estimator, SearchConsole (a line per trial event, Tune's status table, the progress line,
+logs/progress.jsonl) and route_worker_logs (workers' output to logs/workers.log)."""
 
 from __future__ import annotations
 
@@ -38,9 +27,8 @@ TERMINAL_EVERY = 2.0
 
 
 class Estimator:
-    """The search's remaining seconds. Each trial still to run costs its start-up plus the
-    epochs ASHA is expected to leave it (plan.expected_epochs) at the seconds per epoch
-    measured for its batch size; the trials at once share that work."""
+    """The search's remaining seconds: each trial still to run costs its start-up plus the
+    epochs ASHA is expected to leave it, at the seconds per epoch measured for its batch size."""
 
     def __init__(self, plan: SearchPlan):
         self.plan = plan
@@ -161,9 +149,8 @@ class SearchConsole(Callback):
         now = time.time()
         self._runtime = {"started": now, "estimator": Estimator(self.plan),
                          "last": 0.0}
-        # Tune's own status table, which its reporter prints every 30 s at its default
-        # verbosity -- along with a config table and a result table per trial, which the
-        # event lines here replace; so Tune's reporter runs silent and this one prints the table.
+        # Tune's reporter runs silent (the event lines replace its per-trial tables); this
+        # prints its status table.
         if not self.verbose:
             table = TuneTerminalReporter(AirVerbosity.DEFAULT, num_samples=self.plan.trials,
                                          metric=METRIC, mode="max", config=self.space)
@@ -221,8 +208,7 @@ class SearchConsole(Callback):
     def _stopped_for_full_disk(self, trial) -> bool:
         """A trial that failed for want of disk space stops the search (every retry and every
         other trial would fail the same way), its state saved for --resume."""
-        # Tune has just written the error beside the trial's local results (its copy in the
-        # storage, which get_pickled_error reads, comes later).
+        # Tune has just written the error beside the trial's local results.
         try:
             error = full_disk(cloudpickle.loads(Path(trial.pickled_error_file).read_bytes()))
         except Exception:  # no such file, or not one to load: not an error this can tell
@@ -283,14 +269,9 @@ class SearchConsole(Callback):
 
 
 def route_worker_logs(target: Path) -> None:
-    """Send what Ray's worker processes print (Ray Train's per-epoch lines, Lightning's
-    banners, stack dumps of stopped workers) to `target` instead of the driver's console.
-    Lines that start with CONSOLE_MARK are shown on the console too, without the mark.
-    Tune's own log goes there too: its trial errors in full (the console has a line for each,
-    SearchConsole) and its advice on stopping to call `Tuner.restore`, which `--resume` does.
-
-    Ray's driver prints worker output through one handler of its log dispatcher; this swaps
-    that handler for one that writes the file (ray 2.60: `ray._private.ray_logging`)."""
+    """What Ray's workers print (Ray Train's lines, Lightning's banners, stopped workers'
+    stack dumps), and Tune's own log, go to `target`; lines that start with CONSOLE_MARK reach
+    the console too. Swaps the handler of Ray's log dispatcher (ray 2.60: ray._private)."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,17 +1,6 @@
-"""The search's config: a training config plus the search space, Tune's settings and the retrain.
-
-The space is written in the training config's own keys, each with one of Ray Tune's sampling
-helpers, and nothing between the YAML and the run renames a key:
-
-    search:
-      optim.lr: {loguniform: [0.0001, 0.1]}
-      optim.weight_decay: {loguniform: [0.000001, 0.001]}
-      trainer.batch_size: {choice: [128, 256, 512]}
-
-A trial's sample ({"optim.lr": 0.003, ...}) is laid over the base config by `config.overlay`,
-the same function that builds the retrain from the best sample. `parse_space` checks the whole
-space before anything starts: every mistake is one line naming the key.
-"""
+"""The search's config: a training config plus the search space, Tune's settings and the
+retrain. The space is written in the training config's own keys (`optim.lr: {loguniform:
+[0.0001, 0.1]}`), and `parse_space` checks all of it before anything starts."""
 
 from __future__ import annotations
 
@@ -34,8 +23,7 @@ DISTRIBUTIONS = {
 }
 FLOAT_ONLY = ("loguniform", "uniform", "qloguniform", "quniform")
 SEARCH_ALGS = ("random", "optuna")  # search.searcher builds each
-# tune.name is a folder inside the output dir that --overwrite deletes: a plain name, and none
-# of the folders the search itself writes there.
+# tune.name is a folder that --overwrite deletes: a plain name, none of the search's own.
 FOLDER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
 OUTPUT_FOLDERS = ("train_runs", "retrain", "gradcam", "report", "logs", "tmp")
 
@@ -107,9 +95,8 @@ def parse_space(space: Any, base: Config) -> dict[str, tuple[str, list]]:
 
 
 def search_flag(text: str) -> tuple[str, dict[str, list]]:
-    """`--search optim.lr=loguniform:1e-4,1e-1` -> ('optim.lr', {'loguniform': [0.0001, 0.1]}):
-    one key of the space, written on the command line; its values are read as YAML reads
-    them, and checked with the YAML's space (parse_space)."""
+    """`--search optim.lr=loguniform:1e-4,1e-1` -> ('optim.lr', {'loguniform': [0.0001, 0.1]}),
+    its values read as YAML reads them."""
     import yaml
 
     from cifar_ray.config import YamlLoader

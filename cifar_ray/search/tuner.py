@@ -1,12 +1,6 @@
-"""The search stage: Ray Tune samples the config's `search:` space and runs each sample as a
-trial (`trial.run_trial`: a Ray Train run), ASHA stopping the weak ones on validation accuracy;
-then one row per trial, from Tune's results.
-
-    space (search_config) -> Tune's helpers -> Tuner(ASHA) -> ResultGrid -> rows -> trials.csv
-
-Every searched key travels under its own name: the sample Tune hands a trial, the trial's row,
-the CSV's column and the best configuration are all {"optim.lr": ..., ...}.
-"""
+"""The search stage: Ray Tune samples the config's `search:` space, each sample a trial
+(`trial.run_trial`), ASHA stopping the weak ones; then one row per trial from the ResultGrid.
+A searched key keeps its config name throughout: {"optim.lr": ...}."""
 
 from __future__ import annotations
 
@@ -50,7 +44,7 @@ def trial_base_config(cfg: SearchConfig, use_gpu: bool) -> dict[str, Any]:
     """The training config every trial starts from (each trial lays its sample over it)."""
     base = cfg.training_config()
     base.data.num_workers = max(0, cfg.tune.cpus_per_worker - 1)  # the worker's own CPU trains
-    # Resolved here, from what the trial's workers are given: they see only their own devices.
+    # The device the trial's workers are given (each sees only its own).
     base.trainer.device = "cuda" if use_gpu else "cpu"
     base.trainer.precision = resolve_precision(base.trainer.device, base.trainer.precision)
     base.trainer.progress_bar = False
@@ -58,22 +52,15 @@ def trial_base_config(cfg: SearchConfig, use_gpu: bool) -> dict[str, Any]:
 
 
 def searcher(cfg: SearchConfig, concurrent: int):
-    """Tune's search algorithm for tune.search_alg, at most `concurrent` trials at once.
-
-    random: Tune's own generator. optuna: Optuna's TPE through Ray's OptunaSearch; its first
-    trials sample at random (n_startup_trials: a third of the trials, 2 to 10), the rest are
-    drawn where the finished trials scored best. A trial that ASHA stopped counts with the
-    accuracy of its last epoch. constant_liar: trials still running count as bad guesses, so
-    trials started together do not all land on the same spot."""
+    """Tune's search algorithm for tune.search_alg, at most `concurrent` trials at once:
+    Tune's random generator, or Optuna's TPE (random for its first third of the trials, 2 to
+    10; constant_liar, so that trials started together spread out)."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     t = cfg.tune
     if t.search_alg == "random":
-        # The limit goes to the generator itself: Tune ignores `max_concurrent_trials` beside
-        # a search_alg like this one (it only warns), and every trial then started at once,
-        # their Train runs queueing for the workers' CPUs. The generator's state, the limit
-        # with it, is what `--resume` restores.
+        # The limit goes to the generator: Tune ignores max_concurrent_trials beside it.
         return BasicVariantGenerator(random_state=t.search_seed, max_concurrent=concurrent)
     try:
         import optuna
@@ -90,9 +77,7 @@ def searcher(cfg: SearchConfig, concurrent: int):
 def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
                scaling: dict[str, Any], data=None, console=None, verbose: bool = False):
     """Run (or resume) the Tune experiment to its end; return Tune's ResultGrid. `data`: an
-    object reference to the data set's arrays, which every trial's workers then read from
-    Ray's object store instead of unpickling the files again. `console`: the search's
-    progress.SearchConsole; `verbose`: Tune prints its per-trial blocks too."""
+    object reference to the data set's arrays; `console`: the search's SearchConsole."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -102,10 +87,8 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
         run_trial, base=trial_base_config(cfg, scaling["use_gpu"]),
         scaling=scaling, storage=str(storage / "train_runs"), max_failures=t.max_failures,
         data=[data] if data is not None else None)
-    # The trial function and its Ray Train controller only wait on the Train workers, which
-    # reserve the real resources. They hold no CPU and live on the head node: losing a worker
-    # node then costs only the workers on it, which Ray Train restarts from the last checkpoint.
-    # (Concurrency is bounded by max_concurrent_trials.)
+    # Trial functions and Train controllers only wait: no CPU, on the head node, so a lost
+    # worker node costs only its workers (restarted from the last checkpoint).
     trainable = tune.with_resources(trainable, {"CPU": 0, HEAD_NODE: 0.001})
     experiment = storage / t.name
     callbacks = [*tracking.tune_callbacks(cfg.tracking), *([console] if console else [])]
@@ -123,12 +106,10 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
             search_alg=searcher(cfg, concurrent)),
         run_config=tune.RunConfig(
             name=t.name, storage_path=str(storage), callbacks=callbacks, verbose=verbosity,
-            # A trial whose own process dies (its node lost) is started again; its Ray
-            # Train run then goes on from the run's latest checkpoint in storage.
+            # A trial whose process dies is started again, from its run's checkpoint.
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
-            # Tune saves its experiment state (which trials finished) every ~10 s, but
-            # copies it to storage only every sync_period (default 300 s): a killed driver
-            # would resume from a state minutes old and run finished trials again.
+            # Copy Tune's state to storage every 10 s (not 300): a killed driver resumes
+            # from a recent state instead of running finished trials again.
             sync_config=tune.SyncConfig(sync_period=10)),
     )
     return tuner.fit()
@@ -168,8 +149,7 @@ def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, An
                                                                  kind="stable")
             if len(scored):
                 best_acc = float(scored[METRIC].iloc[0])
-                # Ray keeps the best-scoring checkpoint, but among equal scores it may have
-                # kept a later epoch's: take the best epoch whose checkpoint is still there.
+                # Among equal scores Ray may keep a later epoch's: the first kept one.
                 kept = [p for p in scored.get(CHECKPOINT_PATH, []) if isinstance(p, str)
                         and (Path(p) / CHECKPOINT_FILE).is_file()]
                 best_ckpt = kept[0] if kept else None
@@ -184,7 +164,7 @@ def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, An
                      in zip(history["training_iteration"], history[METRIC]) if acc == acc]
         status = "error" if result.error else ("completed" if epochs >= max_t else "stopped early")
         rows.append({
-            "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
+            "trial_id": trial_id(result),
             **{key: plain(result.config.get(key)) for key in searched},
             "epochs": epochs, "best_val_acc": best_acc, "status": status,
             "checkpoint": best_ckpt, "startup_s": _round(first[STARTUP]),
@@ -193,6 +173,11 @@ def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, An
             "spans": spans, "curve": curve,
         })
     return rows
+
+
+def trial_id(result) -> str:
+    """A Tune Result's trial id (its folder's name when it reported nothing)."""
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name
 
 
 def _round(value: float | None) -> float | None:
@@ -207,9 +192,8 @@ def reported(history, key: str, index: int) -> float | None:
 
 
 def training_spans(history) -> list[tuple[float, float]]:
-    """(start, end) unix times of each epoch a trial trained: from the previous report, or
-    from the first step of the worker that reported it (a resumed or restarted trial), to
-    its report. Summed, a trial's training time across resumes, without the time it was down."""
+    """(start, end) unix times of each epoch a trial trained, from its previous report (or
+    its worker's first step) to its report: the trial's training time without downtime."""
     if history is None or REPORTED_AT not in history or FIRST_STEP_AT not in history:
         return []
     spans, previous = [], float("-inf")
@@ -224,9 +208,7 @@ def training_spans(history) -> list[tuple[float, float]]:
 
 
 def training_seconds(rows: list[dict[str, Any]]) -> float:
-    """Seconds in which at least one trial was training (the union of the trials' epochs): the
-    search's wall time less this is what it spent on anything else (start-ups, waiting,
-    scheduling)."""
+    """Seconds in which at least one trial was training (the union of their epochs)."""
     spans = sorted(span for r in rows for span in r["spans"])
     total, end = 0.0, float("-inf")
     for start, stop in spans:

@@ -1,26 +1,19 @@
-"""Inside one Ray Train worker of a search trial: the Lightning run and what it reports.
-
-    train(config): the trial's Config -> CifarDataModule (arrays from Ray's object store) +
-        LitResNet9 + a Lightning Trainer (on its device alone, or with Ray's DDP strategy when
-        the trial has several workers) -> fit, going on from the run's latest checkpoint when
-        Ray Train has one
-    EpochReports: every epoch's metrics and checkpoint to Ray Train (and so to Tune and ASHA),
-        and the trial's start-up, phase by phase (trial.PHASES)
-"""
+"""Inside one Ray Train worker of a search trial: the Lightning run, and every epoch's
+metrics and checkpoint reported to Ray Train (and so to Tune and ASHA)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray.train
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
-from cifar_ray.config import Config, plain
+from cifar_ray.config import Config, overlay, plain
 from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.module import LitResNet9
@@ -37,24 +30,10 @@ from cifar_ray.tracking import tensorboard_hparams
 
 
 class EpochReports(pl.Callback):
-    """Reports each epoch's metrics and checkpoint to Ray Train (and, through Ray's
-    TuneReportCallback, to Tune and ASHA), and keeps every report in the checkpoint, marked
-    with the Tune session of the trial that received it.
-
-    Why the marks: Tune saves its experiment state every few seconds, while Ray Train resumes a
-    run of the same name from that run's latest checkpoint. A driver killed between two saves
-    leaves trials that Tune's state lists as not started (on `--resume` they start a new
-    session, counting epochs from zero) whose Train runs went on, perhaps to their last epoch.
-    Such a run resumes past the epochs this session never received (a finished one reports
-    nothing at all, which Tune rejects). So once the checkpoint is restored, the epochs in it
-    that this session has not received are reported first, in order: Tune sees every epoch
-    once, whatever the lag. A worker group Ray Train restarts within the same session replays
-    nothing, since its checkpoint's reports carry this session's mark.
-
-    Also measures the trial's start-up (`time/startup_s`: the trial function's start to this
-    worker's first training step) and its phases (`time/<phase>_s`, trial.PHASES), from
-    `marks`: the unix time at which each phase ended, in order.
-    """
+    """Reports each epoch's metrics and checkpoint to Ray Train, and keeps every report in
+    the checkpoint marked with the Tune session that received it: a restored run first
+    replays the epochs this session has not seen (docs/internals.md, "Resuming"). Also
+    measures the trial's start-up, phase by phase, from `marks` (each phase's end)."""
 
     def __init__(self, session: str, run_dir: str, marks: dict[str, float],
                  io: SnapshotCheckpointIO):
@@ -70,11 +49,9 @@ class EpochReports(pl.Callback):
         self.reports = [dict(report) for report in state["reports"]]
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        # Lightning restores callback state before this hook, and calls it even when the
-        # restored run has no epoch left to train.
+        # Called after Lightning restores callback state, even with no epoch left to train.
         self.marks["lightning"] = time.time()
         if any(report["session"] == self.session for report in self.reports):
-            # Reports of this session in the checkpoint: Ray Train restarted a failed worker group.
             trial = Path(self.run_dir).name.removeprefix("train-")
             print(f"{CONSOLE_MARK}trial {trial}: its worker failed; Ray Train restarted it from "
                   f"its checkpoint of epoch {len(self.reports)}", flush=True)
@@ -92,10 +69,8 @@ class EpochReports(pl.Callback):
             self.startup[STARTUP] = round(times[-1] - times[0], 2)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # Validation has run by now: its metrics are in callback_metrics too.
-        # A name the reports can point to, unique to this session: a trial that went back to
-        # an earlier checkpoint (a damaged one, see usable_checkpoint) trains an epoch again,
-        # and Ray Train, evicting the old checkpoint of the same name, would delete the new one.
+        # Unique to this session: an epoch trained again (after a damaged checkpoint) must not
+        # share a name with the old one, which Ray Train would evict and delete.
         name = f"epoch_{trainer.current_epoch:04d}_{self.session[:8]}"
         folder = Path(self.run_dir) / name
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
@@ -103,12 +78,8 @@ class EpochReports(pl.Callback):
                         **self.startup, FIRST_STEP_AT: self.first_step_at,
                         REPORTED_AT: time.time(), CHECKPOINT_PATH: str(folder)})
         self.reports.append({"session": self.session, "metrics": metrics})  # saved with it
-        # Rank 0 takes a copy of the state (runtime.SnapshotCheckpointIO), and Ray Train's
-        # checkpoint thread writes it, atomically, where Ray keeps it (the run's folder), then
-        # registers and reports it, in order, while the next epoch trains. In line, the write
-        # (79 MB for ResNet-9 with Adam's state) held the training thread 0.2-0.35 s an epoch
-        # on the 2-core VM; Ray's default, a temporary folder copied into the run's, wrote it
-        # twice (docs/benchmarks.md). A failed write (a full disk) fails the worker.
+        # Rank 0 snapshots the state; Ray Train's checkpoint thread writes it in place while
+        # the next epoch trains (runtime.SnapshotCheckpointIO; docs/benchmarks.md).
         path = folder / CHECKPOINT_FILE
         trainer.save_checkpoint(path, weights_only=False)
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if trainer.is_global_zero else None
@@ -124,15 +95,9 @@ class EpochReports(pl.Callback):
 
 
 def process_started(launched: float) -> float:
-    """When this worker process started (Linux's /proc), or `launched` if Ray had started it
-    before the trial asked for it (an idle worker taken from Ray's pool) or it cannot be told."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-        return max(launched, boot + ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return launched
+    """When this worker process started, or `launched` if Ray had started it before the trial
+    asked for it (an idle worker taken from Ray's pool)."""
+    return max(launched, psutil.Process().create_time())
 
 
 def train(config: dict[str, Any], entered: float) -> None:
@@ -143,10 +108,10 @@ def train(config: dict[str, Any], entered: float) -> None:
              "imports": time.time()}
     logging.getLogger(pl.__name__).setLevel(logging.WARNING)  # no per-trial banners
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning vs newer torch, harmless
-    cfg = Config.from_dict(config["config"])
+    cfg = overlay(Config.from_dict(config["base"]), config["sample"])
+    cfg.trainer.output_dir = config["output_dir"]
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    # The arrays the driver read once and put in Ray's object store (zero-copy here), else
-    # read from the data dir by this worker.
+    # The driver's arrays from Ray's object store (zero-copy), else this worker reads them.
     arrays = ray.get(config["data"][0]) if config.get("data") else None
     data = CifarDataModule(cfg, arrays)
     data.setup()
@@ -156,13 +121,11 @@ def train(config: dict[str, Any], entered: float) -> None:
     reports = EpochReports(config["session"], cfg.trainer.output_dir, marks, io)
     logger = pl.loggers.TensorBoardLogger(cfg.trainer.output_dir, name="tensorboard",
                                           default_hp_metric=False)
-    # Rank 0 alone: what the HParams dashboard lists is this trial, not each of its workers.
+    # Rank 0 alone: the HParams dashboard lists the trial, not each of its workers.
     if ray.train.get_context().get_world_rank() == 0:
         tensorboard_hparams(logger, {key: plain(value) for key, value in config["sample"].items()})
-    # The device was resolved by the driver (this worker was given a GPU or not; Ray makes
-    # it the only one the process sees). Several workers: Ray's strategy and environment
-    # place each rank on its own, over the process group Ray Train's TorchTrainer made
-    # (trial.run_trial); one worker has no process group and trains without DDP.
+    # The driver resolved the device (Ray shows this process its own GPU, if any). Several
+    # workers train with Ray's DDP strategy over TorchTrainer's process group; one, without.
     several = ray.train.get_context().get_world_size() > 1
     trainer = build_trainer(
         cfg.trainer.device, cfg.trainer.precision, devices="auto" if several else 1,
@@ -175,8 +138,7 @@ def train(config: dict[str, Any], entered: float) -> None:
     )
     if several:
         trainer = prepare_trainer(trainer)
-    # Set when Ray Train restarts a failed worker group, or resumes this run after the search
-    # was interrupted: go on from the run's latest checkpoint.
+    # A restarted worker group, or a resumed search: go on from the run's latest checkpoint.
     checkpoint = ray.train.get_checkpoint()
     start = None
     if checkpoint:
