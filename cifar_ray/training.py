@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_ray.config import Config
+from cifar_ray.console import format_duration
 from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.files import write_json
@@ -19,7 +20,6 @@ from cifar_ray.output_dir import resume_point
 from cifar_ray.pl import pl
 from cifar_ray.plots import plot_curves
 from cifar_ray.runtime import build_trainer, device_name, resolve_device
-from cifar_ray.search.plan import format_duration
 from cifar_ray.tracking import tensorboard_hparams
 
 # We size DataLoader workers deliberately (see CifarDataModule.num_workers).

@@ -104,6 +104,23 @@ def class_folders(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def folder_run(class_folders, tmp_path_factory):
+    """A training run on a class-folder set with a val/ folder: (data dir, output dir, stdout
+    of a second run that read the cache). (tests/test_tune.py runs a search on the set.)"""
+    data = class_folders
+    out = tmp_path_factory.mktemp("folder_train")
+    args = ["--dataset", "folder", "--data-dir", str(data), "--output-dir", str(out),
+            "--epochs", "3", "--lr", "0.01", *FAST_FLAGS]
+    first = run_cli("cifar_ray.train", *args)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "decoding 1020 images" in first.stdout or "read from its cache" in first.stdout
+    second = run_cli("cifar_ray.train", *args, "--epochs", "1", "--overwrite",
+                     "--output-dir", str(tmp_path_factory.mktemp("again")))
+    assert second.returncode == 0, second.stderr[-3000:]
+    return data, out, second.stdout
+
+
 @pytest.fixture
 def sys_tmp():
     """The temp dir a search sees (short: Ray puts unix sockets under it, 107 bytes max)."""

@@ -1,6 +1,7 @@
-"""The batched tensor augmentation (cifar_ray/augment.py's tensor engine), run here on CPU tensors: the same
-distribution as the Albumentations recipe (crop offsets within the pad, flip rate, hole size and
-fill), device batches that cover each epoch once, and a run that learns with it."""
+"""The augmentation recipe, each rule checked on both engines (Albumentations, per image; the
+batched tensor ops, here on CPU tensors): normalised float CHW, crops that are shifts within the
+pad and uniform over them, the flip rate, one square hole filled with the mean; device batches
+that cover each epoch once; and a run that learns with the tensor engine."""
 
 import json
 from collections import Counter
@@ -14,9 +15,9 @@ from cifar_ray.data.augment import augment_batch, normalize, train_transform
 from cifar_ray.data.cifar_files import SPECS
 from cifar_ray.data.datamodule import DeviceBatches
 from tests.conftest import FAST_FLAGS, run_cli
-from tests.test_data import find_shift
 
 NORM = SPECS["cifar10"].norm
+ENGINES = ["albumentations", "tensors"]
 
 
 def _batch(n: int, seed: int = 0) -> torch.Tensor:
@@ -24,47 +25,68 @@ def _batch(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen)
 
 
-def _augment(images: torch.Tensor, seed: int = 0, **aug) -> torch.Tensor:
-    return augment_batch(images, AugmentConfig(**aug), NORM,
-                         generator=torch.Generator().manual_seed(seed))
+def augmented(engine: str, image: torch.Tensor, n: int, **aug) -> torch.Tensor:
+    """`n` augmentations of one (3, 32, 32) uint8 image by `engine`: (n, 3, 32, 32) floats."""
+    if engine == "tensors":
+        return augment_batch(image.expand(n, -1, -1, -1), AugmentConfig(**aug), NORM,
+                             generator=torch.Generator().manual_seed(1))
+    transform = train_transform(AugmentConfig(**aug), NORM, seed=1)
+    hwc = image.permute(1, 2, 0).numpy()
+    return torch.stack([transform(image=hwc)["image"] for _ in range(n)])
 
 
-def test_normalisation_matches_albumentations():
-    image = _batch(1)
-    ours = normalize(image, NORM)[0]
-    theirs = train_transform(AugmentConfig(pad_to=32, flip_p=0, cutout_p=0), NORM, seed=0)(
-        image=image[0].permute(1, 2, 0).numpy())["image"]
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+def find_shift(out, reference):
+    """The (dy, dx) such that out is reference shifted by it, zero-filled; None if none fits."""
+    for dy in range(-4, 5):
+        for dx in range(-4, 5):
+            shifted = torch.zeros_like(reference)
+            ys, yd = slice(max(0, -dy), 32 - max(0, dy)), slice(max(0, dy), 32 - max(0, -dy))
+            xs, xd = slice(max(0, -dx), 32 - max(0, dx)), slice(max(0, dx), 32 - max(0, -dx))
+            shifted[:, yd, xd] = reference[:, ys, xs]
+            if torch.allclose(out, shifted, atol=1e-5):
+                return dy, dx
+    return None
 
 
-def test_crops_are_shifts_within_the_pad_distributed_like_albumentations():
-    images = _batch(1).expand(900, -1, -1, -1)
-    reference = normalize(images[:1], NORM)[0]
-    out = _augment(images, flip_p=0, cutout_p=0)
-    ours = [find_shift(o, reference) for o in out]
-    assert None not in ours  # each crop is the image shifted by at most 4 pixels, zero-filled
-    album = train_transform(AugmentConfig(flip_p=0, cutout_p=0), NORM, seed=1)
-    image = images[0].permute(1, 2, 0).numpy()
-    theirs = [find_shift(album(image=image)["image"], reference) for _ in range(900)]
-    for axis in (0, 1):  # both uniform over the 9 offsets: about 100 each of 900
-        for counts in (Counter(s[axis] for s in ours), Counter(s[axis] for s in theirs)):
-            assert set(counts) == set(range(-4, 5)) and all(60 < c < 140 for c in counts.values())
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_output_is_normalised_float_chw(engine):
+    image = torch.full((3, 32, 32), 128, dtype=torch.uint8)
+    out = augmented(engine, image, 1, pad_to=32, flip_p=0, cutout_p=0)
+    assert out.shape == (1, 3, 32, 32) and out.dtype == torch.float32
+    expected = (128 / 255 - torch.tensor(NORM.mean)) / torch.tensor(NORM.std)
+    torch.testing.assert_close(out[0, :, 0, 0], expected, atol=1e-5, rtol=1e-4)
+    random = _batch(1)[0]
+    torch.testing.assert_close(augmented(engine, random, 1, pad_to=32, flip_p=0, cutout_p=0),
+                               normalize(random[None], NORM), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_crops_are_shifts_within_the_pad_uniform_over_it(engine):
+    image = _batch(1)[0]
+    reference = normalize(image[None], NORM)[0]
+    shifts = [find_shift(o, reference) for o in augmented(engine, image, 900, flip_p=0, cutout_p=0)]
+    assert None not in shifts  # each crop is the image shifted by at most 4 pixels, zero-filled
+    for axis in (0, 1):  # uniform over the 9 offsets: about 100 each of 900
+        counts = Counter(s[axis] for s in shifts)
+        assert set(counts) == set(range(-4, 5)) and all(60 < c < 140 for c in counts.values())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
-def test_flip_rate_is_the_configured_probability(p):
-    images = _batch(1).expand(1000, -1, -1, -1)
-    reference = normalize(images[:1], NORM)[0]
-    out = _augment(images, pad_to=32, flip_p=p, cutout_p=0)
-    flipped = torch.tensor([torch.equal(o, reference.flip(-1)) for o in out])
-    kept = torch.tensor([torch.equal(o, reference) for o in out])
+def test_flip_rate_is_the_configured_probability(engine, p):
+    image = _batch(1)[0]
+    reference = normalize(image[None], NORM)[0]
+    out = augmented(engine, image, 600, pad_to=32, flip_p=p, cutout_p=0)
+    flipped = torch.tensor([torch.allclose(o, reference.flip(-1), atol=1e-5) for o in out])
+    kept = torch.tensor([torch.allclose(o, reference, atol=1e-5) for o in out])
     assert bool((flipped | kept).all())
-    assert abs(flipped.float().mean().item() - p) < 0.05
+    assert abs(flipped.float().mean().item() - p) < 0.06
 
 
-def test_cutout_is_one_square_hole_inside_the_image_filled_with_the_mean():
-    images = torch.full((400, 3, 32, 32), 200, dtype=torch.uint8)  # far from the mean
-    out = _augment(images, pad_to=32, flip_p=0, cutout_p=0.5, cutout_size=8)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cutout_is_one_square_hole_inside_the_image_filled_with_the_mean(engine):
+    image = torch.full((3, 32, 32), 200, dtype=torch.uint8)  # far from the mean
+    out = augmented(engine, image, 400, pad_to=32, flip_p=0, cutout_p=0.5, cutout_size=8)
     holes = (out == 0).all(dim=1)  # (B, H, W): pixels at the mean in every channel
     with_hole = holes.any(dim=(1, 2))
     assert 0.4 < with_hole.float().mean().item() < 0.6
@@ -73,10 +95,10 @@ def test_cutout_is_one_square_hole_inside_the_image_filled_with_the_mean():
         rows, cols = hole.any(dim=1).nonzero().flatten(), hole.any(dim=0).nonzero().flatten()
         assert len(rows) == len(cols) == 8 and int(hole.sum()) == 64  # one 8x8 square
         corners.append((int(rows[0]), int(cols[0])))
-    # Fully inside, anywhere: top-left corners span [0, 24] (Albumentations' CoarseDropout).
+    # Fully inside, anywhere: top-left corners span [0, 24].
     assert min(min(c) for c in corners) == 0 and max(max(c) for c in corners) == 24
-    assert torch.equal(out[~with_hole], normalize(images[:1], NORM)
-                       .expand(int((~with_hole).sum()), -1, -1, -1))
+    torch.testing.assert_close(out[~with_hole], normalize(image[None], NORM)
+                               .expand(int((~with_hole).sum()), -1, -1, -1), atol=1e-5, rtol=1e-5)
 
 
 def test_device_batches_cover_each_epoch_reshuffled_and_split_across_ranks():

@@ -15,9 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10
 
-from cifar_ray.config import AugmentConfig, Config
+from cifar_ray.config import Config
 from cifar_ray.data.arrays import split_train_val
-from cifar_ray.data.augment import eval_transform, train_transform
 from cifar_ray.data.cifar_files import SPECS, ensure_dataset, read_cifar
 from cifar_ray.data.datamodule import CifarDataModule, DeviceBatches
 from cifar_ray.errors import DataError
@@ -279,59 +278,3 @@ def test_evaluation_batches_are_large_and_change_no_result(cifar10, engine):
     (big_out, big_y), (small_out, small_y) = outputs(dm.test_dataloader()), outputs(small)
     assert torch.equal(big_y, small_y) and torch.equal(big_y, torch.from_numpy(test.labels))
     assert torch.allclose(big_out, small_out, atol=1e-5)
-
-
-def _normalised(image):
-    return eval_transform(SPEC)(image=image)["image"]
-
-
-def _image(seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-
-
-def test_augmented_batches_are_normalised_float_chw():
-    out = train_transform(AugmentConfig(), SPEC, seed=0)(image=_image())["image"]
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    plain = _normalised(np.full((32, 32, 3), 128, np.uint8))
-    expected = (128 / 255 - np.array(SPEC.mean)) / np.array(SPEC.std)
-    np.testing.assert_allclose(plain[:, 0, 0].numpy(), expected, rtol=1e-4)
-
-
-def find_shift(out, reference):
-    """The (dy, dx) such that out is reference shifted by it, zero-filled; None if none fits."""
-    for dy in range(-4, 5):
-        for dx in range(-4, 5):
-            shifted = torch.zeros_like(reference)
-            ys, yd = slice(max(0, -dy), 32 - max(0, dy)), slice(max(0, dy), 32 - max(0, -dy))
-            xs, xd = slice(max(0, -dx), 32 - max(0, dx)), slice(max(0, dx), 32 - max(0, -dx))
-            shifted[:, yd, xd] = reference[:, ys, xs]
-            if torch.allclose(out, shifted, atol=1e-5):
-                return dy, dx
-    return None
-
-
-def test_random_crop_stays_within_the_pad_and_covers_it():
-    image, reference = _image(), _normalised(_image())
-    aug = train_transform(AugmentConfig(flip_p=0, cutout_p=0), SPEC, seed=1)
-    shifts = [find_shift(aug(image=image)["image"], reference) for _ in range(200)]
-    assert None not in shifts  # every crop is the image shifted by at most 4 pixels
-    assert {s[0] for s in shifts} == set(range(-4, 5)) == {s[1] for s in shifts}
-
-
-def test_flip_mirrors_with_the_configured_probability():
-    image, reference = _image(), _normalised(_image())
-    always = train_transform(AugmentConfig(pad_to=32, flip_p=1, cutout_p=0), SPEC, seed=0)
-    assert torch.allclose(always(image=image)["image"], reference.flip(-1))
-    half = train_transform(AugmentConfig(pad_to=32, flip_p=0.5, cutout_p=0), SPEC, seed=0)
-    flips = sum(not torch.allclose(half(image=image)["image"], reference) for _ in range(400))
-    assert 150 < flips < 250
-
-
-def test_cutout_is_one_square_hole_filled_with_the_mean():
-    image = np.full((32, 32, 3), 200, np.uint8)  # far from the mean, so the hole stands out
-    aug = train_transform(AugmentConfig(pad_to=32, flip_p=0, cutout_p=1, cutout_size=8), SPEC, seed=0)
-    for _ in range(50):
-        out = aug(image=image)["image"]
-        hole = (out == 0).all(dim=0)  # 0 after normalisation is the data set's mean
-        rows, cols = hole.any(1).nonzero().flatten(), hole.any(0).nonzero().flatten()
-        assert hole.sum() == 64 and rows.max() - rows.min() == 7 and cols.max() - cols.min() == 7

@@ -1,21 +1,20 @@
 """Your own images: a class-folder data set (`--dataset folder`) that the tests write
 themselves (PNG and JPEG, odd sizes, a grayscale and an RGBA image, stray files), read once into
 a cache; training and a small search on it learn; each bad input is one line and exit 2; a
-checkpoint exported as ONNX and TorchScript predicts what the checkpoint predicts; `predict`
-names the planted class. (A search on such a set: tests/test_tune.py.)"""
+run on it is exported and predicts in tests/test_export.py and tests/test_predict.py. (A
+search on such a set: tests/test_tune.py.)"""
 
 import json
 import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cifar_ray.data import image_folders
 from cifar_ray.data.image_folders import CACHE_NAME, read_folders
 from cifar_ray.errors import DataError
-from tests.cifar_fixture import FOLDER_CLASSES, planted_images, write_class_folders
+from tests.cifar_fixture import FOLDER_CLASSES, write_class_folders
 from tests.conftest import FAST_FLAGS, run_cli
 
 
@@ -139,23 +138,6 @@ def test_bad_class_folders_are_one_line_and_exit_2_writing_nothing(tmp_path, cas
         read_folders(data, quiet=True)
 
 
-@pytest.fixture(scope="module")
-def folder_run(class_folders, tmp_path_factory):
-    """A training run on a class-folder set with a val/ folder: (data dir, output dir, stdout
-    of a second run that read the cache). (tests/test_tune.py runs a search on the set.)"""
-    data = class_folders
-    out = tmp_path_factory.mktemp("folder_train")
-    args = ["--dataset", "folder", "--data-dir", str(data), "--output-dir", str(out),
-            "--epochs", "3", "--lr", "0.01", *FAST_FLAGS]
-    first = run_cli("cifar_ray.train", *args)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    assert "decoding 1020 images" in first.stdout or "read from its cache" in first.stdout
-    second = run_cli("cifar_ray.train", *args, "--epochs", "1", "--overwrite",
-                     "--output-dir", str(tmp_path_factory.mktemp("again")))
-    assert second.returncode == 0, second.stderr[-3000:]
-    return data, out, second.stdout
-
-
 @pytest.mark.slow
 def test_training_on_class_folders_learns_and_keeps_its_normalisation(folder_run):
     data, out, second = folder_run
@@ -167,74 +149,6 @@ def test_training_on_class_folders_learns_and_keeps_its_normalisation(folder_run
     module = load_module(out / "best.ckpt")
     assert module.normalization == read_folders(data, quiet=True).norm
     assert "read from its cache" in second and "decoding" not in second
-
-
-@pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:.*torch.jit.load.* is deprecated")  # TorchScript, as asked
-def test_exported_models_predict_what_the_checkpoint_predicts(folder_run, tmp_path):
-    import onnx
-    import onnxruntime
-
-    from cifar_ray.module import load_module
-    from cifar_ray.predict import classify
-
-    data, out, _ = folder_run
-    checkpoint = out / "best.ckpt"
-    module = load_module(checkpoint)
-    images = read_folders(data, quiet=True).test_images[:40]  # (40, 32, 32, 3) uint8
-    expected = classify(module, images)
-    floats = (images.transpose(0, 3, 1, 2) / 255).astype(np.float32)  # (N, 3, 32, 32) in [0, 1]
-    for fmt in ("onnx", "torchscript"):
-        target = tmp_path / f"model.{fmt}"
-        proc = run_cli("cifar_ray.export", "--checkpoint", str(checkpoint), "--format", fmt,
-                       "--output", str(target))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        sidecar = json.loads((tmp_path / f"model.{fmt}.json").read_text())
-        assert sidecar["class_names"] == FOLDER_CLASSES
-        assert sidecar["normalization"]["mean"] == pytest.approx(list(module.normalization.mean))
-        if fmt == "onnx":
-            session = onnxruntime.InferenceSession(str(target))
-            got = session.run(None, {"images": floats})[0]
-            meta = {p.key: p.value for p in onnx.load(str(target)).metadata_props}
-            assert json.loads(meta["class_names"]) == FOLDER_CLASSES
-            assert session.run(None, {"images": floats[:3]})[0].shape == (3, 4)  # any N
-        else:
-            files = {"class_names.json": ""}
-            model = torch.jit.load(str(target), _extra_files=files)
-            got = model(torch.from_numpy(floats)).detach().numpy()
-            assert json.loads(files["class_names.json"]) == FOLDER_CLASSES
-        assert (got.argmax(1) == expected.argmax(1)).all(), fmt
-        assert np.allclose(got, expected, atol=1e-4), (fmt, np.abs(got - expected).max())
-
-
-@pytest.mark.slow
-def test_predict_names_the_planted_class(folder_run, tmp_path, capsys):
-    _, out, _ = folder_run
-    planted = planted_images(6, len(FOLDER_CLASSES), seed=99)
-    paths = []
-    for i, image in enumerate(planted.images):
-        path = tmp_path / f"img{i}.{'jpg' if i % 2 else 'png'}"
-        Image.fromarray(image).resize((50, 50), Image.Resampling.NEAREST).save(path)
-        paths.append(str(path))
-    proc = run_cli("cifar_ray.predict", "--checkpoint", str(out / "best.ckpt"), *paths,
-                   "--top-k", "2", "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    answers = json.loads(proc.stdout)
-    predicted = [a["top"][0]["class"] for a in answers]
-    truth = [FOLDER_CLASSES[k] for k in planted.labels]
-    assert sum(p == t for p, t in zip(predicted, truth)) >= 5, (predicted, truth)
-    assert all(len(a["top"]) == 2 and a["top"][0]["probability"] >= a["top"][1]["probability"]
-               for a in answers)
-    # The table, and a file that is not an image: in-process (the command itself ran above).
-    from cifar_ray.predict import main
-    assert main(["--checkpoint", str(out / "best.ckpt"), paths[0]]) == 0
-    table = capsys.readouterr().out.splitlines()
-    assert table[0] == paths[0] and table[1].split()[1] == predicted[0]
-    bad = tmp_path / "notes.png"
-    bad.write_text("not an image")
-    assert main(["--checkpoint", str(out / "best.ckpt"), str(bad)]) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"error: {bad}: not a readable image (UnidentifiedImageError)")
 
 
 def test_an_image_declaring_more_pixels_than_the_bound_is_refused_before_decoding(tmp_path):

@@ -14,7 +14,6 @@ from cifar_ray.config import add_config_flags, resolve
 from cifar_ray.errors import ConfigError
 from cifar_ray.plots import curve_panels
 from cifar_ray.report import write_report
-from cifar_ray.search.plan import asha_rungs
 from cifar_ray.search.settings import SearchConfig
 from tests.conftest import ROOT
 
@@ -83,12 +82,6 @@ def test_a_report_of_one_trial_says_what_it_cannot_draw(tmp_path):
     text = page.read_text()
     assert "report/curves.png" in text and "report/importance.png" not in text
     assert text.count("needs at least 2 scored trials (1 here)") == 3
-
-
-@pytest.mark.parametrize("max_t, grace, factor, rungs", [
-    (24, 2, 3, [2, 6, 18]), (3, 1, 2, [1, 2]), (4, 4, 3, []), (27, 1, 3, [1, 3, 9])])
-def test_asha_rungs(max_t, grace, factor, rungs):
-    assert asha_rungs(max_t, grace, factor) == rungs
 
 
 def test_curves_of_a_run_without_validation_have_no_validation_panels():

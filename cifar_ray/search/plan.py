@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cifar_ray.console import format_duration
+
 # CIFAR-10 and CIFAR-100 both have 50,000 training images (cifar_files.py reads them).
 CIFAR_TRAIN_IMAGES = 50_000
 # One CPU core's fp32 training throughput on ResNet-9 (docs/benchmarks.md): only to warn
@@ -70,16 +72,6 @@ def image_counts(cfg, sizes: tuple[int, int] | None = None) -> tuple[int, int] |
         total -= val
     train = min(d.limit_train, total) if d.limit_train else total
     return train, val
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 @dataclass

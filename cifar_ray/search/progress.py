@@ -15,10 +15,10 @@ from typing import Any
 from ray import cloudpickle
 from ray.tune import Callback
 
-from cifar_ray.console import CONSOLE_MARK, Console, screen
+from cifar_ray.console import CONSOLE_MARK, Console, format_duration, screen
 from cifar_ray.errors import full_disk
 from cifar_ray.names import FIRST_STEP_AT, METRIC, REPORTED_AT, STARTUP
-from cifar_ray.search.plan import SearchPlan, expected_epochs, format_duration
+from cifar_ray.search.plan import SearchPlan, expected_epochs
 from cifar_ray.search.settings import describe
 
 BATCH_KEY = "trainer.batch_size"
