@@ -44,7 +44,7 @@ class Classifier:
         self.classes = self.module.class_names
 
     def read(self, path: str | None) -> np.ndarray:
-        """An uploaded file -> a (32, 32, 3) uint8 RGB image, read as `predict` and the
+        """An uploaded file -> an (s, s, 3) uint8 RGB image at the model's size, read as `predict` and the
         training data read images; UserError if it is not an image."""
         if not path:
             raise UserError("No image yet: upload an image file (PNG, JPEG, BMP, GIF, WebP, ...) "
@@ -53,7 +53,7 @@ class Classifier:
         if os.path.getsize(path) == 0:
             raise UserError(f"'{name}' is empty (0 bytes): upload an image file.")
         try:
-            return read_image(path)
+            return read_image(path, self.module.image_size)
         except DataError as exc:
             if "megapixels" in str(exc):
                 raise UserError(f"'{name}' has more pixels than this app reads "
@@ -74,13 +74,14 @@ class Classifier:
             traceback.print_exc(file=sys.stderr)
             return None, None, None, ("⚠️ This image could not be classified; the server's "
                                       "console has the details.")
-        big = np.asarray(Image.fromarray(picture).resize((128, 128), Image.Resampling.NEAREST))
+        side = max(128, picture.shape[0])  # shown at least 128 pixels wide
+        big = np.asarray(Image.fromarray(picture).resize((side, side), Image.Resampling.NEAREST))
         return top, big, shown, caption
 
     def explain(self, picture: np.ndarray, top_k: int, cam_class: str, layer: str,
                 opacity: float) -> tuple[dict[str, float], np.ndarray, str]:
         """Top-k probabilities, the CAM overlay, and a one-line caption."""
-        x = prepare(self.module, picture[None])  # (1, 3, 32, 32); the CAM below needs it too
+        x = prepare(self.module, picture[None])  # (1, 3, s, s); the CAM below needs it too
         probs = probabilities(self.module, x)[0]
         order = np.argsort(-probs)[:top_k]
         top = {self.classes[i]: float(probs[i]) for i in order}
@@ -135,7 +136,8 @@ def build(checkpoint: str | Path, data_dir: str | None = None, report_dir: str |
     arrays = None  # read once, for the examples and for a report computed here
     if data_dir:
         arrays = load_dataset(DataConfig(dataset=classifier.module.data_config.dataset,
-                                         data_dir=data_dir))
+                                         data_dir=data_dir,
+                                         image_size=classifier.module.image_size))
     # The examples and a computed report: removed with the app.
     workdir = tempfile.TemporaryDirectory(prefix="cifar_ray_app_")
     examples = example_files(arrays, Path(workdir.name))
@@ -146,7 +148,8 @@ def build(checkpoint: str | Path, data_dir: str | None = None, report_dir: str |
                    delete_cache=(UPLOADS_KEPT_S, UPLOADS_KEPT_S)) as demo:
         gr.Markdown(f"# ResNet-9 on {module.data_config.dataset.upper()}\n`{checkpoint.name}`: "
                     f"{module.num_classes} classes, width {module.width}. Upload an image: it is resized to "
-                    "32x32, classified, and GradCAM shows where the model looked.")
+                    f"{module.image_size}x{module.image_size}, classified, and GradCAM shows "
+                    "where the model looked.")
         with gr.Tab("Classify"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -163,7 +166,7 @@ def build(checkpoint: str | Path, data_dir: str | None = None, report_dir: str |
                 with gr.Column(scale=2):
                     status = gr.Markdown("Upload an image or pick a test image.", elem_id="status")
                     with gr.Row():
-                        seen = gr.Image(label="What the model sees (32x32, shown 4x)",
+                        seen = gr.Image(label=f"What the model sees ({module.image_size}x{module.image_size})",
                                         elem_id="seen", interactive=False)
                         cam = gr.Image(label="GradCAM", elem_id="cam", interactive=False)
                     prediction = gr.Label(label="Prediction", elem_id="prediction")

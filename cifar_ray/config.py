@@ -23,6 +23,9 @@ ENGINES = ("auto", "albumentations", "tensors")  # see augment.py
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 COMPILE_MODES = ("off", "default", "reduce-overhead")  # see module.py
 MAX_WIDTH = 1024
+# Images are held decoded in memory (on the device, with the tensor engine): 50,000 at 256 px
+# are 9.8 GB, and a step costs 64 times a 32-px one. Past that, this network is the wrong tool.
+MAX_IMAGE_SIZE = 256
 
 
 def resolve_precision(device: str, choice: str = "auto") -> str:
@@ -49,14 +52,18 @@ class DataConfig:
     val_size: int = setting(5000, "training images held out for validation (0: none)")
     limit_train: int = setting(0, "use only the first N training images after the split (0: all)")
     num_workers: int = setting(-1, "DataLoader worker processes (-1: one per CPU the run was given)")
+    image_size: int = setting(32, "side in pixels every image is resized to (a multiple of 8 from 8 "
+                                  f"to {MAX_IMAGE_SIZE}; 32: CIFAR's own, the classic ResNet-9)")
 
 
 @dataclass
 class AugmentConfig:
-    pad_to: int = setting(40, "pad images to this size before the random 32x32 crop")
+    pad_to: int = setting(40, "pad to this size before the random crop back to 32 (at 32 pixels: "
+                              "scaled with data.image_size)")
     flip_p: float = setting(0.5, "probability of a horizontal flip")
     cutout_p: float = setting(0.5, "probability of cutting one hole out of an image")
-    cutout_size: int = setting(8, "side of the square cutout hole, filled with the data set's mean")
+    cutout_size: int = setting(8, "side of the square cutout hole, filled with the data set's mean "
+                                  "(at 32 pixels: scaled with data.image_size)")
     engine: str = setting("auto", "tensors: whole batches with tensor ops on the training device, "
                                   "the data set held there; albumentations: one image at a time "
                                   "in DataLoader workers; auto: tensors when training on CUDA",
@@ -322,6 +329,9 @@ def validate(cfg: Config) -> None:
     check(d.val_size >= 0, f"data.val_size must be >= 0, got {d.val_size}")
     check(d.limit_train >= 0, f"data.limit_train must be >= 0, got {d.limit_train}")
     check(d.num_workers >= -1, f"data.num_workers must be >= -1, got {d.num_workers}")
+    check(8 <= d.image_size <= MAX_IMAGE_SIZE and d.image_size % 8 == 0,
+          f"data.image_size must be a multiple of 8 from 8 to {MAX_IMAGE_SIZE} (the network "
+          f"halves it three times), got {d.image_size}")
     check(32 <= a.pad_to <= 64, f"augment.pad_to must be in [32, 64], got {a.pad_to}")
     check(0 <= a.flip_p <= 1, f"augment.flip_p must be in [0, 1], got {a.flip_p}")
     check(0 <= a.cutout_p <= 1, f"augment.cutout_p must be in [0, 1], got {a.cutout_p}")

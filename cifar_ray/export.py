@@ -1,6 +1,6 @@
 """Export a checkpoint to run without this package:
 `python -m cifar_ray.export --checkpoint C --format onnx|torchscript [--output F]`. The model
-takes (N, 3, 32, 32) floats in [0, 1], normalises them as training did, and returns class
+takes (N, 3, s, s) floats in [0, 1] (s: the size it was trained at), normalises them as training did, and returns class
 probabilities; the class names travel inside the file and in a sidecar `<output>.json`
 (README.md, "Export and predict", shows how to run it)."""
 
@@ -31,8 +31,9 @@ class Deployable(nn.Module):
         super().__init__()
         self.standardize = Standardize(module.normalization)
         self.model = module.model
+        self.image_size = module.image_size
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, 32, 32) in [0, 1]
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, s, s) in [0, 1]
         return self.model(self.standardize(images)).exp()  # (N, classes)
 
 
@@ -42,7 +43,7 @@ def export_onnx(model: Deployable, classes: list[str], target: Path) -> None:
     except ImportError:
         raise UserError("--format onnx needs onnx and onnxscript: "
                         "pip install 'cifar_ray[export]'") from None
-    example = torch.rand(2, 3, 32, 32)
+    example = torch.rand(2, 3, model.image_size, model.image_size)
     program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT],
                                 output_names=[OUTPUT],
                                 dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
@@ -54,7 +55,7 @@ def export_onnx(model: Deployable, classes: list[str], target: Path) -> None:
 def export_torchscript(model: Deployable, classes: list[str], target: Path) -> None:
     with warnings.catch_warnings():  # torch marks TorchScript deprecated; asked for, it is
         warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)
-        scripted = torch.jit.trace(model, torch.rand(2, 3, 32, 32))
+        scripted = torch.jit.trace(model, torch.rand(2, 3, model.image_size, model.image_size))
         with atomic_path(target) as tmp:
             torch.jit.save(scripted, str(tmp),
                            _extra_files={"class_names.json": json.dumps(classes)})
@@ -85,7 +86,8 @@ def write_sidecar(module: LitResNet9, checkpoint: str | Path, fmt: str, target: 
     norm = module.normalization
     write_json(target.with_name(target.name + ".json"), {
         "format": fmt, "checkpoint": str(checkpoint), "class_names": classes,
-        "input": {"name": INPUT, "shape": ["N", 3, 32, 32], "dtype": "float32",
+        "input": {"name": INPUT, "shape": ["N", 3, module.image_size, module.image_size],
+                  "dtype": "float32",
                   "range": [0, 1], "channels": "RGB"},
         "output": {"name": OUTPUT, "shape": ["N", len(classes)]},
         "normalization": {"mean": list(norm.mean), "std": list(norm.std)}})
@@ -93,7 +95,8 @@ def write_sidecar(module: LitResNet9, checkpoint: str | Path, fmt: str, target: 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("export", "Export a checkpoint as ONNX or TorchScript: float images in "
-                                  "[0, 1], (N, 3, 32, 32) in, class probabilities out; class "
+                                  "[0, 1], (N, 3, s, s) in (s: the checkpoint's image size), class "
+                                  "probabilities out; class "
                                   "names included.")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint this project wrote")
     parser.add_argument("--format", required=True, choices=list(FORMATS),

@@ -1,7 +1,8 @@
 """What the model gets wrong, and where it looks: `python -m cifar_ray.gradcam --checkpoint C`.
 Predicts a split, ranks the mistakes by confidence, and draws GradCAM maps (for the predicted
 and the true class) of the first N, into the output dir (README.md, "Outputs"). The default
-layer, `layer3_R`, is the deepest with a spatial map (4x4): its CAM is the most specific."""
+layer, `layer3_R`, is the deepest with a spatial map (an eighth of the image's side): its CAM is
+the most specific."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from cifar_ray import cli
 from cifar_ray.config import DataConfig
-from cifar_ray.data.arrays import ImageArrays
+from cifar_ray.data.arrays import ImageArrays, resized
 from cifar_ray.data.augment import denormalize, eval_transform
 from cifar_ray.data.datamodule import ImageArrayDataset, split_arrays
 from cifar_ray.data.sources import load_dataset
@@ -44,7 +45,7 @@ FIGURES = {
     "confusion_matrix.png": "Confusion matrix",
     "per_class_accuracy.png": "Accuracy per class",
 }
-UPSCALE = 128  # CIFAR's 32x32 is too small to read: figures show images at 4x
+UPSCALE = 128  # figures show images at least this wide (CIFAR's 32x32 at 4x)
 
 
 @dataclass
@@ -85,7 +86,7 @@ def find_mistakes(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> 
 
 def compute_cams(module: LitResNet9, images: torch.Tensor, class_ids: list[int], layer: str,
                  device: torch.device) -> np.ndarray:
-    """GradCAM maps (B, 32, 32) in [0, 1] of `images` (B, 3, 32, 32) for `class_ids`: the
+    """GradCAM maps (B, s, s) in [0, 1] of `images` (B, 3, s, s) for `class_ids`: the
     grad-cam package's computation as a few batched tensor ops, with autograd back to the
     target layer only (tests/test_gradcam.py checks they equal the package's maps). Runs with
     gradients, in eval mode, and puts the model's mode back."""
@@ -121,9 +122,10 @@ def _unit_range(maps: torch.Tensor) -> torch.Tensor:
 
 
 def heatmap_over(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55) -> np.ndarray:
-    """A (32, 32, 3) image in [0, 1] and its (32, 32) CAM -> an upscaled RGB overlay."""
-    big = cv2.resize(image, (UPSCALE, UPSCALE), interpolation=cv2.INTER_CUBIC).clip(0, 1)
-    mask = cv2.resize(cam, (UPSCALE, UPSCALE), interpolation=cv2.INTER_LINEAR).clip(0, 1)
+    """An (s, s, 3) image in [0, 1] and its (s, s) CAM -> an RGB overlay, upscaled when small."""
+    side = max(UPSCALE, image.shape[0])
+    big = cv2.resize(image, (side, side), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    mask = cv2.resize(cam, (side, side), interpolation=cv2.INTER_LINEAR).clip(0, 1)
     return show_cam_on_image(big.astype(np.float32), mask, use_rgb=True, image_weight=image_weight)
 
 
@@ -143,7 +145,9 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
     trained = module.data_config
     target_layer(module, layer)  # fail on a bad name before any heavy work
     if arrays is None:
-        arrays = load_dataset(DataConfig(dataset=trained.dataset, data_dir=str(data_dir)))
+        arrays = load_dataset(DataConfig(dataset=trained.dataset, data_dir=str(data_dir),
+                                         image_size=module.image_size))
+    arrays = resized(arrays, module.image_size)  # a search's arrays are at its largest size
     if len(arrays.classes) != module.num_classes:
         raise UserError(f"{checkpoint}: trained for {module.num_classes} classes, but the data "
                         f"set in {data_dir} has {len(arrays.classes)}")
@@ -167,8 +171,8 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
     plot_per_class_accuracy(list(classes["per_class_acc"].values()), module.class_names,
                             out / "per_class_accuracy.png")
     if shown:
-        batch = torch.stack([dataset[m.index][0] for m in shown])  # (N, 3, 32, 32)
-        pictures = denormalize(batch, module.normalization).numpy()  # (N, 32, 32, 3) in [0, 1]
+        batch = torch.stack([dataset[m.index][0] for m in shown])  # (N, 3, s, s)
+        pictures = denormalize(batch, module.normalization).numpy()  # (N, s, s, 3) in [0, 1]
         pred_cams = compute_cams(module, batch, [m.predicted_id for m in shown], layer, dev)
         true_cams = compute_cams(module, batch, [m.true_id for m in shown], layer, dev)
         titles = [f"{m.true} / {m.predicted} ({m.probability:.2f})" for m in shown]

@@ -1,15 +1,16 @@
-"""The classic CIFAR ResNet-9 ("DAWNBench" layout) with custom residual blocks.
+"""The classic CIFAR ResNet-9 ("DAWNBench" layout) with custom residual blocks, for images of
+side s (32 for CIFAR; any multiple of 8):
 
-    prep      conv 3->w, BN, ReLU                                  (B, w, 32, 32)
-    layer1_X  conv w->2w, maxpool, BN, ReLU                        (B, 2w, 16, 16)
+    prep      conv 3->w, BN, ReLU                                  (B, w, s, s)
+    layer1_X  conv w->2w, maxpool, BN, ReLU                        (B, 2w, s/2, s/2)
     layer1_R  ResBlock(2w): layer1_X + its two convolutions
-    layer2_X  conv 2w->4w, maxpool, BN, ReLU                       (B, 4w, 8, 8)
-    layer3_X  conv 4w->8w, maxpool, BN, ReLU                       (B, 8w, 4, 4)
+    layer2_X  conv 2w->4w, maxpool, BN, ReLU                       (B, 4w, s/4, s/4)
+    layer3_X  conv 4w->8w, maxpool, BN, ReLU                       (B, 8w, s/8, s/8)
     layer3_R  ResBlock(8w): layer3_X + its two convolutions
-    pool      MaxPool(4)                                           (B, 8w, 1, 1)
+    pool      global max pool (at s = 32: the classic MaxPool(4))  (B, 8w, 1, 1)
     fc        Linear 8w->classes, log-softmax                      (B, classes)
 
-With w = 64 and 10 classes: 6,573,130 parameters. Convolutions carry no bias (BN follows).
+With w = 64 and 10 classes: 6,573,130 parameters, whatever s. Convolutions carry no bias.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# The layers with a spatial map, shallow to deep: where GradCAM can look. The deepest one's
-# map (4x4) is the most class-specific, GradCAM's default.
+# The layers with a spatial map, shallow to deep: where GradCAM can look (the deepest, s/8
+# square, is the most class-specific: GradCAM's default).
 CAM_LAYERS = ("prep", "layer1_X", "layer1_R", "layer2_X", "layer3_X", "layer3_R")
 
 
@@ -54,10 +55,10 @@ class ResNet9(nn.Module):
         self.layer2_X = conv_bn(2 * w, 4 * w, pool=True)
         self.layer3_X = conv_bn(4 * w, 8 * w, pool=True)
         self.layer3_R = ResBlock(8 * w, 8 * w)
-        self.pool = nn.MaxPool2d(4)
+        self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(8 * w, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, 32, 32)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, s, s)
         x = self.prep(x)
         x = self.layer1_X(x)
         x = self.layer1_R(x)

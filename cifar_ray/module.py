@@ -70,6 +70,11 @@ class LitResNet9(pl.LightningModule):
         return DataConfig(**(self.hparams.data or {}))
 
     @property
+    def image_size(self) -> int:
+        """The side of the images it was trained on (and takes)."""
+        return self.data_config.image_size
+
+    @property
     def width(self) -> int:
         return ModelConfig(**(self.hparams.model or {})).width
 

@@ -128,7 +128,7 @@ def prepare(cfg: SearchConfig, started: float) -> Prepared:
     """Read (download, validate) the data set once, before Ray starts."""
     data_dir = Path(cfg.data.data_dir).expanduser().resolve()
     cfg.data.data_dir = str(data_dir)  # absolute: Ray changes each trial's working directory
-    arrays = load_dataset(cfg.data)
+    arrays = load_dataset(cfg.data, cfg.largest_image_size())
     sizes = (len(arrays.train_labels), 0 if arrays.val_labels is None else len(arrays.val_labels))
     return Prepared(arrays, sizes, started)
 

@@ -19,19 +19,19 @@ from cifar_ray.module import LitResNet9, load_module
 
 
 def prepare(module: LitResNet9, images: np.ndarray) -> torch.Tensor:
-    """(N, 32, 32, 3) uint8 -> the (N, 3, 32, 32) float batch the model was trained on."""
-    return normalize(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2),
+    """(N, s, s, 3) uint8 -> the (N, 3, s, s) float batch the model was trained on."""
+    return normalize(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2),  # a writable copy
                      module.normalization)
 
 
 def probabilities(module: LitResNet9, batch: torch.Tensor) -> np.ndarray:
-    """A prepared (N, 3, 32, 32) batch -> (N, classes) probabilities."""
+    """A prepared (N, 3, s, s) batch -> (N, classes) probabilities."""
     with torch.no_grad():
         return module(batch).exp().numpy()
 
 
 def classify(module: LitResNet9, images: np.ndarray) -> np.ndarray:
-    """(N, 32, 32, 3) uint8 images -> (N, classes) probabilities."""
+    """(N, s, s, 3) uint8 images at the model's size -> (N, classes) probabilities."""
     return probabilities(module, prepare(module, images))
 
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
     module = load_module(args.checkpoint)
-    images = np.stack([read_image(path) for path in args.images])  # DataError names a bad file
+    images = np.stack([read_image(path, module.image_size) for path in args.images])
     ranked = top_k(classify(module, images), module.class_names, args.top_k)
     if args.json:
         print(json.dumps([{"image": path, "top": [{"class": c, "probability": p} for c, p in top]}

@@ -22,7 +22,7 @@ def tensorboard_hparams(logger, params: dict[str, Any]) -> None:
     with the metrics' names only (Lightning's own would log a false point at step 0)."""
     from torch.utils.tensorboard.summary import hparams
 
-    writer = logger.experiment._get_file_writer()
+    writer = logger.experiment.file_writer  # made when the SummaryWriter is
     for summary in hparams(params, {name: 0.0 for name in HPARAM_METRICS}):
         writer.add_summary(summary)
     writer.flush()

@@ -153,3 +153,32 @@ def write_class_folders(root: Path, n_train: int = 240, n_test: int = 80, n_val:
     (root / "train" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (root / "test" / FOLDER_CLASSES[1] / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     return out
+
+
+STRIPE_CLASSES = ["across", "down"]
+
+
+def stripes(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A (size, size, 3) uint8 image whose class is fine detail: stripes 2 pixels wide (period
+    4), across (horizontal) or down (vertical), at an even offset, over noise. Area resampling
+    to half the size keeps them as 1-pixel stripes; to a quarter it averages every 4x4 block
+    to the same grey: the class is gone at 32 pixels from 128, kept at 64."""
+    offset = 2 * int(rng.integers(0, 2))
+    on = ((np.arange(size) + offset) % 4 < 2)[:, None].repeat(size, 1)  # rows 0, 1 on: across
+    pattern = on if label == 0 else on.T
+    grey = 128 + 60 * np.where(pattern, 1, -1) + rng.normal(0, 12, (size, size))
+    image = grey[:, :, None] + rng.integers(-20, 21, 3)[None, None]  # a tint per image
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_stripes(root: Path, n_train: int = 200, n_test: int = 100, n_val: int = 60,
+                  size: int = 128, seed: int = 0) -> Path:
+    """A class-folder set (PNG, `size` pixels) whose two classes differ only in fine detail
+    (`stripes`); train/, val/ and test/, classes balanced."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        for i in range(n):
+            folder = Path(root) / split / STRIPE_CLASSES[i % 2]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(stripes(i % 2, size, rng)).save(folder / f"{i:05d}.png")
+    return Path(root)

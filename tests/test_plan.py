@@ -101,7 +101,8 @@ def test_the_cpu_warning_for_the_full_network_and_not_for_the_small_configs():
     assert make_plan(_config("experiments/search.yaml"), 4, 0.25).cpu_warning() is None
 
 
-def test_the_flop_count_is_torchs():
+@pytest.mark.parametrize("size", [32, 64])
+def test_the_flop_count_is_torchs(size):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -109,10 +110,10 @@ def test_the_flop_count_is_torchs():
 
     model = ResNet9(width=16)
     with FlopCounterMode(display=False) as counter:
-        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        model(torch.randn(2, 3, size, size)).sum().backward()
     convs = sum(v for op, v in counter.get_flop_counts()["Global"].items()
                 if "convolution" in str(op))
-    assert training_gflop_per_image(16) == pytest.approx(convs / 2 / 1e9, rel=0.01)
+    assert training_gflop_per_image(16, size) == pytest.approx(convs / 2 / 1e9, rel=0.01)
 
 
 def test_expected_epochs_counts_what_is_left():

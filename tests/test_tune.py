@@ -260,14 +260,16 @@ def _check_report_page(out: Path, browser) -> None:
 
 def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_path, sys_tmp,
                                                              no_leftover_ray):
-    """Any config key can be searched: the model's width and the cutout probability here. Each
-    key is a column of trials.csv and a key of best_config, and the retrain builds the winner.
+    """Any config key can be searched: the model's width, the cutout probability and the image
+    size here. Each key is a column of trials.csv and a key of best_config, and the retrain
+    builds the winner, at the winner's image size.
     The data is a class-folder set with a val/ folder (tests/cifar_fixture.py): the search
     learns on it, and GradCAM and the report work on it unchanged. The retrain is stopped by
     SIGTERM half-way (exit 143, one line), and --resume finishes it."""
     space = tmp_path / "space.yaml"
     space.write_text("search:\n  model.width: {choice: [8, 16]}\n"
-                     "  augment.cutout_p: {uniform: [0, 1]}\n")
+                     "  augment.cutout_p: {uniform: [0, 1]}\n"
+                     "  data.image_size: {choice: [32, 48]}\n")
     out = tmp_path / "search"
     password = f"pw-{secrets.token_hex(8)}"
     with FakeMlflow(tmp_path / "mlflow_artifacts", "ada", password) as server:
@@ -306,16 +308,21 @@ def _search_on_folders_resumed(class_folders, space, out, tmp_path, sys_tmp, uri
     assert password not in proc.stdout + proc.stderr
     assert " started: " not in proc.stdout  # no trial ran again
     trials = _read_trials(out)
-    assert list(trials[0]) == ["trial_id", "model.width", "augment.cutout_p", "epochs",
-                               "best_val_acc", "status", "startup_s", *PHASE_COLUMNS, "train_s"]
+    assert list(trials[0]) == ["trial_id", "model.width", "augment.cutout_p", "data.image_size",
+                               "epochs", "best_val_acc", "status", "startup_s", *PHASE_COLUMNS,
+                               "train_s"]
     assert {t["model.width"] for t in trials} <= {"8", "16"}
+    assert {t["data.image_size"] for t in trials} <= {"32", "48"}
     assert all(0 <= float(t["augment.cutout_p"]) <= 1 for t in trials)
     results = json.loads((out / "results.json").read_text())
     best = max(trials, key=lambda t: float(t["best_val_acc"]))
     assert results["best_config"] == {"model.width": int(best["model.width"]),
-                                      "augment.cutout_p": pytest.approx(float(best["augment.cutout_p"]))}
+                                      "augment.cutout_p": pytest.approx(float(best["augment.cutout_p"])),
+                                      "data.image_size": int(best["data.image_size"])}
     from cifar_ray.module import load_module
-    assert load_module(results["checkpoint"]).width == int(best["model.width"])
+    retrained = load_module(results["checkpoint"])
+    assert (retrained.width, retrained.image_size) == (int(best["model.width"]),
+                                                       int(best["data.image_size"]))
     assert f"model.width={best['model.width']}" in proc.stdout
     assert "model.width = " in (out / "summary.md").read_text()
     # Learned on the user's images: 4 classes, chance is 0.25.

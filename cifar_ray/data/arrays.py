@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from cifar_ray.errors import DataError
-
-IMAGE_SIZE = 32
-
 
 @dataclass(frozen=True)
 class Normalization:
@@ -25,7 +23,7 @@ class ImageArrays:
     """A data set in memory, whatever it was read from (these pickles, or class folders:
     image_folders.py)."""
 
-    train_images: np.ndarray  # (N, 32, 32, 3) uint8, HWC as Albumentations wants
+    train_images: np.ndarray  # (N, s, s, 3) uint8, HWC as Albumentations wants
     train_labels: np.ndarray  # (N,) int64
     test_images: np.ndarray
     test_labels: np.ndarray
@@ -34,6 +32,32 @@ class ImageArrays:
     # A validation set of its own (a class-folder set's val/), instead of a held-out split.
     val_images: np.ndarray | None = None
     val_labels: np.ndarray | None = None
+
+    @property
+    def image_size(self) -> int:
+        return self.train_images.shape[1]
+
+
+def resized(arrays: ImageArrays, size: int) -> ImageArrays:
+    """`arrays` with every image size x size: area averaging down, bilinear up (from what was
+    read, so a search reads once at its largest size; data.sources)."""
+    if arrays.image_size == size:
+        return arrays
+    return dataclasses.replace(
+        arrays, train_images=resize_images(arrays.train_images, size),
+        test_images=resize_images(arrays.test_images, size),
+        val_images=None if arrays.val_images is None else resize_images(arrays.val_images, size))
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, s, s, 3) uint8 -> (N, size, size, 3) uint8."""
+    import cv2
+
+    how = cv2.INTER_AREA if size < images.shape[1] else cv2.INTER_LINEAR
+    out = np.empty((len(images), size, size, 3), np.uint8)
+    for i, image in enumerate(images):
+        out[i] = cv2.resize(image, (size, size), interpolation=how)
+    return out
 
 
 def split_train_val(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,8 @@
 """The augmentation recipe, in two engines (`augment.engine`): normalise -> pad to `pad_to`
-with 0 (the mean) -> random 32x32 crop -> flip with `flip_p` -> with `cutout_p`, one
-`cutout_size` hole filled with 0. albumentations: per image, in DataLoader workers;
-tensors: a whole batch in a few ops on the device; auto: tensors on CUDA."""
+with 0 (the mean) -> random crop back to the image's size -> flip with `flip_p` -> with
+`cutout_p`, one `cutout_size` hole filled with 0; pad and hole grow with the image (`scaled`).
+albumentations: per image, in DataLoader workers; tensors: a whole batch in a few ops on the
+device; auto: tensors on CUDA."""
 
 from __future__ import annotations
 
@@ -11,18 +12,27 @@ import torch
 from albumentations.pytorch import ToTensorV2
 
 from cifar_ray.config import AugmentConfig
-from cifar_ray.data.arrays import IMAGE_SIZE, Normalization
+from cifar_ray.data.arrays import Normalization
 
 
-def train_transform(aug: AugmentConfig, norm: Normalization, seed: int | None = None) -> A.Compose:
+def scaled(aug: AugmentConfig, size: int) -> tuple[int, int]:
+    """(the padded side, the cutout's side) for `size`-pixel images: `pad_to` and
+    `cutout_size` are written for 32 pixels and grow with the image."""
+    pad_to = size + round((aug.pad_to - 32) * size / 32)
+    return pad_to, min(size, max(1, round(aug.cutout_size * size / 32)))
+
+
+def train_transform(aug: AugmentConfig, norm: Normalization, seed: int | None = None,
+                    size: int = 32) -> A.Compose:
     """The reference recipe. Normalising first makes 0 the data set's mean, so the padding and
     the cutout hole, both filled with 0, are filled with the mean."""
-    hole = (aug.cutout_size, aug.cutout_size)
+    pad_to, cutout = scaled(aug, size)
+    hole = (cutout, cutout)
     return A.Compose([
         A.Normalize(mean=norm.mean, std=norm.std, max_pixel_value=255.0),
-        A.PadIfNeeded(min_height=aug.pad_to, min_width=aug.pad_to,
+        A.PadIfNeeded(min_height=pad_to, min_width=pad_to,
                       border_mode=cv2.BORDER_CONSTANT, fill=0),
-        A.RandomCrop(height=IMAGE_SIZE, width=IMAGE_SIZE),
+        A.RandomCrop(height=size, width=size),
         A.HorizontalFlip(p=aug.flip_p),
         A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=hole, hole_width_range=hole,
                         fill=0, p=aug.cutout_p),
@@ -72,8 +82,9 @@ def normalize(images: torch.Tensor, norm: Normalization) -> torch.Tensor:
 
 def augment_batch(images: torch.Tensor, aug: AugmentConfig, norm: Normalization,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, 3, 32, 32) uint8 on any device -> augmented, normalised (B, 3, 32, 32) float32."""
+    """(B, 3, s, s) uint8 on any device -> augmented, normalised (B, 3, s, s) float32."""
     b, _, h, w = images.shape
+    pad_to, cutout = scaled(aug, h)
     device = images.device
     x = normalize(images, norm)
 
@@ -84,9 +95,9 @@ def augment_batch(images: torch.Tensor, aug: AugmentConfig, norm: Normalization,
         return torch.rand(b, device=device, generator=generator) < p
 
     # Pad and crop in one gather: output (i, j) reads source (top + i, left + j), 0 outside.
-    pad_top, pad_left = max(0, aug.pad_to - h) // 2, max(0, aug.pad_to - w) // 2
-    top = uniform_ints(max(0, aug.pad_to - h)) - pad_top  # (B,)
-    left = uniform_ints(max(0, aug.pad_to - w)) - pad_left
+    pad_top, pad_left = max(0, pad_to - h) // 2, max(0, pad_to - w) // 2
+    top = uniform_ints(max(0, pad_to - h)) - pad_top  # (B,)
+    left = uniform_ints(max(0, pad_to - w)) - pad_left
     rows = top[:, None] + torch.arange(h, device=device)  # (B, H) source rows
     cols = left[:, None] + torch.arange(w, device=device)  # (B, W) source columns
     cols = torch.where(coin(aug.flip_p)[:, None], cols.flip(1), cols)  # flip after the crop
@@ -96,7 +107,7 @@ def augment_batch(images: torch.Tensor, aug: AugmentConfig, norm: Normalization,
     x = gathered.permute(0, 3, 1, 2) * inside[:, None]  # (B, 3, H, W), padding = 0 = the mean
 
     # Cutout: one size x size hole per chosen image, fully inside it.
-    size = min(aug.cutout_size, h, w)
+    size = min(cutout, h, w)
     y0, x0 = uniform_ints(h - size)[:, None], uniform_ints(w - size)[:, None]
     ys, xs = torch.arange(h, device=device)[None], torch.arange(w, device=device)[None]
     hole = (((ys >= y0) & (ys < y0 + size))[:, :, None] & ((xs >= x0) & (xs < x0 + size))[:, None, :])

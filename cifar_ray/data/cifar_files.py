@@ -21,8 +21,10 @@ try:  # numpy 2
 except ImportError:  # numpy 1
     from numpy.core.multiarray import _reconstruct
 
-from cifar_ray.data.arrays import IMAGE_SIZE, ImageArrays, Normalization
+from cifar_ray.data.arrays import ImageArrays, Normalization
 from cifar_ray.errors import DataError
+
+CIFAR_SIZE = 32  # the official files' images
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ def _read_batch(path: Path, labels_key: str, num_classes: int) -> tuple[np.ndarr
             raise DataError(f"{path}: missing key '{key}'")
     data = batch["data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE:
+            or data.shape[1] != 3 * CIFAR_SIZE * CIFAR_SIZE:
         got = f"{data.shape} {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
         raise DataError(f"{path}: 'data' must be an N x 3072 uint8 array, got {got}")
     labels = _labels(batch[labels_key])
@@ -234,7 +236,7 @@ def _read_batch(path: Path, labels_key: str, num_classes: int) -> tuple[np.ndarr
         raise DataError(f"{path}: label {int(labels.max() if labels.max() >= num_classes else labels.min())} "
                         f"out of range for the {num_classes} classes in the meta file")
     # Rows are 1024 red, then 1024 green, then 1024 blue values: -> (N, 32, 32, 3).
-    images = data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
+    images = data.reshape(-1, 3, CIFAR_SIZE, CIFAR_SIZE).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels
 
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cifar_ray.config import Config
-from cifar_ray.data.arrays import ImageArrays, Normalization, split_train_val
+from cifar_ray.data.arrays import ImageArrays, Normalization, resized, split_train_val
 from cifar_ray.data.augment import (
     augment_batch,
     eval_transform,
@@ -57,7 +57,7 @@ class DeviceBatches:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
-        self.images, self.labels = images, labels  # (N, 3, 32, 32) uint8, (N,) int64
+        self.images, self.labels = images, labels  # (N, 3, s, s) uint8, (N,) int64
         self.batch_size, self.shuffle, self.rank, self.world = batch_size, shuffle, rank, world
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.count = len(range(rank, len(labels), world))  # this rank's images
@@ -128,7 +128,9 @@ class CifarDataModule(pl.LightningDataModule):
             return
         if self.arrays is None:
             self.arrays = load_dataset(self.cfg.data)
-        d, arrays = self.cfg.data, self.arrays
+        d = self.cfg.data
+        # A search reads once at its largest size; each trial takes the size it samples.
+        self.arrays = arrays = resized(self.arrays, d.image_size)
         train_x, train_y = split_arrays(arrays, "train", d.val_size, self.cfg.trainer.seed)
         val_x, val_y = split_arrays(arrays, "val", d.val_size, self.cfg.trainer.seed)
         if d.limit_train:
@@ -136,7 +138,8 @@ class CifarDataModule(pl.LightningDataModule):
         evaluate = eval_transform(self.norm)
         self.train_set = ImageArrayDataset(train_x, train_y,
                                            train_transform(self.cfg.augment, self.norm,
-                                                           seed=self.cfg.trainer.seed))
+                                                           seed=self.cfg.trainer.seed,
+                                                           size=d.image_size))
         self.val_set = ImageArrayDataset(val_x, val_y, evaluate)
         self.test_set = ImageArrayDataset(arrays.test_images, arrays.test_labels, evaluate)
 
@@ -160,7 +163,7 @@ class CifarDataModule(pl.LightningDataModule):
 
     def _device_batches(self, dataset: ImageArrayDataset, shuffle: bool) -> DeviceBatches:
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        images = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+        images = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).contiguous()  # (N, 3, s, s)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return DeviceBatches(images.to(device), torch.from_numpy(dataset.labels).long().to(device),
                              self.batch_size(shuffle), shuffle, seed=self.cfg.trainer.seed,

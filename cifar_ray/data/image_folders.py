@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cifar_ray.data.arrays import IMAGE_SIZE, ImageArrays, Normalization
+from cifar_ray.data.arrays import ImageArrays, Normalization
 from cifar_ray.errors import DataError
 from cifar_ray.files import atomic_path
 
@@ -33,8 +33,8 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 warnings.filterwarnings("ignore", message="Corrupt EXIF data", module="PIL")
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Any image file -> (32, 32, 3) uint8 RGB, by area resampling; DataError naming the file
+def read_image(path: str | Path, size: int = 32) -> np.ndarray:
+    """Any image file -> (size, size, 3) uint8 RGB, by area resampling; DataError naming the file
     if it is missing, does not decode, or declares more than MAX_PIXELS in its header."""
     path = Path(path)
     if path.is_dir():
@@ -48,7 +48,7 @@ def read_image(path: str | Path) -> np.ndarray:
                 raise DataError(f"{path}: {width}x{height} pixels, more than this project "
                                 f"reads ({MAX_PIXELS // 1_000_000} megapixels)")
             image = image.convert("RGB")
-            image = image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+            image = image.resize((size, size), Image.Resampling.BOX)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
             SyntaxError) as exc:  # SyntaxError: Pillow's word for some malformed headers
         raise DataError(f"{path}: not a readable image ({type(exc).__name__})") from None
@@ -104,11 +104,13 @@ def fingerprint(root: Path, files: dict[str, list[tuple[Path, int]]]) -> str:
     return digest.hexdigest()
 
 
-def cache_paths(root: Path) -> list[Path]:
-    """Where the cache may be, in order: beside the data, else in the user's cache dir (for a
-    data dir this process cannot write)."""
+def cache_paths(root: Path, size: int = 32) -> list[Path]:
+    """Where the cache of `size`-pixel images may be, in order: beside the data, else in the
+    user's cache dir (for a data dir this process cannot write). One file per size."""
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar_ray"
-    return [root / CACHE_NAME, base / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.npz"]
+    name = CACHE_NAME if size == 32 else CACHE_NAME.replace(".npz", f"_{size}px.npz")
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    return [root / name, base / f"{digest}{'' if size == 32 else f'_{size}px'}.npz"]
 
 
 def _load_cache(path: Path, key: str, say) -> dict[str, np.ndarray] | None:
@@ -149,34 +151,34 @@ def _check_npz(path: Path) -> None:
 
 
 def _decode(root: Path, files: dict[str, list[tuple[Path, int]]], classes: list[str],
-            key: str) -> dict[str, np.ndarray]:
+            key: str, size: int) -> dict[str, np.ndarray]:
     arrays = {"key": np.asarray(key), "classes": np.asarray(classes)}
     for split, pairs in files.items():
-        arrays[f"{split}_images"] = np.stack([read_image(path) for path, _ in pairs])
+        arrays[f"{split}_images"] = np.stack([read_image(path, size) for path, _ in pairs])
         arrays[f"{split}_labels"] = np.asarray([label for _, label in pairs], dtype=np.int64)
     return arrays
 
 
-def read_folders(data_dir: str | Path, quiet: bool = False) -> ImageArrays:
-    """The class-folder data set at `data_dir` as ImageArrays (cifar_files.py), from the cache
-    when it is current, else decoded (and cached)."""
+def read_folders(data_dir: str | Path, quiet: bool = False, size: int = 32) -> ImageArrays:
+    """The class-folder data set at `data_dir` as ImageArrays of `size`-pixel images, from the
+    cache when it is current, else decoded (and cached)."""
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"{root}: data folder missing")
     classes, files, skipped = scan(root)
-    key = fingerprint(root, files)
+    key = f"{size}px {fingerprint(root, files)}"
     say = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
     note = f" ({skipped} files that are not images skipped)" if skipped else ""
-    for cache in cache_paths(root):
+    for cache in cache_paths(root, size):
         arrays = _load_cache(cache, key, say)
         if arrays is not None:
             say(f"data: {root} read from its cache {cache}{note}")
             break
     else:
         count = sum(len(pairs) for pairs in files.values())
-        say(f"data: decoding {count} images from {root}{note}")
-        arrays = _decode(root, files, classes, key)
-        _write_cache(arrays, cache_paths(root), say)
+        say(f"data: decoding {count} images from {root} at {size}x{size}{note}")
+        arrays = _decode(root, files, classes, key, size)
+        _write_cache(arrays, cache_paths(root, size), say)
     train = arrays["train_images"]
     return ImageArrays(train, arrays["train_labels"], arrays["test_images"],
                        arrays["test_labels"], [str(c) for c in arrays["classes"]],

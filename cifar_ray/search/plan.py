@@ -39,15 +39,16 @@ def expected_epochs(epoch: int, rungs: list[int], reduction_factor: int, max_t: 
     return total + alive * (max_t - position)
 
 
-def training_gflop_per_image(width: int) -> float:
-    """Training FLOPs (forward + backward, 3x the forward) of ResNet-9 at `width` per 32x32
-    image: its eight 3x3 convolutions (model.py). Width 16: 0.144, as torch's FLOP counter."""
+def training_gflop_per_image(width: int, size: int = 32) -> float:
+    """Training FLOPs (forward + backward, 3x the forward) of ResNet-9 at `width` per `size`
+    square image: its eight 3x3 convolutions (model.py), whose positions grow with the pixels.
+    Width 16 at 32: 0.144, as torch's FLOP counter."""
     w = width
     convs = [(32 * 32, 3, w), (32 * 32, w, 2 * w), (16 * 16, 2 * w, 2 * w), (16 * 16, 2 * w, 2 * w),
              (16 * 16, 2 * w, 4 * w), (8 * 8, 4 * w, 8 * w), (4 * 4, 8 * w, 8 * w),
              (4 * 4, 8 * w, 8 * w)]  # (output positions, in, out) before each pooling
     forward = sum(2 * positions * c_in * c_out * 9 for positions, c_in, c_out in convs)
-    return 3 * forward / 1e9
+    return 3 * forward * (size / 32) ** 2 / 1e9
 
 
 def image_counts(cfg, sizes: tuple[int, int] | None = None) -> tuple[int, int] | None:
@@ -190,7 +191,7 @@ def make_plan(cfg, concurrent: int, gpus_per_worker: float, epoch_seconds: float
         epoch_seconds=epoch_seconds, epoch_source=epoch_source)
     if epoch_seconds is None and not gpus_per_worker and plan.images:
         train, val = plan.images
-        per_image = training_gflop_per_image(cfg.model.width)
+        per_image = training_gflop_per_image(cfg.model.width, cfg.data.image_size)
         cores_total = cpus_total or os.cpu_count() or 1
         cores = t.workers_per_trial * t.cpus_per_worker
         # Trials at once share the cores when they ask for more than there are.

@@ -24,6 +24,7 @@ from cifar_ray.search.settings import describe
 BATCH_KEY = "trainer.batch_size"
 LOG_EVERY = float(os.environ.get("CIFAR_RAY_PROGRESS_EVERY", "60"))  # seconds, when not a TTY
 TERMINAL_EVERY = 2.0
+TABLE_EVERY = 30.0  # seconds between Tune's status tables, as Tune's own reporter
 
 
 class Estimator:
@@ -148,7 +149,7 @@ class SearchConsole(Callback):
 
         now = time.time()
         self._runtime = {"started": now, "estimator": Estimator(self.plan),
-                         "last": 0.0}
+                         "last": 0.0, "table_at": now}
         # Tune's reporter runs silent (the event lines replace its per-trial tables); this
         # prints its status table.
         if not self.verbose:
@@ -241,9 +242,10 @@ class SearchConsole(Callback):
     def on_step_end(self, iteration, trials, **info) -> None:
         if "table" in self._runtime and not self._stopping():
             table = self._runtime["table"]  # clear the progress line only when it prints
-            if time.time() - table._last_heartbeat_time >= table._heartbeat_freq:
+            if time.time() - self._runtime["table_at"] >= TABLE_EVERY:
+                self._runtime["table_at"] = time.time()
                 self.console.clear()
-                table.print_heartbeat(trials)
+                table.print_heartbeat(trials, force=True)
         self._progress()
 
     def on_experiment_end(self, trials, **info) -> None:

@@ -66,6 +66,8 @@ def parse_space(space: Any, base: Config) -> dict[str, tuple[str, list]]:
                               f"(valid: {', '.join(DISTRIBUTIONS)})")
         check(isinstance(args, list), f"{where}: {name} takes {DISTRIBUTIONS[name]}, got {args!r}")
         kind = known[key]
+        check(key != "data.image_size" or name == "choice", f"{where}: image sizes are "
+              "multiples of 8: use choice: [...]")
         if name == "choice":
             check(len(args) > 0, f"{where}: choice needs at least one value")
             values = args
@@ -183,6 +185,11 @@ class SearchConfig(Config):
     def space(self) -> dict[str, tuple[str, list]]:
         """The checked search space: {key: (distribution, arguments)}."""
         return parse_space(self.search, self.training_config())
+
+    def largest_image_size(self) -> int:
+        """The largest data.image_size a trial may take: the data set is read once, at it."""
+        name, sizes = self.space().get("data.image_size", ("choice", [self.data.image_size]))
+        return max(sizes)
 
     def validate(self) -> None:
         validate(self)
