@@ -19,7 +19,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch.utils.data import DataLoader
 
 from cifar_ray import cli
-from cifar_ray.config import DataConfig
+from cifar_ray.config import DEVICES, DataConfig
 from cifar_ray.data.arrays import ImageArrays, resized
 from cifar_ray.data.augment import denormalize, eval_transform
 from cifar_ray.data.datamodule import ImageArrayDataset, split_arrays
@@ -37,6 +37,7 @@ from cifar_ray.plots import (
 from cifar_ray.runtime import resolve_device
 
 DEFAULT_LAYER = CAM_LAYERS[-1]
+NUM_IMAGES, BATCH_SIZE = 16, 256  # mistakes shown; images per forward pass
 # The report's figures, in the order index.html shows them, with what each shows.
 FIGURES = {
     "misclassified.png": "The most confident mistakes, each beside its GradCAM for the predicted "
@@ -130,8 +131,8 @@ def heatmap_over(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.55)
 
 
 def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path | None = None,
-            num_images: int = 16, layer: str = DEFAULT_LAYER, split: str = "test",
-            device: str = "auto", batch_size: int = 256,
+            num_images: int = NUM_IMAGES, layer: str = DEFAULT_LAYER, split: str = "test",
+            device: str = "auto", batch_size: int = BATCH_SIZE,
             arrays: ImageArrays | None = None) -> dict[str, Any]:
     """The whole stage as a function (the search calls it); returns the summary numbers."""
     if num_images < 1:
@@ -228,15 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default="data",
                         help="folder holding the data set the checkpoint was trained on")
     parser.add_argument("--output-dir", help="(default: gradcam/ beside the checkpoint)")
-    parser.add_argument("--num-images", type=int, default=16,
+    parser.add_argument("--num-images", type=int, default=NUM_IMAGES,
                         help="mistakes to show, the most confident first")
     parser.add_argument("--target-layer", default=DEFAULT_LAYER,
                         help=f"the layer GradCAM looks at: {', '.join(CAM_LAYERS)}")
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="val: the validation images the model was trained without")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="auto: cuda when there is a GPU")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward pass")
     args = parser.parse_args(argv)
     summary = analyse(args.checkpoint, args.data_dir, args.output_dir, args.num_images,
                       args.target_layer, args.split, args.device, args.batch_size)
