@@ -1,9 +1,6 @@
 """`python -m cifar_ray.bench [--device cpu|cuda] [--json OUT] [--sections a,b]`: how fast this
-project trains, augments, starts trials and explains, on this machine. Prints a table; `--json`
-writes the numbers after every section (one that fails or times out records its error).
-Sections: framework (the module against a plain loop, syncs, DDP, Python calls per step),
-compile, augment (both engines), gradcam, flops, train (the command end to end), search (per
-GPU share). What each measures, and the numbers with their machine: docs/benchmarks.md."""
+project trains, augments, starts trials and explains, on this machine, section by section (a
+failed one records its error); what each measures, and the numbers: docs/benchmarks.md."""
 
 from __future__ import annotations
 

@@ -87,10 +87,8 @@ def find_mistakes(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> 
 
 def compute_cams(module: LitResNet9, images: torch.Tensor, class_ids: list[int], layer: str,
                  device: torch.device) -> np.ndarray:
-    """GradCAM maps (B, s, s) in [0, 1] of `images` (B, 3, s, s) for `class_ids`: the
-    grad-cam package's computation as a few batched tensor ops, with autograd back to the
-    target layer only (tests/test_gradcam.py checks they equal the package's maps). Runs with
-    gradients, in eval mode, and puts the model's mode back."""
+    """GradCAM maps (B, s, s) in [0, 1] of `images` (B, 3, s, s) for `class_ids`: grad-cam's
+    computation in a few batched ops, autograd back to the layer only (equal maps: tested)."""
     was_training = module.training
     saved: list[torch.Tensor] = []
     hook = target_layer(module, layer).register_forward_hook(lambda _m, _i, out: saved.append(out))
@@ -143,20 +141,9 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
     out = Path(output_dir).expanduser().resolve() if output_dir else checkpoint.parent / "gradcam"
     dev = torch.device(resolve_device(device))
     module = load_module(checkpoint).to(dev)
-    trained = module.data_config
     target_layer(module, layer)  # fail on a bad name before any heavy work
-    if arrays is None:
-        arrays = load_dataset(DataConfig(dataset=trained.dataset, data_dir=str(data_dir),
-                                         image_size=module.image_size))
-    arrays = resized(arrays, module.image_size)  # a search's arrays are at its largest size
-    if len(arrays.classes) != module.num_classes:
-        raise UserError(f"{checkpoint}: trained for {module.num_classes} classes, but the data "
-                        f"set in {data_dir} has {len(arrays.classes)}")
-    if split == "val" and trained.val_size == 0:
-        raise ConfigError("this checkpoint was trained without a validation split; use --split test")
-    # The same split the model was trained with, normalised as it was trained.
-    images, labels = split_arrays(arrays, split, trained.val_size, module.hparams.seed)
-    dataset = ImageArrayDataset(images, labels, eval_transform(module.normalization))
+    dataset = split_of(module, checkpoint, data_dir, split, arrays)
+    labels = dataset.labels
     probs = predict(module, DataLoader(dataset, batch_size=batch_size), dev)
     mistakes = find_mistakes(probs, labels, module.class_names)
     shown = mistakes[:num_images]
@@ -172,17 +159,7 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
     plot_per_class_accuracy(list(classes["per_class_acc"].values()), module.class_names,
                             out / "per_class_accuracy.png")
     if shown:
-        batch = torch.stack([dataset[m.index][0] for m in shown])  # (N, 3, s, s)
-        pictures = denormalize(batch, module.normalization).numpy()  # (N, s, s, 3) in [0, 1]
-        pred_cams = compute_cams(module, batch, [m.predicted_id for m in shown], layer, dev)
-        true_cams = compute_cams(module, batch, [m.true_id for m in shown], layer, dev)
-        titles = [f"{m.true} / {m.predicted} ({m.probability:.2f})" for m in shown]
-        plot_cam_grid([p for p in pictures], [heatmap_over(p, c) for p, c in zip(pictures, pred_cams)],
-                      titles, out / "misclassified.png")
-        plot_true_vs_pred([p for p in pictures],
-                          [heatmap_over(p, c) for p, c in zip(pictures, true_cams)],
-                          [heatmap_over(p, c) for p, c in zip(pictures, pred_cams)],
-                          shown, out / "gradcam_true_vs_pred.png")
+        plot_mistakes(module, dataset, shown, layer, dev, out)
 
     summary = {"checkpoint": str(checkpoint), "split": split, "images": int(len(labels)),
                "accuracy": accuracy, "mistakes": len(mistakes), "shown": len(shown),
@@ -192,6 +169,37 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
                {**summary, "misclassified": [m.__dict__ for m in mistakes]})
     write_text(out / "index.html", render_html(summary, confusion, module.class_names))
     return summary
+
+
+def split_of(module: LitResNet9, checkpoint: Path, data_dir: str | Path, split: str,
+             arrays: ImageArrays | None) -> ImageArrayDataset:
+    """The split the model was trained with, at its size, normalised as it was trained."""
+    trained = module.data_config
+    if arrays is None:
+        arrays = load_dataset(DataConfig(dataset=trained.dataset, data_dir=str(data_dir),
+                                         image_size=module.image_size))
+    arrays = resized(arrays, module.image_size)  # a search's arrays are at its largest size
+    if len(arrays.classes) != module.num_classes:
+        raise UserError(f"{checkpoint}: trained for {module.num_classes} classes, but the data "
+                        f"set in {data_dir} has {len(arrays.classes)}")
+    if split == "val" and trained.val_size == 0:
+        raise ConfigError("this checkpoint was trained without a validation split; use --split test")
+    images, labels = split_arrays(arrays, split, trained.val_size, module.hparams.seed)
+    return ImageArrayDataset(images, labels, eval_transform(module.normalization))
+
+
+def plot_mistakes(module: LitResNet9, dataset: ImageArrayDataset, shown: list, layer: str,
+                  dev: torch.device, out: Path) -> None:
+    """misclassified.png and gradcam_true_vs_pred.png of the `shown` mistakes."""
+    batch = torch.stack([dataset[m.index][0] for m in shown])  # (N, 3, s, s)
+    pictures = list(denormalize(batch, module.normalization).numpy())  # (s, s, 3) in [0, 1]
+    pred_cams = compute_cams(module, batch, [m.predicted_id for m in shown], layer, dev)
+    true_cams = compute_cams(module, batch, [m.true_id for m in shown], layer, dev)
+    titles = [f"{m.true} / {m.predicted} ({m.probability:.2f})" for m in shown]
+    on_pred = [heatmap_over(p, c) for p, c in zip(pictures, pred_cams)]
+    plot_cam_grid(pictures, on_pred, titles, out / "misclassified.png")
+    plot_true_vs_pred(pictures, [heatmap_over(p, c) for p, c in zip(pictures, true_cams)],
+                      on_pred, shown, out / "gradcam_true_vs_pred.png")
 
 
 def render_html(summary: dict[str, Any], confusion: np.ndarray, classes: list[str]) -> str:

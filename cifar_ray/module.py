@@ -24,10 +24,9 @@ from cifar_ray.pl import pl
 
 
 class LitResNet9(pl.LightningModule):
-    """Built from the config's own sections, saved as its hyperparameters under their config
-    names (`optim.lr` is hparams.optim["lr"]): plain values, so a checkpoint loads under
-    weights_only=True and rebuilds alone. `data` and `seed` rebuild the split it was trained
-    and validated on (GradCAM); `norm` is the normalisation it was trained with."""
+    """Built from the config's sections, saved as its hyperparameters under their names
+    (`optim.lr` is hparams.optim["lr"]; plain values, for weights_only=True), with the seed,
+    class names and normalisation: a checkpoint rebuilds the model and its data split alone."""
 
     def __init__(self, model: dict[str, Any] | None = None, optim: dict[str, Any] | None = None,
                  data: dict[str, Any] | None = None, seed: int = 1,

@@ -75,10 +75,8 @@ class SnapshotCheckpointIO(AtomicCheckpointIO):
 
 def build_trainer(device: str, precision: str = "auto", write_behind: bool = False,
                   **options: Any) -> pl.Trainer:
-    """A Lightning Trainer on `device` ('cpu' or 'cuda') with the project's defaults, which
-    `options` add to or replace. `write_behind`: checkpoints are written by a thread while
-    training goes on (Lightning's AsyncCheckpointIO); a failed write is raised at the next save
-    or when fit ends. A CheckpointIO among `plugins` replaces the project's."""
+    """A Lightning Trainer on `device` with the project's defaults, which `options` add to or
+    replace; `write_behind`: checkpoints written by a thread while training goes on."""
     if device == "cuda":
         # TF32 for fp32 matmuls outside autocast, chosen here on purpose.
         torch.set_float32_matmul_precision("high")

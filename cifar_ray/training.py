@@ -78,10 +78,8 @@ class EpochLines(pl.Callback):
 def run(cfg: Config, arrays: ImageArrays | None = None, init_checkpoint: str | Path | None = None,
         overwrite: bool = False, resume: bool = False, hparams: dict[str, Any] | None = None,
         mlflow=None, line_prefix: str = "") -> dict[str, Any]:
-    """Train, test the best checkpoint, write the outputs; return the results dict.
-    `hparams`: values to show in TensorBoard's HParams tab (the retrain: the best sample);
-    `mlflow`: an MLflow logger that gets the same metrics (tracking.retrain_logger);
-    `line_prefix`: before each epoch's line when there is no progress bar (EpochLines)."""
+    """Train, test the best checkpoint, write the outputs; return the results. `hparams`: for
+    TensorBoard's HParams tab; `mlflow`: an MLflow logger; `line_prefix`: see EpochLines."""
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     resume_from = resume_point(out, overwrite, resume)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)

@@ -78,9 +78,8 @@ SPECS = {
 
 
 def ensure_dataset(data_dir: str | Path, dataset: str) -> Path:
-    """The data set's folder, downloaded and md5-checked if missing (extracted to a
-    temporary folder renamed into place). An existing folder is used as it is; `read_cifar`
-    validates it."""
+    """The data set's folder, downloaded, md5-checked and extracted (to a temporary folder
+    renamed into place) if missing; an existing one is used as it is."""
     data_dir = Path(data_dir).expanduser().resolve()
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"--data-dir {data_dir}: a file, not a folder")
@@ -118,9 +117,8 @@ MAX_CLASS_NAME = 200
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles CIFAR batches (dicts of lists, strings and numeric numpy arrays) and nothing
-    else; every array and string is charged, before it is made, against `budget` (the file's
-    size): an honest file carries each array's bytes itself."""
+    """Unpickles CIFAR batches (dicts, lists, strings, numeric arrays) and nothing else, each
+    array and string charged before it is made against `budget`, the file's own size."""
 
     _NDARRAY = object()  # stands for numpy.ndarray: an argument of _reconstruct, never called
     RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"),

@@ -1,8 +1,6 @@
-"""Your own images in class folders (`data.dataset: folder`): train/<class>/, test/<class>/
-and optionally val/<class>/ (README.md, "Your own images"). Any format Pillow reads, any size:
-each image becomes 32x32 RGB (`read_image`, which predict and the app use too). Decoded once,
-into a cache keyed by every file's path, size and time; the training images' per-channel
-mean and std travel with the model."""
+"""Your own images in class folders (train/, test/, optionally val/; README.md, "Your own
+images"), each decoded once to `data.image_size` square RGB (`read_image`, which predict and
+the app use too) into a cache keyed by every file's path, size and time."""
 
 from __future__ import annotations
 

@@ -150,8 +150,7 @@ class SearchConsole(Callback):
         now = time.time()
         self._runtime = {"started": now, "estimator": Estimator(self.plan),
                          "last": 0.0, "table_at": now}
-        # Tune's reporter runs silent (the event lines replace its per-trial tables); this
-        # prints its status table.
+        # Tune's reporter is silent (event lines replace its tables); this prints its status.
         if not self.verbose:
             table = TuneTerminalReporter(AirVerbosity.DEFAULT, num_samples=self.plan.trials,
                                          metric=METRIC, mode="max", config=self.space)
@@ -271,9 +270,8 @@ class SearchConsole(Callback):
 
 
 def route_worker_logs(target: Path) -> None:
-    """What Ray's workers print (Ray Train's lines, Lightning's banners, stopped workers'
-    stack dumps), and Tune's own log, go to `target`; lines that start with CONSOLE_MARK reach
-    the console too. Swaps the handler of Ray's log dispatcher (ray 2.60: ray._private)."""
+    """What Ray's workers print, and Tune's log, go to `target` (CONSOLE_MARK lines to the
+    console too), by swapping the handler of Ray's log dispatcher (ray 2.60: ray._private)."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     target.parent.mkdir(parents=True, exist_ok=True)

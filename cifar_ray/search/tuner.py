@@ -52,9 +52,8 @@ def trial_base_config(cfg: SearchConfig, use_gpu: bool) -> dict[str, Any]:
 
 
 def searcher(cfg: SearchConfig, concurrent: int):
-    """Tune's search algorithm for tune.search_alg, at most `concurrent` trials at once:
-    Tune's random generator, or Optuna's TPE (random for its first third of the trials, 2 to
-    10; constant_liar, so that trials started together spread out)."""
+    """Tune's random generator, or Optuna's TPE (random for its first third of the trials, 2 to
+    10; constant_liar spreads trials started together), at most `concurrent` at once."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 

@@ -30,10 +30,9 @@ from cifar_ray.tracking import tensorboard_hparams
 
 
 class EpochReports(pl.Callback):
-    """Reports each epoch's metrics and checkpoint to Ray Train, and keeps every report in
-    the checkpoint marked with the Tune session that received it: a restored run first
-    replays the epochs this session has not seen (docs/internals.md, "Resuming"). Also
-    measures the trial's start-up, phase by phase, from `marks` (each phase's end)."""
+    """Reports each epoch's metrics and checkpoint to Ray Train, keeping every report in the
+    checkpoint with the Tune session that got it (docs/internals.md, "Resuming"), and the
+    trial's start-up phase by phase, from `marks` (each phase's end)."""
 
     def __init__(self, session: str, run_dir: str, marks: dict[str, float],
                  io: SnapshotCheckpointIO):
