@@ -55,11 +55,11 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def synthetic_batches(n: int, batch: int, device: torch.device, seed: int = 0):
-    """`n` normalised (B, 3, 32, 32) batches with labels, already on the device."""
+def synthetic_batches(n: int, batch: int, device: torch.device, seed: int = 0, size: int = 32):
+    """`n` normalised (B, 3, size, size) batches with labels, already on the device."""
     gen = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return [(torch.randn(batch, 3, 32, 32, generator=gen).to(device, memory_format=fmt),
+    return [(torch.randn(batch, 3, size, size, generator=gen).to(device, memory_format=fmt),
              torch.randint(0, 10, (batch,), generator=gen).to(device)) for _ in range(n)]
 
 
@@ -168,12 +168,12 @@ def python_calls_per_step(run: Callable[[list], Any], device: torch.device) -> f
 
 
 def bench_framework(device: torch.device, width: int, batches_sizes: list[int], steps: int,
-                    warmup: int) -> dict[str, Any]:
+                    warmup: int, size: int = 32) -> dict[str, Any]:
     """At each batch size: the plain loop and the module, alternated twice (each one's best
     kept), then the module under DDP with one rank. The first batch size is the headline."""
     out: dict[str, Any] = {"by_batch_size": {}}
     for batch in batches_sizes:
-        batches = synthetic_batches(warmup + steps, batch, device)
+        batches = synthetic_batches(warmup + steps, batch, device, size=size)
         images = steps * batch
         plain, module, syncs = [], [], None
         for attempt in range(2):
@@ -199,10 +199,10 @@ def bench_framework(device: torch.device, width: int, batches_sizes: list[int], 
 
 
 def bench_compile(device: torch.device, width: int, batch: int, steps: int,
-                  warmup: int) -> dict[str, Any]:
+                  warmup: int, size: int = 32) -> dict[str, Any]:
     """The module with trainer.compile: images/s after `warmup` steps, and the warm-up's
     seconds (tracing, compiling, recording CUDA graphs)."""
-    batches = synthetic_batches(warmup + steps, batch, device)
+    batches = synthetic_batches(warmup + steps, batch, device, size=size)
     out: dict[str, Any] = {}
     for mode in ("default", "reduce-overhead"):
         torch._dynamo.reset()
@@ -216,7 +216,7 @@ def bench_compile(device: torch.device, width: int, batch: int, steps: int,
 def bench_augment(images: np.ndarray, labels: np.ndarray, device: torch.device,
                   batch: int) -> dict[str, Any]:
     aug, norm = AugmentConfig(), SPECS["cifar10"].norm
-    transform = train_transform(aug, norm, seed=0)
+    transform = train_transform(aug, norm, seed=0, size=images.shape[1])
     n = min(len(images), 2000)
     one = n / timed(lambda: [transform(image=images[i]) for i in range(n)], device)
 
@@ -274,7 +274,8 @@ def end_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def bench_train(data_dir: Path, on_gpu: bool, epochs: int, timeout: float) -> dict[str, Any]:
+def bench_train(data_dir: Path, on_gpu: bool, epochs: int, timeout: float,
+                size: int = 32) -> dict[str, Any]:
     """`python -m cifar_ray.train` with the default recipe (on a CPU a small one)."""
     small = [] if on_gpu else ["--width", "16", "--limit-train", "2000", "--val-size", "500",
                                  "--batch-size", "128", "--num-workers", "0"]
@@ -282,6 +283,7 @@ def bench_train(data_dir: Path, on_gpu: bool, epochs: int, timeout: float) -> di
         out = Path(tmp) / "train"
         wall = run_command("cifar_ray.train", ["--data-dir", str(data_dir), "--output-dir",
                                                str(out), "--epochs", str(epochs),
+                                               "--image-size", str(size),
                                                "--no-progress-bar", *small], timeout, tmp)
         results = json.loads((out / "results.json").read_text())
     return {"train_images_per_second": results["train_images_per_second"],
@@ -337,7 +339,7 @@ def bench_gradcam(images: np.ndarray, device: torch.device, width: int,
 
     module = LitResNet9(model={"width": width}).to(device).eval()
     spec = SPECS["cifar10"]
-    x = normalize(torch.from_numpy(images[:2048]).permute(0, 3, 1, 2), spec.norm)  # (N, 3, 32, 32)
+    x = normalize(torch.from_numpy(images[:2048]).permute(0, 3, 1, 2), spec.norm)  # (N, 3, s, s)
     chunks = list(torch.split(x, batch))
     for chunk in {len(c): c for c in chunks}.values():  # warm-up, once per shape
         compute_cams(module, chunk, [0] * len(chunk), DEFAULT_LAYER, device)
@@ -346,12 +348,12 @@ def bench_gradcam(images: np.ndarray, device: torch.device, width: int,
     return {"gradcam_images_s": len(x) / seconds, "gradcam_batch_size": batch}
 
 
-def train_flops_per_image(width: int) -> float:
+def train_flops_per_image(width: int, size: int = 32) -> float:
     """Forward + backward FLOPs of one training image, counted by torch (2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model = ResNet9(10, width).train()
-    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    x, y = torch.randn(2, 3, size, size), torch.tensor([0, 1])
     with FlopCounterMode(display=False) as counter:
         F.nll_loss(model(x), y).backward()
     return counter.get_total_flops() / len(x)
@@ -407,6 +409,8 @@ def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
     steps = args.steps or (50 if on_gpu else 8)
     cfg = Config()
     cfg.data.data_dir = str(Path(args.data_dir).expanduser().resolve())
+    cfg.data.image_size = size = args.image_size
+    cfg.validate()
     arrays = load_dataset(cfg.data)
     data_dir = Path(cfg.data.data_dir)
     torch.set_num_threads(available_cpus())
@@ -416,6 +420,7 @@ def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu ({available_cpus()} cores)",
         "torch": torch.__version__, "width": width, "batch_size": batch, "steps": steps,
+        "image_size": size,
         "sections": sections,
     }
 
@@ -425,7 +430,7 @@ def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
             write_json(args.json, report)
 
     def flops() -> dict[str, Any]:
-        per_image = train_flops_per_image(width)
+        per_image = train_flops_per_image(width, size)
         out = {"train_gflop_per_image": per_image / 1e9}
         if "module_images_s" in report:
             out["achieved_tflops"] = report["module_images_s"] * per_image / 1e12
@@ -436,15 +441,15 @@ def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
         return out
 
     available = {
-        "framework": lambda: bench_framework(device, width, sizes, steps, args.warmup),
-        "compile": lambda: (bench_compile(device, width, batch, steps, args.warmup) if on_gpu
+        "framework": lambda: bench_framework(device, width, sizes, steps, args.warmup, size),
+        "compile": lambda: (bench_compile(device, width, batch, steps, args.warmup, size) if on_gpu
                             else {"compile_note": "CUDA only"}),
         "augment": lambda: bench_augment(arrays.train_images, arrays.train_labels, device, batch),
         "gradcam": lambda: bench_gradcam(arrays.test_images, device, width,
                                          batch=1024 if on_gpu else 256),
         "flops": flops,
         "train": lambda: bench_train(data_dir, on_gpu, args.train_epochs or (24 if on_gpu else 1),
-                                     args.section_timeout),
+                                     args.section_timeout, size),
         "search": lambda: bench_search(data_dir, on_gpu, args.search_shares,
                                        args.search_trials or (8 if on_gpu else 2),
                                        args.search_epochs or (4 if on_gpu else 1),
@@ -515,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default="data",
                         help="CIFAR-10 (downloaded there if missing), for real images")
     parser.add_argument("--width", type=int, default=0, help="ResNet-9 width (0: 64 on CUDA, 16 on CPU)")
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="image side (data.image_size): CIFAR's files are resized to it")
     parser.add_argument("--batch-sizes", type=_ints, default=[],
                         help="training batch sizes, the first the headline (default: 512,256,128 "
                              "on CUDA, 128 on CPU)")
