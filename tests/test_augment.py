@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cifar_ray.config import AugmentConfig
-from cifar_ray.data.augment import augment_batch, normalize, train_transform
+from cifar_ray.data.augment import augment_batch, normalize, scaled, train_transform
 from cifar_ray.data.cifar_files import SPECS
 from cifar_ray.data.datamodule import DeviceBatches
 from tests.conftest import FAST_FLAGS, run_cli
@@ -26,11 +26,11 @@ def _batch(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def augmented(engine: str, image: torch.Tensor, n: int, **aug) -> torch.Tensor:
-    """`n` augmentations of one (3, 32, 32) uint8 image by `engine`: (n, 3, 32, 32) floats."""
+    """`n` augmentations of one (3, s, s) uint8 image by `engine`: (n, 3, s, s) floats."""
     if engine == "tensors":
         return augment_batch(image.expand(n, -1, -1, -1), AugmentConfig(**aug), NORM,
                              generator=torch.Generator().manual_seed(1))
-    transform = train_transform(AugmentConfig(**aug), NORM, seed=1)
+    transform = train_transform(AugmentConfig(**aug), NORM, seed=1, size=image.shape[-1])
     hwc = image.permute(1, 2, 0).numpy()
     return torch.stack([transform(image=hwc)["image"] for _ in range(n)])
 
@@ -134,3 +134,15 @@ def test_training_with_the_tensor_augmentation_learns(cifar10, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["test_acc"] > 0.6, results["test_acc"]  # 10 classes: chance is 0.1
     assert np.isfinite(results["test_loss"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_pad_and_the_hole_grow_with_the_image(engine):
+    """At 64 pixels the recipe's pad to 40 (for 32) pads to 80, and its 8-pixel hole is 16."""
+    assert scaled(AugmentConfig(), 64) == (80, 16) and scaled(AugmentConfig(), 32) == (40, 8)
+    image = torch.full((3, 64, 64), 200, dtype=torch.uint8)  # far from the mean
+    holes = (augmented(engine, image, 50, pad_to=32, flip_p=0, cutout_p=1) == 0).all(dim=1)
+    assert [int(h.sum()) for h in holes] == [16 * 16] * 50
+    shifted = (augmented(engine, image, 300, flip_p=0, cutout_p=0) == 0).all(dim=1)
+    rows = {int(h.all(dim=1).sum()) for h in shifted}  # rows of padding: the vertical shift
+    assert rows == set(range(9))  # shifts of up to 8 pixels, each way
