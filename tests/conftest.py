@@ -13,6 +13,15 @@ from tests.processes import RAY_PROCESS_NAMES, kill_all, pids_with, wait_gone
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The files of whole searches (minutes each) run first: in parallel (`-n 2`, as CI runs the
+# suite) the short tests then fill in beside them, instead of a search starting last.
+FIRST = ("test_bench.py", "test_cluster.py", "test_tune.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: each file stays whole
+
+
 # Small and fast: width-16 ResNet-9, no DataLoader workers, no progress bars.
 FAST_FLAGS = ["--width", "16", "--num-workers", "0", "--batch-size", "64", "--no-progress-bar",
               "--device", "cpu"]

@@ -12,10 +12,12 @@ RAY_PROCESS_NAMES = ("gcs_server", "raylet", "ray::", "dashboard", "default_work
                      "log_monitor", "runtime_env_agent", "ray/_private")
 
 
-# Every process this test session starts inherits this mark, so that two test runs on one machine
-# never count or stop each other's processes. Ray renames some of its processes (setproctitle
-# overwrites their environment), so a process also counts when an ancestor carries the mark.
-SESSION_MARK = f"CIFAR_RAY_TEST_SESSION={os.environ.setdefault('CIFAR_RAY_TEST_SESSION', uuid.uuid4().hex)}"
+# Every process this pytest process starts inherits this mark, so that two test runs on one
+# machine, or two pytest-xdist workers, never count or stop each other's processes. Ray renames
+# some of its processes (setproctitle overwrites their environment), so a process also counts
+# when an ancestor carries the mark.
+os.environ["CIFAR_RAY_TEST_SESSION"] = uuid.uuid4().hex
+SESSION_MARK = f"CIFAR_RAY_TEST_SESSION={os.environ['CIFAR_RAY_TEST_SESSION']}"
 
 
 def _processes() -> dict[int, tuple[int, str, bool]]:

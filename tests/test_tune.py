@@ -5,6 +5,7 @@ Every test starts its own local Ray instance through the CLI (in a subprocess) a
 afterwards that no Ray process it started is still running; any that is gets stopped by pid.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -125,15 +126,18 @@ def test_the_readmes_main_command_as_written_runs_the_whole_search(noisy_data, t
 
 
 def _check_reports_reach_tune_at_once(out: Path) -> None:
-    """Every epoch's report reached Tune (and ASHA) within a second of the worker's report.
-    With Ray Train's default poll of the workers, every 2 s, these smoke epochs of 1-3 s
-    waited 0-2 s each, and epochs shorter than the poll queued up (trial.POLL_S)."""
+    """The epochs' reports reached Tune (and ASHA) at once: half of them within half a second
+    of the worker's report, none later than 2.5 s. With Ray Train's default poll of the
+    workers, every 2 s, these smoke epochs of 1-3 s waited 0-2 s each (1 s in the middle),
+    and epochs shorter than the poll queued up (trial.POLL_S)."""
+    waits = []
     for result in out.glob("search/*/result.json"):
         for report in map(json.loads, result.read_text().splitlines()):
             # time_total_s: the trial's process got the report, from the trainable's start,
             # which is before the trial function's (so this over-states the wait, never less).
             sent = report["time/reported_at"] - report["time/first_step_at"] + report["time/startup_s"]
-            assert report["time_total_s"] - sent < 1.0, (result, report["epoch"], report["time_total_s"], sent)
+            waits.append(report["time_total_s"] - sent)
+    assert waits and sorted(waits)[len(waits) // 2] < 0.5 and max(waits) < 2.5, sorted(waits)
 
 
 def _check_console(stdout: str, stderr: str, out: Path) -> None:
@@ -249,18 +253,21 @@ def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_p
     builds the winner, at the winner's image size.
     The data is a class-folder set with a val/ folder (tests/cifar_fixture.py): the search
     learns on it, and GradCAM and the report work on it unchanged. The retrain is stopped by
-    SIGTERM half-way (exit 143, one line), and --resume finishes it."""
+    SIGTERM half-way (exit 143, one line), and --resume finishes it. Another Ray instance is
+    up beside the search all along (_another_ray_instance)."""
     space = tmp_path / "space.yaml"
     space.write_text("search:\n  model.width: {choice: [8, 16]}\n"
                      "  augment.cutout_p: {uniform: [0, 1]}\n"
                      "  data.image_size: {choice: [32, 48]}\n")
     out = tmp_path / "search"
     password = f"pw-{secrets.token_hex(8)}"
-    with FakeMlflow(tmp_path / "mlflow_artifacts", "ada", password) as server:
+    with FakeMlflow(tmp_path / "mlflow_artifacts", "ada", password) as server, \
+            _another_ray_instance(tmp_path, sys_tmp) as other:
         # MLflow over HTTP with a password in the URI: it must reach the server, and nothing
         # else (checked at the end).
         uri = server.url.replace("http://", f"http://ada:{password}@")
         _search_on_folders_resumed(class_folders, space, out, tmp_path, sys_tmp, uri)
+        assert other.poll() is None  # the other instance was up all along
     assert {auth for _, _, auth in server.requests} == {server.expected}
     runs = [r for r in server.runs.values() if r["info"]["status"] == "FINISHED"]
     kinds = sorted(tag["value"] for r in runs for tag in r["data"]["tags"]
@@ -268,6 +275,28 @@ def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_p
     assert kinds == ["retrain", "trial", "trial", "trial"], kinds
     written = files_containing(tmp_path, password) + files_containing(sys_tmp, password)
     assert written == [], written
+
+
+@contextlib.contextmanager
+def _another_ray_instance(tmp_path: Path, sys_tmp: Path):
+    """Another Ray instance up on the same machine (another search, a notebook) while a search
+    runs. Ray Train's placement-group cleaner found "its" instance by looking for Ray's
+    processes, found two and died; the placement group of each trial that ended then stayed
+    reserved, and the third trial of a search (two at a time) waited for it forever. Each
+    process of the search's own instance is now given that instance's address."""
+    home = sys_tmp / "home"
+    home.mkdir(exist_ok=True)
+    env = search_env(sys_tmp, HOME=str(home), RAY_AUTH_TOKEN=secrets.token_hex(32))
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys; ray.init(num_cpus=1, include_dashboard=False); "
+                               "print('up', flush=True); sys.stdin.read()"],
+        cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        yield other
+    finally:
+        other.stdin.close()  # its driver ends, and Ray stops the instance it started
+        other.wait(timeout=60)
 
 
 def _search_on_folders_resumed(class_folders, space, out, tmp_path, sys_tmp, uri) -> None:
@@ -524,13 +553,18 @@ def test_bad_search_input_exits_2_before_any_trial(noisy_data, tmp_path, extra, 
 
 def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_path, sys_tmp,
                                                               no_leftover_ray):
+    """A trial's training worker dies mid-run: Ray Train restarts it from its checkpoint and
+    the search goes on. The runs are tracked in a real MLflow store on disk: the restarted
+    trial's epochs are logged once each."""
     out = tmp_path / "search"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     workers_before = pids_with("RayTrainWorker")
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen(
         [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
          "--output-dir", str(out), "--num-samples", "1", "--epochs", "4",
-         "--retrain-epochs", "1"], cwd=ROOT, env=search_env(sys_tmp), stdout=log, stderr=subprocess.STDOUT)
+         "--retrain-epochs", "1", "--mlflow-uri", store],
+        cwd=ROOT, env=search_env(sys_tmp), stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while time.time() < deadline and driver.poll() is None:
         if registered_runs(out):  # the first epoch's checkpoint is registered with Ray Train
@@ -556,42 +590,7 @@ def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_pa
     (result_file,) = out.glob("search/*/result.json")
     epochs = [json.loads(line)["epoch"] for line in result_file.read_text().splitlines() if line]
     assert epochs == [0, 1, 2, 3]
-
-
-def test_a_search_beside_another_ray_instance_runs_to_its_end(noisy_data, tmp_path, sys_tmp,
-                                                              no_leftover_ray):
-    """Another Ray instance up on the same machine (another search, a notebook), and the runs
-    tracked in a real MLflow store on disk. Ray Train's
-    placement-group cleaner found "its" instance by looking for Ray's processes, found two and
-    died; the placement group of each trial that ended then stayed reserved, and the third
-    trial of this search (two at a time) waited for it forever. Each process of the search's
-    own instance is now given that instance's address."""
-    home = sys_tmp / "home"
-    home.mkdir()
-    env = search_env(sys_tmp, HOME=str(home), RAY_AUTH_TOKEN=secrets.token_hex(32))
-    other = subprocess.Popen(
-        [sys.executable, "-c", "import ray, sys; ray.init(num_cpus=1, include_dashboard=False); "
-                               "print('up', flush=True); sys.stdin.read()"],
-        cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert other.stdout.readline().strip() == "up"
-        out = tmp_path / "search"
-        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        proc = subprocess.run(
-            [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--limit-train", "256",
-             "--data-dir", str(noisy_data), "--output-dir", str(out), "--num-samples", "3",
-             "--epochs", "1", "--grace-period", "1", "--retrain-epochs", "1",
-             "--mlflow-uri", store],
-            cwd=ROOT, env=search_env(sys_tmp), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        trials = _read_trials(out)
-        assert [t["status"] for t in trials] == ["completed"] * 3
-        assert other.poll() is None  # the other instance was up all along
-        # Tracked in a real MLflow store on disk, read back.
-        _check_mlflow(store, trials, json.loads((out / "results.json").read_text()), tmp_path)
-    finally:
-        other.stdin.close()  # its driver ends, and Ray stops the instance it started
-        other.wait(timeout=60)
+    _check_mlflow(store, trials, json.loads((out / "results.json").read_text()), tmp_path)
 
 
 @pytest.mark.parametrize("small_disk", [64], indirect=True)  # MB: room for the whole search
