@@ -18,12 +18,12 @@ from tests.conftest import FAST_FLAGS, run_cli
 @pytest.fixture(scope="module")
 def stripe_runs(tmp_path_factory):
     """The stripes set, and a training run on it at each of 64 and 32 pixels: (data, {size: out})."""
-    data = write_stripes(tmp_path_factory.mktemp("stripes"), n_train=400, n_test=100, n_val=60)
+    data = write_stripes(tmp_path_factory.mktemp("stripes"), n_train=300, n_test=100, n_val=60)
     runs = {}
     for size in (64, 32):
         out = tmp_path_factory.mktemp(f"stripes_{size}")
         proc = run_cli("cifar_ray.train", "--dataset", "folder", "--data-dir", str(data),
-                       "--output-dir", str(out), "--image-size", str(size), "--epochs", "5",
+                       "--output-dir", str(out), "--image-size", str(size), "--epochs", "4",
                        "--lr", "0.01", *FAST_FLAGS)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         assert f"at {size}x{size}" in proc.stdout  # decoded at the size asked for
