@@ -5,8 +5,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
+from filelock import FileLock
 
 from tests.cifar_fixture import write_cifar10, write_class_folders
 from tests.processes import RAY_PROCESS_NAMES, kill_all, pids_with, wait_gone
@@ -78,15 +80,34 @@ def mains_in_a_fresh_process(module: str, calls: list[list[str]]) -> tuple[list,
     return codes, imported, proc.stderr
 
 
+def once_per_run(tmp_path_factory, name: str, make: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """A session fixture that trains, made once per pytest run: with `-n 2` each xdist worker
+    is a session of its own, so the first worker to ask makes it (under a file lock) in the
+    run's folder, and the other reads it. `make(folder)` returns what JSON can hold."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this run's folder, above each worker's own
+    folder, made = shared / name, shared / f"{name}.json"
+    with FileLock(f"{made}.lock"):
+        if not made.exists():
+            folder.mkdir(exist_ok=True)
+            made.write_text(json.dumps(make(folder)))
+    return folder, json.loads(made.read_text())
+
+
 @pytest.fixture(scope="session")
 def trained_run(cifar10, tmp_path_factory):
     """One real `python -m cifar_ray.train` on the fixture (3 epochs): (output dir, process)."""
     data_dir, _, _ = cifar10
-    out = tmp_path_factory.mktemp("train")
-    proc = run_cli("cifar_ray.train", "--data-dir", str(data_dir), "--output-dir", str(out),
-                   "--epochs", "3", "--val-size", "200", "--lr", "0.01", *FAST_FLAGS)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
+
+    def train(out: Path) -> list:
+        proc = run_cli("cifar_ray.train", "--data-dir", str(data_dir), "--output-dir", str(out),
+                       "--epochs", "3", "--val-size", "200", "--lr", "0.01", *FAST_FLAGS)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [proc.args, proc.returncode, proc.stdout, proc.stderr]
+
+    out, proc = once_per_run(tmp_path_factory, "train", train)
+    return out, subprocess.CompletedProcess(*proc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,17 +138,19 @@ def class_folders(tmp_path_factory):
 def folder_run(class_folders, tmp_path_factory):
     """A training run on a class-folder set with a val/ folder: (data dir, output dir, stdout
     of a second run that read the cache). (tests/test_tune.py runs a search on the set.)"""
-    data = class_folders
-    out = tmp_path_factory.mktemp("folder_train")
-    args = ["--dataset", "folder", "--data-dir", str(data), "--output-dir", str(out),
-            "--epochs", "3", "--lr", "0.01", *FAST_FLAGS]
-    first = run_cli("cifar_ray.train", *args)
-    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    assert "decoding 1020 images" in first.stdout or "read from its cache" in first.stdout
-    second = run_cli("cifar_ray.train", *args, "--epochs", "1", "--overwrite",
-                     "--output-dir", str(tmp_path_factory.mktemp("again")))
-    assert second.returncode == 0, second.stderr[-3000:]
-    return data, out, second.stdout
+    def train(out: Path) -> dict:
+        args = ["--dataset", "folder", "--data-dir", str(class_folders), "--output-dir",
+                str(out), "--epochs", "3", "--lr", "0.01", *FAST_FLAGS]
+        first = run_cli("cifar_ray.train", *args)
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+        assert "decoding 1020 images" in first.stdout or "read from its cache" in first.stdout
+        second = run_cli("cifar_ray.train", *args, "--epochs", "1", "--overwrite",
+                         "--output-dir", str(tmp_path_factory.mktemp("again")))
+        assert second.returncode == 0, second.stderr[-3000:]
+        return {"data": str(class_folders), "second": second.stdout}
+
+    out, made = once_per_run(tmp_path_factory, "folder_train", train)
+    return Path(made["data"]), out, made["second"]
 
 
 @pytest.fixture
