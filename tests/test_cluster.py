@@ -3,10 +3,13 @@
 The search is submitted as a Ray job, as on a cluster made by `ray up cluster.yaml`; its trials
 land on both nodes; then the second node is killed mid-search (every process of it, SIGKILL, as
 when a machine disappears) and the search still finishes: Ray Train restarts the lost trial's
-workers from its last checkpoint on the surviving node."""
+workers from its last checkpoint on the surviving node. (A single lost worker on one machine
+takes the same way: Ray Train's failure policy, then worker.EpochReports.) The runs are tracked
+in a real MLflow store on disk: the restarted trial's epochs are logged once each."""
 
 import csv
 import json
+import re
 import secrets
 import signal
 import subprocess
@@ -96,6 +99,7 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
         second.wait_started()
 
         out = tmp_path / "search"
+        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
         log = open(tmp_path / "driver.log", "w")
         # Submitted as the README shows for a cluster: a Ray job (through the dashboard, on
         # 127.0.0.1, with the token), whose driver runs on the head with --address auto.
@@ -107,7 +111,7 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
             [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--",
              sys.executable, "-m", "cifar_ray.tune", *search, "--data-dir", str(noisy_data),
              "--output-dir", str(out), "--address", "auto", "--num-samples", "2",
-             "--grace-period", "3", "--retrain-epochs", "1"],
+             "--grace-period", "3", "--retrain-epochs", "1", "--mlflow-uri", store],
             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
         seen_on = set()  # which nodes' process trees held a trial's training worker
         deadline = time.time() + 600
@@ -139,12 +143,14 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
         # Ray Train restarted the lost trial's workers (its lines in the log file, one of ours
         # on the console)...
         assert "RETRY" in (out / "logs" / "workers.log").read_text()
-        assert "its worker failed; Ray Train restarted it from its checkpoint of epoch" in output
+        assert re.search(r"^trial \w+: its worker failed; Ray Train restarted it from its "
+                         r"checkpoint of epoch \d$", output, re.MULTILINE), output[-3000:]
         for result in out.glob("search/*/result.json"):  # ...from its checkpoint, not epoch 0
             epochs = [json.loads(line)["epoch"] for line in result.read_text().splitlines() if line]
             assert epochs == [0, 1, 2], (result, epochs)
         results = json.loads((out / "results.json").read_text())
         assert results["num_trials"] == 2 and results["test_acc"] > 0.6
+        _check_mlflow(store, trials, results, tmp_path)
         assert time.time() - lost_at > 5  # the search really went on after the loss
         assert not files_containing(tmp_path, token)  # neither logged nor written to results
         _ray_job_stop_stops_a_search(dashboard_port, env, search, noisy_data, tmp_path)
@@ -184,3 +190,31 @@ def _ray_job_stop_stops_a_search(dashboard_port: int, env: dict, search: list[st
     assert "error: search interrupted; its state is saved in" in logs, logs[-3000:]
     assert "job 'to-stop' was stopped" in ray("status", "to-stop").lower()
     assert list((out / "search").glob("experiment_state-*.json"))  # what --resume needs
+
+
+def _check_mlflow(store: str, trials: list[dict], results: dict, store_dir: Path) -> None:
+    """The MLflow store read back: each trial one FINISHED run (its sample as params, each
+    epoch's val/acc once), the retrain one more (params, test/acc, the checkpoint and
+    report.html as artifacts, kept beside the store, not in the folder the search ran in)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("cifar_ray")
+    runs = client.search_runs([experiment.experiment_id])
+    trial_runs = [r for r in runs if r.data.tags.get("cifar_ray") == "trial"]
+    assert len(trial_runs) == len(trials), [r.info.run_name for r in runs]
+    for run in trial_runs:
+        assert run.info.status == "FINISHED"
+        (trial,) = [t for t in trials if t["trial_id"] in run.info.run_name]
+        assert float(run.data.params["optim.lr"]) == pytest.approx(float(trial["optim.lr"]))
+        assert run.data.params["trainer.batch_size"] == trial["trainer.batch_size"]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
+        assert steps == list(range(1, int(trial["epochs"]) + 1)), (trial, steps)
+    (retrain,) = [r for r in runs if r.data.tags.get("cifar_ray") == "retrain"]
+    assert retrain.info.run_id == results["mlflow_run_id"]
+    assert retrain.data.metrics["test/acc"] == pytest.approx(results["test_acc"], abs=1e-6)
+    assert float(retrain.data.params["optim.lr"]) == pytest.approx(results["best_config"]["optim.lr"])
+    assert {a.path for a in client.list_artifacts(retrain.info.run_id)} == {"best.ckpt",
+                                                                           "report.html"}
+    assert retrain.info.artifact_uri.startswith((store_dir / "mlruns").as_uri())
+    assert not (ROOT / "mlruns").exists()
