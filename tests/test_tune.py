@@ -8,7 +8,6 @@ afterwards that no Ray process it started is still running; any that is gets sto
 import contextlib
 import csv
 import json
-import os
 import re
 import secrets
 import shutil
@@ -26,12 +25,11 @@ from tests.conftest import (
     ROOT,
     SMOKE,
     mains_in_a_fresh_process,
-    registered_runs,
     run_cli,
     search_env,
 )
 from tests.mlflow_server import FakeMlflow
-from tests.processes import files_containing, free_port, pids_with
+from tests.processes import files_containing, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -168,34 +166,6 @@ def _check_console(stdout: str, stderr: str, out: Path) -> None:
                key=lambda r: abs(r["time"] - (began + end) / 2))
     real = end - half["time"]
     assert 0.5 <= half["left_s"] / real <= 2, (half, real, records)
-
-
-def _check_mlflow(store: str, trials: list[dict], results: dict, store_dir: Path) -> None:
-    """The MLflow store read back: each trial one FINISHED run (its sample as params, each
-    epoch's val/acc once), the retrain one more (params, test/acc, the checkpoint and
-    report.html as artifacts, kept beside the store, not in the folder the search ran in)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(store)
-    experiment = client.get_experiment_by_name("cifar_ray")
-    runs = client.search_runs([experiment.experiment_id])
-    trial_runs = [r for r in runs if r.data.tags.get("cifar_ray") == "trial"]
-    assert len(trial_runs) == len(trials), [r.info.run_name for r in runs]
-    for run in trial_runs:
-        assert run.info.status == "FINISHED"
-        (trial,) = [t for t in trials if t["trial_id"] in run.info.run_name]
-        assert float(run.data.params["optim.lr"]) == pytest.approx(float(trial["optim.lr"]))
-        assert run.data.params["trainer.batch_size"] == trial["trainer.batch_size"]
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
-        assert steps == list(range(1, int(trial["epochs"]) + 1)), (trial, steps)
-    (retrain,) = [r for r in runs if r.data.tags.get("cifar_ray") == "retrain"]
-    assert retrain.info.run_id == results["mlflow_run_id"]
-    assert retrain.data.metrics["test/acc"] == pytest.approx(results["test_acc"], abs=1e-6)
-    assert float(retrain.data.params["optim.lr"]) == pytest.approx(results["best_config"]["optim.lr"])
-    assert {a.path for a in client.list_artifacts(retrain.info.run_id)} == {"best.ckpt",
-                                                                           "report.html"}
-    assert retrain.info.artifact_uri.startswith((store_dir / "mlruns").as_uri())
-    assert not (ROOT / "mlruns").exists()
 
 
 def _check_tensorboard_hparams(out: Path, trials: list[dict]) -> None:
@@ -345,22 +315,30 @@ def _search_on_folders_resumed(class_folders, space, out, tmp_path, sys_tmp, uri
 
 
 def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
-    """SIGTERM, then --resume, then SIGKILL, then --resume: all 4 trials end, none run twice.
+    """SIGTERM, then --resume, then SIGKILL, then --resume: all 4 trials end, none trains twice.
+
+    The kill is made unlucky every time. Tune saves its experiment state every few seconds; a
+    driver killed between two saves leaves a state that lists trials as unfinished while their
+    Ray Train runs went on, here one of them to its last epoch (the state is put back as it was
+    first saved in the second session), and a checkpoint is damaged while the search is down.
+    Resumed, each trial must hand Tune every epoch of its run, once and in order, and go on from
+    the run's latest checkpoint that loads (before the fix, a finished run returned no result
+    and Tune stopped the search: "Trial returned a result which did not include ... val/acc").
     The searcher is Optuna's TPE, seeded: restarted afresh on a resume it would draw the first
     trials' values again; restored with the experiment, every trial's values are new.
-    (One at a time: the kill comes once Tune has saved a second finished trial, up to ~20 s
-    after it finished, and must still find trials to run; two trials of ~20 s are left.)
     The trials write to a storage path of their own (tune.storage, as on a cluster's shared
     file system): --resume looks for the search there."""
     out = tmp_path / "search"
     storage = tmp_path / "shared"
     state = storage / "search"
+    # Two at a time (search_smoke.yaml); no trial stopped by ASHA: each has 3 epochs to hand on.
     args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
             "--output-dir", str(out), "--retrain-epochs", "1", "--num-samples", "4",
-            "--max-concurrent", "1", "--search-alg", "optuna", "--storage", str(storage)]
+            "--grace-period", "3", "--search-alg", "optuna", "--storage", str(storage)]
 
-    # SIGTERM (as `kill`, `timeout`, Slurm send it) once the first trial has finished and the
-    # rest have not: the search stops as on Ctrl-C (tests/test_signals.py: both signals).
+    # SIGTERM (as `kill`, `timeout`, Slurm send it) once the first trial has finished (the two
+    # first may finish together) and the rest have not: the search stops as on Ctrl-C
+    # (tests/test_signals.py: both signals).
     driver, log = _start(args, tmp_path / "first.log", sys_tmp)
     _wait_for_finished_trials(state, 1, driver)
     driver.send_signal(signal.SIGTERM)
@@ -372,74 +350,33 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
     assert "run the same command with --resume" in output
     assert "SIGTERM received" not in output and "*** " not in output  # no C++ stack dumps
     assert not (out / "results.json").exists()
-    done_first = _finished_trials(state)
+    done_first = {trial_id: _startups(state, trial_id) for trial_id in _finished_trials(state)}
 
-    # Resume, then SIGKILL (no chance to clean up) once one more trial has finished and Tune
-    # has recorded it in its experiment state.
+    # Resume; keep Tune's state as this session first saves it, with more trials listed than
+    # have finished; SIGKILL (no chance to clean up) once one more has finished, before the
+    # search ends (its last trials may have finished too: then both runs are handed over).
     driver, log = _start([*args, "--resume"], tmp_path / "second.log", sys_tmp)
-    finished_at = _wait_for_finished_trials(state, len(done_first) + 1, driver)
-    deadline = time.time() + 120
-    while max(p.stat().st_mtime for p in state.glob("experiment_state*.json")) <= finished_at:
-        assert time.time() < deadline and driver.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.5)
-    driver.kill()
-    driver.wait()
-    assert not (out / "results.json").exists()
-    done_second = _finished_trials(state)
-    assert len(done_second) < 4, "the search ended before it could be killed"
-
-    proc = subprocess.run([*args, "--resume"], cwd=ROOT, env=search_env(sys_tmp),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    trials = {t["trial_id"]: t for t in _read_trials(out)}
-    assert len(trials) == 4 and all(t["status"] != "error" for t in trials.values())
-    samples = {(t["optim.lr"], t["optim.weight_decay"], t["trainer.batch_size"])
-               for t in trials.values()}
-    assert len(samples) == 4, trials  # no values drawn twice: the searcher went on
-    for trial_id, epochs in done_second.items():  # finished trials were kept, not re-run
-        assert int(trials[trial_id]["epochs"]) == epochs
-        assert _reports(state, trial_id) == epochs  # each epoch reported once: no second run
-    results = json.loads((out / "results.json").read_text())
-    assert results["num_trials"] == 4 and results["experiment_dir"] == str(state)
-    assert not (out / "search").exists() and not (out / "train_runs").exists()
-    # The times count all three sessions: their count came back with Tune's saved state.
-    assert results["resumes"] == 2, results
-    assert results["search_seconds"] >= results["tune_seconds"] >= results["training_seconds"] > 0
-    assert "(over 3 sessions: resumed 2 times)" in (out / "summary.md").read_text()
-
-
-def test_a_search_whose_saved_state_lags_its_train_runs_resumes(noisy_data, tmp_path, sys_tmp,
-                                                               no_leftover_ray):
-    """The race behind a crash on --resume, made to happen every time. Tune saves its experiment
-    state every few seconds; a driver killed between two saves leaves a state that lists trials
-    as not started while their Ray Train runs went on, here one of them to its last epoch.
-    Resumed, each trial must hand Tune every epoch of its run, once and in order, and go on
-    from the run's latest checkpoint (before the fix, a finished run returned no result and
-    Tune stopped the search: "Trial returned a result which did not include ... val/acc")."""
-    out = tmp_path / "search"
-    state = out / "search"
-    args = [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
-            "--output-dir", str(out), "--retrain-epochs", "1", "--num-samples", "2",
-            "--grace-period", "3"]
-    driver, log = _start(args, tmp_path / "first.log", sys_tmp)
-    # Tune's state as saved once the trials exist, before any of them reported an epoch.
     early = tmp_path / "early_state"
     deadline = time.time() + 300
-    while not (_saved_trials(state) == 2 and not list(out.glob("train_runs/*/epoch_*"))):
+    while not (len(list(state.glob("experiment_state*.json"))) == 2
+               and _saved_trials(state) > len(done_first)):
         assert time.time() < deadline and driver.poll() is None, log.read_text()[-3000:]
-        assert not list(out.glob("train_runs/*/epoch_*")), "a trial reported before the save"
         time.sleep(0.2)
     shutil.copytree(state, early)
-    _wait_for_finished_trials(state, 1, driver)  # one Train run has reached its last epoch
+    assert set(_finished_trials(early)) == set(done_first), "a trial finished before the save"
+    _wait_for_finished_trials(state, len(done_first) + 1, driver)
     driver.kill()
     driver.wait()
-    finished = {trial_id: _startups(state, trial_id) for trial_id in _finished_trials(state)}
     assert not (out / "results.json").exists()
+    finished = {trial_id: _startups(state, trial_id) for trial_id in _finished_trials(state)
+                if trial_id not in done_first}
     shutil.rmtree(state)
     shutil.copytree(early, state)  # the state lags the Train runs, as after an unlucky kill
-    # And a checkpoint damaged while the search was down: the latest of a run that had not
-    # finished (of a finished one if both had), cut to half its size.
-    runs = sorted(out.glob("train_runs/train-*"), key=lambda run: run.name[6:] in finished)
+    # And a checkpoint damaged while the search was down: the latest of a run the state lists
+    # as unfinished and that had not finished (of a finished one if both had), cut in half.
+    listed = [trial_id for trial_id in _listed_trials(state) if trial_id not in done_first]
+    runs = sorted((storage / "train_runs" / f"train-{trial_id}" for trial_id in listed),
+                  key=lambda run: run.name[6:] in finished)
     damaged_run = next(run for run in runs if list(run.glob("epoch_*")))
     damaged = sorted(damaged_run.glob("epoch_*/checkpoint.ckpt"))[-1]
     damaged.write_bytes(damaged.read_bytes()[:damaged.stat().st_size // 2])
@@ -452,18 +389,32 @@ def test_a_search_whose_saved_state_lags_its_train_runs_resumes(noisy_data, tmp_
     warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: trial ")]
     assert len(warnings) == 1 and f"its checkpoint {damaged} is unreadable" in warnings[0]
     assert re.search(r"; (going on from epoch_\d{4}_\w{8}|starting the trial over)$", warnings[0])
-    trials = _read_trials(out)
-    assert len(trials) == 2, trials
-    assert all(t["status"] == "completed" and t["epochs"] == "3" and t["best_val_acc"]
-               for t in trials), trials
+    trials = {t["trial_id"]: t for t in _read_trials(out)}
+    assert len(trials) == 4 and all(t["status"] == "completed" and t["epochs"] == "3"
+                                    for t in trials.values()), trials
+    samples = {(t["optim.lr"], t["optim.weight_decay"], t["trainer.batch_size"])
+               for t in trials.values()}
+    assert len(samples) == 4, trials  # no values drawn twice: the searcher went on
     for result in state.glob("*/result.json"):  # every epoch reached Tune once, in order
         epochs = [json.loads(line)["epoch"] for line in result.read_text().splitlines() if line]
         assert epochs == [0, 1, 2], (result, epochs)
-    # The finished run was handed over, not trained again: its reports are the first run's
-    # (a second training would have measured its own start-up time).
-    for trial_id, startups in finished.items():
+    # The finished runs were kept or handed over, not trained again: their reports are the
+    # first run's (a second training would have measured its own start-up time).
+    for trial_id, startups in {**done_first, **finished}.items():
         assert _startups(state, trial_id) == startups
-    assert json.loads((out / "results.json").read_text())["num_trials"] == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_trials"] == 4 and results["experiment_dir"] == str(state)
+    assert not (out / "search").exists() and not (out / "train_runs").exists()
+    # The times count all three sessions: their count came back with Tune's saved state.
+    assert results["resumes"] == 2, results
+    assert results["search_seconds"] >= results["tune_seconds"] >= results["training_seconds"] > 0
+    assert "(over 3 sessions: resumed 2 times)" in (out / "summary.md").read_text()
+
+
+def _listed_trials(state: Path) -> list[str]:
+    """The ids of the trials Tune's last saved experiment state lists."""
+    (saved,) = sorted(state.glob("experiment_state*.json"))[-1:]
+    return [json.loads(trial)["trial_id"] for trial, _ in json.loads(saved.read_text())["trial_data"]]
 
 
 def _startups(state: Path, trial_id: str) -> list[float]:
@@ -523,11 +474,6 @@ def _finished_trials(state: Path) -> dict[str, int]:
     return done
 
 
-def _reports(state: Path, trial_id: str) -> int:
-    (result,) = [p for p in state.glob("*/result.json") if trial_id in p.parent.name]
-    return sum(1 for line in result.read_text().splitlines() if line.strip())
-
-
 @pytest.mark.parametrize("extra, yaml_text, message", [
     ([], "search:\n  optim.lr: {loguniform: [0.1, 0.001]}\n",
      "search optim.lr: empty or inverted range"),
@@ -549,48 +495,6 @@ def test_bad_search_input_exits_2_before_any_trial(noisy_data, tmp_path, extra, 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert not (out / "trials.csv").exists() and not list(out.glob("search/*/result.json"))
-
-
-def test_a_killed_trial_worker_is_retried_from_its_checkpoint(noisy_data, tmp_path, sys_tmp,
-                                                              no_leftover_ray):
-    """A trial's training worker dies mid-run: Ray Train restarts it from its checkpoint and
-    the search goes on. The runs are tracked in a real MLflow store on disk: the restarted
-    trial's epochs are logged once each."""
-    out = tmp_path / "search"
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    workers_before = pids_with("RayTrainWorker")
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "cifar_ray.tune", *SMOKE, "--data-dir", str(noisy_data),
-         "--output-dir", str(out), "--num-samples", "1", "--epochs", "4",
-         "--retrain-epochs", "1", "--mlflow-uri", store],
-        cwd=ROOT, env=search_env(sys_tmp), stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    while time.time() < deadline and driver.poll() is None:
-        if registered_runs(out):  # the first epoch's checkpoint is registered with Ray Train
-            break
-        time.sleep(0.5)
-    victims = pids_with("RayTrainWorker") - workers_before
-    assert victims and driver.poll() is None
-    for pid in victims:  # the trial's training worker dies mid-run
-        os.kill(pid, signal.SIGKILL)
-    driver.wait(timeout=900)
-    log.close()
-    output = (tmp_path / "driver.log").read_text()
-    assert driver.returncode == 0, output[-3000:]
-    # Ray Train's failure policy restarted the worker group (its own lines in the log file),
-    # and the console says so in one line.
-    assert "RETRY" in (out / "logs" / "workers.log").read_text()
-    assert re.search(r"^trial \w+: its worker failed; Ray Train restarted it from its checkpoint "
-                     r"of epoch \d$", output, re.MULTILINE), output[-3000:]
-    trials = _read_trials(out)
-    assert len(trials) == 1 and trials[0]["status"] == "completed" and trials[0]["epochs"] == "4"
-    # Tune saw each epoch once, in order: the restarted worker went on from the checkpoint's
-    # epoch instead of starting again from epoch 0.
-    (result_file,) = out.glob("search/*/result.json")
-    epochs = [json.loads(line)["epoch"] for line in result_file.read_text().splitlines() if line]
-    assert epochs == [0, 1, 2, 3]
-    _check_mlflow(store, trials, json.loads((out / "results.json").read_text()), tmp_path)
 
 
 @pytest.mark.parametrize("small_disk", [64], indirect=True)  # MB: room for the whole search
@@ -637,16 +541,18 @@ def test_a_search_out_of_disk_stops_at_once_and_resumes_with_room(noisy_data, sm
 def test_a_long_cpu_search_is_announced_before_its_first_trial(noisy_data, tmp_path, sys_tmp,
                                                                 no_leftover_ray):
     """The full-size network on CPUs, 200 trials of up to 100 epochs: hours. The warning comes
-    before the first trial starts; the search goes on until it is stopped."""
+    before Tune starts (and so before the first trial); the search goes on until it is
+    stopped, here as soon as Tune has started."""
     out = tmp_path / "search"
     args = [sys.executable, "-m", "cifar_ray.tune", "--config", "experiments/search.yaml",
             "--data-dir", str(noisy_data),
             "--output-dir", str(out), "--device", "cpu", "--num-samples", "200", "--epochs",
             "100", "--cpus-per-worker", "1", "--max-concurrent", "1", "--val-size", "200"]
-    output = _sigterm_when(lambda log: " started: optim.lr=" in log, args,
-                           tmp_path / "driver.log", sys_tmp)
+    tune_started = "Configuration for experiment"  # Tune's first lines
+    output = _sigterm_when(lambda log: tune_started in log, args, tmp_path / "driver.log",
+                           sys_tmp)
     warning = output.index("!! This search trains on CPUs only and would take about ")
-    assert warning < output.index(" started: optim.lr=")
+    assert warning < output.index(tune_started)
     assert "python -m cifar_ray.tune --config experiments/search_smoke.yaml" in output
 
 
