@@ -415,8 +415,8 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
 
 def _listed_trials(state: Path) -> list[str]:
     """The ids of the trials Tune's last saved experiment state lists."""
-    (saved,) = sorted(state.glob("experiment_state*.json"))[-1:]
-    return [json.loads(trial)["trial_id"] for trial, _ in json.loads(saved.read_text())["trial_data"]]
+    saved = json.loads(sorted(state.glob("experiment_state*.json"))[-1].read_text())
+    return [json.loads(trial)["trial_id"] for trial, _ in saved["trial_data"]]
 
 
 def _startups(state: Path, trial_id: str) -> list[float]:
