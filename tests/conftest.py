@@ -83,7 +83,8 @@ def mains_in_a_fresh_process(module: str, calls: list[list[str]]) -> tuple[list,
 def once_per_run(tmp_path_factory, name: str, make: Callable[[Path], Any]) -> tuple[Path, Any]:
     """A session fixture that trains, made once per pytest run: with `-n 2` each xdist worker
     is a session of its own, so the first worker to ask makes it (under a file lock) in the
-    run's folder, and the other reads it. `make(folder)` returns what JSON can hold."""
+    run's folder, and the other reads it. `make(folder)` returns what JSON can hold. (Its
+    data paths may be the other worker's: each writes the same seeded data sets.)"""
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # this run's folder, above each worker's own
