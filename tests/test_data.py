@@ -4,6 +4,7 @@ import functools
 import hashlib
 import pickle
 import socket
+import sys
 import tarfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -175,6 +176,15 @@ def test_a_data_dir_that_is_a_file_says_so(tmp_path):
         ensure_dataset(tmp_path / "data", "cifar10")
 
 
+class QuietServer(ThreadingHTTPServer):
+    """Says nothing when a client hangs up mid-reply (the download code may close a connection
+    early); any other error in a request is still printed."""
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture
 def served_archive(tmp_path, monkeypatch):
     """Pack a fixture set like the official archive, serve it over HTTP on 127.0.0.1, and point
@@ -187,7 +197,7 @@ def served_archive(tmp_path, monkeypatch):
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(site))
     handler.log_message = lambda *args: None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = QuietServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{server.server_port}/{archive.name}")
