@@ -166,7 +166,7 @@ def _check_console(stdout: str, stderr: str, out: Path) -> None:
                key=lambda r: abs(r["time"] - (began + end) / 2))
     real = end - half["time"]
     # Within a factor of 3: under the parallel suite the first trials' start-ups, which the
-    # estimate extrapolates, can take twice as long as the later ones (2.2 seen once).
+    # estimate extrapolates, can take twice as long as the later ones.
     assert 1 / 3 <= half["left_s"] / real <= 3, (half, real, records)
 
 
@@ -361,7 +361,7 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
     early = tmp_path / "early_state"
     deadline = time.time() + 300
     while not (len(list(state.glob("experiment_state*.json"))) == 2
-               and _saved_trials(state) > len(done_first)):
+               and len(_listed_trials(state)) > len(done_first)):
         assert time.time() < deadline and driver.poll() is None, log.read_text()[-3000:]
         time.sleep(0.2)
     shutil.copytree(state, early)
@@ -413,25 +413,21 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
     assert "(over 3 sessions: resumed 2 times)" in (out / "summary.md").read_text()
 
 
-def _listed_trials(state: Path) -> list[str]:
-    """The ids of the trials Tune's last saved experiment state lists."""
-    saved = json.loads(sorted(state.glob("experiment_state*.json"))[-1].read_text())
-    return [json.loads(trial)["trial_id"] for trial, _ in saved["trial_data"]]
-
-
 def _startups(state: Path, trial_id: str) -> list[float]:
     """The start-up seconds in each of a trial's reports to Tune."""
     (result,) = [p for p in state.glob("*/result.json") if trial_id in p.parent.name]
     return [json.loads(line)["time/startup_s"] for line in result.read_text().splitlines() if line]
 
 
-def _saved_trials(state: Path) -> int:
-    """How many trials Tune's last saved experiment state lists."""
+def _listed_trials(state: Path) -> list[str]:
+    """The ids of the trials Tune's last saved experiment state lists (none while it is being
+    rewritten)."""
     saved = sorted(state.glob("experiment_state*.json"))
     try:
-        return len(json.loads(saved[-1].read_text())["trial_data"]) if saved else 0
+        data = json.loads(saved[-1].read_text())["trial_data"] if saved else []
     except (ValueError, KeyError):  # being rewritten
-        return 0
+        return []
+    return [json.loads(trial)["trial_id"] for trial, _ in data]
 
 
 def _start(args: list[str], log: Path, sys_tmp: Path) -> tuple[subprocess.Popen, Path]:
