@@ -21,14 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cifar_ray import cli, gradcam
+from cifar_ray import cli, explain
 from cifar_ray.config import DataConfig
 from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.image_folders import MAX_PIXELS, read_image
 from cifar_ray.data.sources import load_dataset
 from cifar_ray.errors import DataError, UserError, cli_entry
-from cifar_ray.model import CAM_LAYERS
 from cifar_ray.module import LitResNet9, load_module
+from cifar_ray.names import CAM_LAYERS, DEFAULT_CAM_LAYER, GRADCAM_FIGURES
 from cifar_ray.predict import prepare, probabilities
 
 PREDICTED = "the predicted class"
@@ -86,8 +86,8 @@ class Classifier:
         order = np.argsort(-probs)[:top_k]
         top = {self.classes[i]: float(probs[i]) for i in order}
         class_id = int(order[0]) if cam_class == PREDICTED else self.classes.index(cam_class)
-        cam = gradcam.compute_cams(self.module, x, [class_id], layer, torch.device("cpu"))[0]
-        shown = gradcam.heatmap_over(picture.astype(np.float32) / 255, cam, image_weight=1 - opacity)
+        cam = explain.compute_cams(self.module, x, [class_id], layer, torch.device("cpu"))[0]
+        shown = explain.heatmap_over(picture.astype(np.float32) / 255, cam, image_weight=1 - opacity)
         caption = (f"Predicted **{self.classes[order[0]]}** ({probs[order[0]]:.1%}). GradCAM for "
                    f"**{self.classes[class_id]}** at `{layer}`: red is where the evidence for it is.")
         return top, shown, caption
@@ -104,8 +104,8 @@ def gallery(checkpoint: Path, data_dir: str | None, arrays: ImageArrays | None,
                         "to compute one.")
         folder = workdir / "gradcam"
         print(f"app: computing the GradCAM report of the test set into {folder} ...", flush=True)
-        gradcam.analyse(checkpoint, data_dir, folder, device="cpu", arrays=arrays)
-    items = [(str(folder / name), caption) for name, caption in gradcam.FIGURES.items()
+        explain.analyse(checkpoint, data_dir, folder, device="cpu", arrays=arrays)
+    items = [(str(folder / name), caption) for name, caption in GRADCAM_FIGURES.items()
              if (folder / name).is_file()]
     summary = json.loads((folder / "misclassified.json").read_text())
     return items, (f"{summary['mistakes']} of the {summary['images']} {summary['split']} images "
@@ -161,7 +161,7 @@ def build(checkpoint: str | Path, data_dir: str | None = None, report_dir: str |
                                       label="Classes to show (top k)")
                     cam_class = gr.Dropdown([PREDICTED, *classifier.classes], value=PREDICTED,
                                             label="GradCAM for")
-                    layer = gr.Dropdown(list(CAM_LAYERS), value=gradcam.DEFAULT_LAYER, label="Layer")
+                    layer = gr.Dropdown(list(CAM_LAYERS), value=DEFAULT_CAM_LAYER, label="Layer")
                     opacity = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="CAM opacity")
                 with gr.Column(scale=2):
                     status = gr.Markdown("Upload an image or pick a test image.", elem_id="status")

@@ -19,10 +19,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# The layers with a spatial map, shallow to deep: where GradCAM can look (the deepest, s/8
-# square, is the most class-specific: GradCAM's default).
-CAM_LAYERS = ("prep", "layer1_X", "layer1_R", "layer2_X", "layer3_X", "layer3_R")
-
 
 def conv_bn(in_ch: int, out_ch: int, pool: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)]

@@ -1,4 +1,5 @@
-"""The names the stages agree on: the metric the search goes by, report keys, checkpoint files."""
+"""The names the stages and commands agree on, without torch: the metric the search goes by,
+report keys, checkpoint files, GradCAM's layers and figures."""
 
 METRIC = "val/acc"  # what ASHA and the choice of the best trial go by
 STARTUP = "time/startup_s"  # trial function start -> this worker's first training step
@@ -19,3 +20,17 @@ PHASES = {
 }
 # Unix times in every report, for how long the trials trained: from the first step to the report.
 FIRST_STEP_AT, REPORTED_AT = "time/first_step_at", "time/reported_at"
+
+# GradCAM: the layers of model.ResNet9 with a spatial map, shallow to deep (the deepest, s/8
+# square, is the most class-specific: the default); mistakes shown; images per forward pass.
+CAM_LAYERS = ("prep", "layer1_X", "layer1_R", "layer2_X", "layer3_X", "layer3_R")
+DEFAULT_CAM_LAYER = CAM_LAYERS[-1]
+CAM_IMAGES, CAM_BATCH = 16, 256
+# Its figures, in the order its index.html and the report show them, with what each shows.
+GRADCAM_FIGURES = {
+    "misclassified.png": "The most confident mistakes, each beside its GradCAM for the predicted "
+                         "class (true / predicted (probability))",
+    "gradcam_true_vs_pred.png": "Where the model looked for the true class vs the predicted one",
+    "confusion_matrix.png": "Confusion matrix",
+    "per_class_accuracy.png": "Accuracy per class",
+}

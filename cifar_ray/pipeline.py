@@ -230,7 +230,7 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
     train + validation, tested once, its mistakes analysed; on a Ray worker."""
     import ray
 
-    from cifar_ray import gradcam, training
+    from cifar_ray import explain, training
 
     final = overlay(cfg, best["config"])
     final.trainer.epochs = cfg.retrain.retrain_epochs
@@ -248,7 +248,7 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
                            hparams=best["config"],
                            mlflow=tracking.retrain_logger(cfg.tracking, best["config"]),
                            line_prefix=CONSOLE_MARK + "retrain ")
-    report = gradcam.analyse(results["checkpoint"], final.data.data_dir, out / "gradcam",
+    report = explain.analyse(results["checkpoint"], final.data.data_dir, out / "gradcam",
                              split="test", arrays=arrays)
     return {"retrain": results, "gradcam": report}
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from cifar_ray.files import save_figure, write_text
+from cifar_ray.names import GRADCAM_FIGURES
 from cifar_ray.search.settings import format_value, optuna_distribution
 
 FOLDER = "report"
@@ -200,8 +201,6 @@ def trials_table(rows: list[dict[str, Any]], keys: list[str], best_id: str) -> s
 
 def gradcam_section(out: Path, gradcam_summary: dict[str, Any]) -> tuple[str, str]:
     """(The GradCAM report's folder as a link from the page, escaped; its figures)."""
-    from cifar_ray.gradcam import FIGURES as GRADCAM_FIGURES
-
     folder = Path(gradcam_summary["output_dir"])
     link = Path(folder.relative_to(out) if folder.is_relative_to(out) else folder)
     figures = "".join(_figure(f"{link.as_posix()}/{name}", GRADCAM_FIGURES[name])

@@ -11,11 +11,12 @@ from PIL import Image
 from cifar_ray.config import Config
 from cifar_ray.data.augment import eval_transform
 from cifar_ray.data.cifar_files import SPECS
-from cifar_ray.gradcam import DEFAULT_LAYER, compute_cams
+from cifar_ray.explain import compute_cams
 from cifar_ray.module import load_module
+from cifar_ray.names import DEFAULT_CAM_LAYER
 from cifar_ray.training import run
 from tests.cifar_fixture import PATCH, planted_images
-from tests.conftest import run_cli
+from tests.conftest import mains_in_a_fresh_process, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -84,21 +85,21 @@ def test_cams_are_in_unit_range_and_the_model_mode_is_restored(weak_checkpoint, 
     module = load_module(weak_checkpoint).train(mode == "train")
     images, test = _test_images(cifar10)
     with torch.inference_mode():  # as inside Lightning's test loop: CAM must still work
-        cams = compute_cams(module, images[:6], test.labels[:6].tolist(), DEFAULT_LAYER,
+        cams = compute_cams(module, images[:6], test.labels[:6].tolist(), DEFAULT_CAM_LAYER,
                             torch.device("cpu"))
     assert cams.shape == (6, 32, 32) and cams.min() >= 0 and cams.max() <= 1 and cams.max() > 0.5
     assert module.training is (mode == "train")
     assert all(m.training is (mode == "train") for m in module.modules())
 
 
-@pytest.mark.parametrize("layer,batch", [(DEFAULT_LAYER, 1), (DEFAULT_LAYER, 37), ("layer1_R", 9),
-                                         ("prep", 4)])
+@pytest.mark.parametrize("layer,batch", [(DEFAULT_CAM_LAYER, 1), (DEFAULT_CAM_LAYER, 37),
+                                         ("layer1_R", 9), ("prep", 4)])
 def test_batched_cams_equal_the_grad_cam_package(weak_checkpoint, cifar10, layer, batch):
     """compute_cams batches grad-cam's GradCAM on the device: the maps must be the package's."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from cifar_ray.gradcam import target_layer
+    from cifar_ray.explain import target_layer
 
     module = load_module(weak_checkpoint)
     images, test = _test_images(cifar10)
@@ -119,7 +120,8 @@ def test_gradcam_peaks_on_the_planted_patch(trained_run):
     planted = planted_images(120, 10, seed=7)
     transform = eval_transform(SPECS["cifar10"].norm)
     images = torch.stack([transform(image=img)["image"] for img in planted.images])
-    cams = compute_cams(module, images, planted.labels.tolist(), DEFAULT_LAYER, torch.device("cpu"))
+    cams = compute_cams(module, images, planted.labels.tolist(), DEFAULT_CAM_LAYER,
+                        torch.device("cpu"))
     hits = 0
     for cam, (row, col) in zip(cams, planted.boxes):
         peak_row, peak_col = np.unravel_index(cam.argmax(), cam.shape)
@@ -144,18 +146,20 @@ def test_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, cifar10):
 
 
 def test_validation_split_uses_the_training_split(weak_checkpoint, cifar10, tmp_path):
-    from cifar_ray.gradcam import analyse
+    from cifar_ray.explain import analyse
 
     summary = analyse(weak_checkpoint, cifar10[0], tmp_path, num_images=4, split="val",
                       device="cpu")
     assert summary["images"] == 200 and summary["split"] == "val"
 
 
-def test_a_batch_size_below_one_is_one_line(weak_checkpoint, cifar10, tmp_path):
-    proc = run_cli("cifar_ray.gradcam", "--checkpoint", weak_checkpoint, "--data-dir",
-                   str(cifar10[0]), "--output-dir", str(tmp_path / "g"), "--batch-size", "0")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip() == "error: --batch-size must be >= 1, got 0"
+def test_help_and_bad_flags_answer_before_torch_is_imported(tmp_path):
+    given = ["--checkpoint", str(tmp_path / "model.ckpt"), "--output-dir", str(tmp_path / "g")]
+    calls = [["--help"], [*given, "--batch-size", "0"], [*given, "--num-images", "0"]]
+    codes, imported, stderr = mains_in_a_fresh_process("gradcam", calls)
+    assert codes == [0, 2, 2] and imported == [], (codes, imported, stderr)
+    assert stderr.strip().splitlines() == ["error: --batch-size must be >= 1, got 0",
+                                           "error: --num-images must be >= 1, got 0"]
     assert not (tmp_path / "g").exists()
 
 

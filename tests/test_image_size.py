@@ -61,7 +61,7 @@ def test_a_64_pixel_checkpoint_is_explained_exported_and_served_at_64(stripe_run
 
     from cifar_ray.app import PREDICTED, Classifier
     from cifar_ray.data.image_folders import read_image
-    from cifar_ray.gradcam import compute_cams
+    from cifar_ray.explain import compute_cams
     from cifar_ray.module import load_module
     from cifar_ray.predict import classify, prepare
 

@@ -8,6 +8,7 @@ import torch
 from cifar_ray.errors import CheckpointError
 from cifar_ray.model import ResNet9
 from cifar_ray.module import LitResNet9, load_module
+from cifar_ray.names import CAM_LAYERS
 from tests.conftest import MarkerPayload
 
 
@@ -20,6 +21,21 @@ def test_outputs_are_log_probabilities(classes, batch):
     out = ResNet9(classes, width=8).eval()(torch.randn(batch, 3, 32, 32))
     assert out.shape == (batch, classes)
     torch.testing.assert_close(out.exp().sum(1), torch.ones(batch))
+
+
+def test_gradcams_layers_are_the_networks_spatial_maps_shallow_to_deep():
+    """names.CAM_LAYERS (the GradCAM command lists them without importing torch) names modules
+    of ResNet9 whose outputs are maps, each no larger than the one before, down to s/8."""
+    model = ResNet9(10, width=8).eval()
+    layers = dict(model.named_modules())
+    sides = {}
+    for name in CAM_LAYERS:
+        layers[name].register_forward_hook(
+            lambda _m, _i, out, name=name: sides.update({name: out.shape[-1]}))
+    model(torch.randn(1, 3, 64, 64))
+    assert list(sides) == list(CAM_LAYERS)
+    assert [sides[n] for n in CAM_LAYERS] == sorted(sides.values(), reverse=True)
+    assert sides[CAM_LAYERS[-1]] == 64 // 8
 
 
 def _save_lightning_style(module: LitResNet9, path: Path) -> None:
