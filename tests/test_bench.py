@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cifar_ray.bench import SECTIONS
-from tests.conftest import run_cli
+from tests.conftest import mains_in_a_fresh_process, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -67,10 +67,14 @@ def test_a_failing_section_is_recorded_and_the_others_still_run(noisy_data, tmp_
     assert "search: FAILED: passed its limit of 3 s" in proc.stdout
 
 
-def test_bench_rejects_an_unknown_section(tmp_path):
-    proc = run_cli("cifar_ray.bench", "--sections", "framework,warp", "--data-dir", str(tmp_path))
-    assert proc.returncode == 2
-    assert "unknown section(s) warp" in proc.stderr
+def test_help_and_bad_flags_answer_before_torch_is_imported(tmp_path):
+    calls = [["--help"], ["--sections", "framework,warp", "--data-dir", str(tmp_path)],
+             ["--width", "-1", "--data-dir", str(tmp_path)]]
+    codes, imported, stderr = mains_in_a_fresh_process("bench", calls)
+    assert codes == [0, 2, 2] and imported == [], (codes, imported, stderr)
+    errors = stderr.strip().splitlines()
+    assert errors[-2].endswith("unknown section(s) warp; valid: " + ", ".join(SECTIONS)), stderr
+    assert errors[-1] == "error: --width must be >= 0, got -1", stderr
 
 
 def test_bench_refuses_cuda_where_there_is_none(tmp_path):
