@@ -1,5 +1,7 @@
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -164,6 +166,28 @@ def sys_tmp():
 
 def search_env(sys_tmp: Path, **extra: str) -> dict:
     return dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(sys_tmp), **extra)
+
+
+@contextlib.contextmanager
+def another_ray_instance(tmp_path: Path, sys_tmp: Path):
+    """Another Ray instance up on the same machine (another search, a notebook) while a search
+    runs, locally or on a cluster. Ray Train's placement-group cleaner found "its" instance by
+    looking for Ray's processes, found two and died; the placement group of each trial that
+    ended then stayed reserved, and the next trial or the retrain waited for it forever. Each
+    process of the search's instance is now given that instance's address."""
+    home = sys_tmp / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = search_env(sys_tmp, HOME=str(home), RAY_AUTH_TOKEN=secrets.token_hex(32))
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys; ray.init(num_cpus=1, include_dashboard=False); "
+                               "print('up', flush=True); sys.stdin.read()"],
+        cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        yield other
+    finally:
+        other.stdin.close()  # its driver ends, and Ray stops the instance it started
+        other.wait(timeout=60)
 
 
 def registered_runs(out: Path) -> list[Path]:

@@ -5,7 +5,9 @@ land on both nodes; then the second node is killed mid-search (every process of 
 when a machine disappears) and the search still finishes: Ray Train restarts the lost trial's
 workers from its last checkpoint on the surviving node. (A single lost worker on one machine
 takes the same way: Ray Train's failure policy, then worker.EpochReports.) The runs are tracked
-in a real MLflow store on disk: the restarted trial's epochs are logged once each."""
+in a real MLflow store on disk: the restarted trial's epochs are logged once each. Another Ray
+instance runs on the same machine all along (as a notebook might on a head node): the search's
+processes are told their cluster's address, since Ray cannot guess it there."""
 
 import csv
 import json
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SMOKE, registered_runs, search_env
+from tests.conftest import ROOT, SMOKE, another_ray_instance, registered_runs, search_env
 from tests.processes import (
     descendants,
     files_containing,
@@ -70,7 +72,24 @@ class RayNode:
         self.proc.wait(timeout=30)
 
 
-def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, no_leftover_ray):
+def agent_ports() -> list[str]:
+    """Each node on this machine needs agent ports of its own: Ray's defaults are taken by the
+    first instance that starts (the other instance's, below)."""
+    return [f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
+@pytest.fixture
+def other_instance(tmp_path, sys_tmp):
+    """Another Ray instance on the head's machine, in a temp dir of its own (conftest's
+    another_ray_instance)."""
+    with another_ray_instance(tmp_path, sys_tmp / "other") as other:
+        yield other
+
+
+def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, no_leftover_ray,
+                                                 other_instance):
     # The cluster's own token, as a user provides it (RAY_AUTH_TOKEN or ~/.ray/auth_token).
     token = secrets.token_hex(32)
     # RAY_JOB_STOP_WAIT_TIME_S as cluster.yaml sets it: `ray job stop` leaves 60 s between
@@ -80,7 +99,8 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
     port, dashboard_port = free_port(), free_port()
     head = RayNode(["--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={sys_tmp}/ray",
                     "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dashboard_port}"], env, tmp_path / "head.log")
+                    f"--dashboard-port={dashboard_port}", *agent_ports()], env,
+                   tmp_path / "head.log")
     nodes = [head]
     driver = None
     try:
@@ -89,14 +109,12 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
         while not listening_hosts(dashboard_port) and time.time() < deadline:
             time.sleep(0.5)
         assert listening_hosts(dashboard_port) == {"127.0.0.1"}
-        # A second node on the same machine needs its own agent ports.
-        second = RayNode([f"--address=127.0.0.1:{port}", "--num-cpus=1",
-                          f"--dashboard-agent-listen-port={free_port()}",
-                          f"--dashboard-agent-grpc-port={free_port()}",
-                          f"--runtime-env-agent-port={free_port()}",
-                          f"--metrics-export-port={free_port()}"], env, tmp_path / "second.log")
+        second = RayNode([f"--address=127.0.0.1:{port}", "--num-cpus=1", *agent_ports()], env,
+                         tmp_path / "second.log")
         nodes.append(second)
         second.wait_started()
+        for address in ("auto", f"127.0.0.1:{port}"):
+            _tasks_find_their_cluster(address, env, tmp_path)
 
         out = tmp_path / "search"
         store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -152,6 +170,7 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
         assert results["num_trials"] == 2 and results["test_acc"] > 0.6
         _check_mlflow(store, trials, results, tmp_path)
         assert time.time() - lost_at > 5  # the search really went on after the loss
+        assert other_instance.poll() is None  # up all along
         assert not files_containing(tmp_path, token)  # neither logged nor written to results
         _ray_job_stop_stops_a_search(dashboard_port, env, search, noisy_data, tmp_path)
     finally:
@@ -160,6 +179,28 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
             driver.wait()
         for node in reversed(nodes):
             node.stop()
+
+
+# A task of the search's asks Ray's state API about its cluster without an address, as Ray
+# Train's placement-group cleaner does; beside another instance, Ray cannot guess which one.
+TASK_ASKS_STATE_API = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+import ray
+from cifar_ray.search.cluster import start_ray
+from ray.util.state import list_nodes
+start_ray(SimpleNamespace(address=sys.argv[1]), Path(sys.argv[2]))
+print(f"nodes {ray.get(ray.remote(num_cpus=0)(lambda: len(list_nodes())).remote())}")
+"""
+
+
+def _tasks_find_their_cluster(address: str, env: dict, tmp_path: Path) -> None:
+    temp = tmp_path / "driver-temp"
+    temp.mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, "-c", TASK_ASKS_STATE_API, address, str(temp)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and "nodes 2" in proc.stdout, (address, proc.stderr[-3000:])
 
 
 def _ray_job_stop_stops_a_search(dashboard_port: int, env: dict, search: list[str],

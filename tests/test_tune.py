@@ -5,7 +5,6 @@ Every test starts its own local Ray instance through the CLI (in a subprocess) a
 afterwards that no Ray process it started is still running; any that is gets stopped by pid.
 """
 
-import contextlib
 import csv
 import json
 import re
@@ -24,6 +23,7 @@ from tests.conftest import (
     ARTIFACTS,
     ROOT,
     SMOKE,
+    another_ray_instance,
     mains_in_a_fresh_process,
     run_cli,
     search_env,
@@ -226,7 +226,7 @@ def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_p
     The data is a class-folder set with a val/ folder (tests/cifar_fixture.py): the search
     learns on it, and GradCAM and the report work on it unchanged. The retrain is stopped by
     SIGTERM half-way (exit 143, one line), and --resume finishes it. Another Ray instance is
-    up beside the search all along (_another_ray_instance)."""
+    up beside the search all along (another_ray_instance)."""
     space = tmp_path / "space.yaml"
     space.write_text("search:\n  model.width: {choice: [8, 16]}\n"
                      "  augment.cutout_p: {uniform: [0, 1]}\n"
@@ -234,7 +234,7 @@ def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_p
     out = tmp_path / "search"
     password = f"pw-{secrets.token_hex(8)}"
     with FakeMlflow(tmp_path / "mlflow_artifacts", "ada", password) as server, \
-            _another_ray_instance(tmp_path, sys_tmp) as other:
+            another_ray_instance(tmp_path, sys_tmp) as other:
         # MLflow over HTTP with a password in the URI: it must reach the server, and nothing
         # else (checked at the end).
         uri = server.url.replace("http://", f"http://ada:{password}@")
@@ -247,28 +247,6 @@ def test_a_search_over_other_config_keys_on_your_own_images(class_folders, tmp_p
     assert kinds == ["retrain", "trial", "trial", "trial"], kinds
     written = files_containing(tmp_path, password) + files_containing(sys_tmp, password)
     assert written == [], written
-
-
-@contextlib.contextmanager
-def _another_ray_instance(tmp_path: Path, sys_tmp: Path):
-    """Another Ray instance up on the same machine (another search, a notebook) while a search
-    runs. Ray Train's placement-group cleaner found "its" instance by looking for Ray's
-    processes, found two and died; the placement group of each trial that ended then stayed
-    reserved, and the third trial of a search (two at a time) waited for it forever. Each
-    process of the search's own instance is now given that instance's address."""
-    home = sys_tmp / "home"
-    home.mkdir(exist_ok=True)
-    env = search_env(sys_tmp, HOME=str(home), RAY_AUTH_TOKEN=secrets.token_hex(32))
-    other = subprocess.Popen(
-        [sys.executable, "-c", "import ray, sys; ray.init(num_cpus=1, include_dashboard=False); "
-                               "print('up', flush=True); sys.stdin.read()"],
-        cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert other.stdout.readline().strip() == "up"
-        yield other
-    finally:
-        other.stdin.close()  # its driver ends, and Ray stops the instance it started
-        other.wait(timeout=60)
 
 
 def _search_on_folders_resumed(class_folders, space, out, tmp_path, sys_tmp, uri) -> None:

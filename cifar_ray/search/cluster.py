@@ -73,10 +73,29 @@ def start_ray(settings, temp_dir: Path) -> None:
     if settings.address != "auto":
         _check_reachable(settings.address)
     try:
-        ray.init(address=settings.address, runtime_env={"env_vars": env})
+        # As above: a cluster's head may run another instance too (a test, a notebook).
+        env["RAY_ADDRESS"] = _cluster_address(settings.address)
+        ray.init(address=env["RAY_ADDRESS"], runtime_env={"env_vars": env})
     except (ConnectionError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot join the Ray cluster at '{settings.address}': {first}") from None
+
+
+def _cluster_address(address: str) -> str:
+    """The GCS address of the cluster that `address` names; "auto" is resolved once, here,
+    so that no Ray process searches the machine for it later."""
+    import ray
+
+    if address != "auto":
+        return address
+    given = os.environ.get("RAY_ADDRESS", "")
+    if given and given != "auto" and "://" not in given:
+        return given  # a Ray job's driver is told its cluster's GCS address here
+    ray.init(address="auto")
+    try:
+        return ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
 
 
 LOCAL_FILESYSTEMS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "overlay", "tmpfs", "apfs"}
