@@ -192,8 +192,9 @@ def render_html(summary: dict[str, Any], confusion: np.ndarray, classes: list[st
     pairs = np.dstack(np.unravel_index(np.argsort(-off_diagonal, axis=None), confusion.shape))[0]
     confused = "".join(f"<li>{html.escape(classes[t])} taken for {html.escape(classes[p])}: "
                        f"{off_diagonal[t, p]}</li>" for t, p in pairs[:5] if off_diagonal[t, p])
-    figures = "".join(f'<figure><img src="{f}" alt="{f}"><figcaption>{html.escape(GRADCAM_FIGURES[f])} '
-                      f'(<code>{f}</code>)</figcaption></figure>' for f in summary["figures"])
+    figures = "".join(f'<figure><img src="{f}" alt="{f}"><figcaption>'
+                      f'{html.escape(GRADCAM_FIGURES[f])} (<code>{f}</code>)</figcaption></figure>'
+                      for f in summary["figures"])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>cifar_ray GradCAM report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}img{{max-width:100%}}
