@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ ENGINES = ("auto", "albumentations", "tensors")  # see augment.py
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 COMPILE_MODES = ("off", "default", "reduce-overhead")  # see module.py
 MAX_WIDTH = 1024
+# A data set's classes (a confusion matrix is classes squared) and a class name's length.
+MAX_CLASSES, MAX_CLASS_NAME = 1000, 200
+# Upper bounds of counts that fork processes or size allocations: far past any real run.
+MAX_WORKERS, MAX_BATCH, MAX_EPOCHS, MAX_SEED = 64, 65536, 10_000, 2**32 - 1
 # Images are held decoded in memory (on the device, with the tensor engine): 50,000 at 256 px
 # are 9.8 GB, and a step costs 64 times a 32-px one. Past that, this network is the wrong tool.
 MAX_IMAGE_SIZE = 256
@@ -140,7 +145,7 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
             return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return value if isinstance(value, int) and abs(value) > 2**53 else float(value)
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -323,12 +328,28 @@ def check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_finite(cfg: Any) -> None:
+    """Every float setting is a finite number (a flag's `inf` or `nan` too)."""
+    for name, sec in sections(cfg).items():
+        if dataclasses.is_dataclass(sec):
+            for f in dataclasses.fields(sec):
+                value = getattr(sec, f.name)
+                if _field_type(sec, f.name) is float and isinstance(value, (int, float)):
+                    try:
+                        finite = math.isfinite(value)
+                    except OverflowError:
+                        finite = False
+                    check(finite, f"{name}.{f.name} must be a finite number, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
+    check_finite(cfg)
     d, a, m, o, t = cfg.data, cfg.augment, cfg.model, cfg.optim, cfg.trainer
     check(d.dataset in DATASETS, f"data.dataset must be one of {DATASETS}, got '{d.dataset}'")
     check(d.val_size >= 0, f"data.val_size must be >= 0, got {d.val_size}")
     check(d.limit_train >= 0, f"data.limit_train must be >= 0, got {d.limit_train}")
-    check(d.num_workers >= -1, f"data.num_workers must be >= -1, got {d.num_workers}")
+    check(-1 <= d.num_workers <= MAX_WORKERS,
+          f"data.num_workers must be in [-1, {MAX_WORKERS}], got {d.num_workers}")
     check(8 <= d.image_size <= MAX_IMAGE_SIZE and d.image_size % 8 == 0,
           f"data.image_size must be a multiple of 8 from 8 to {MAX_IMAGE_SIZE} (the network "
           f"halves it three times), got {d.image_size}")
@@ -344,10 +365,12 @@ def validate(cfg: Config) -> None:
     check(0 < o.pct_start < 1, f"optim.pct_start must be in (0, 1), got {o.pct_start}")
     check(o.div_factor > 0, f"optim.div_factor must be > 0, got {o.div_factor}")
     check(o.final_div_factor > 0, f"optim.final_div_factor must be > 0, got {o.final_div_factor}")
-    check(t.epochs >= 1, f"trainer.epochs must be >= 1, got {t.epochs}")
-    check(t.batch_size >= 1, f"trainer.batch_size must be >= 1, got {t.batch_size}")
+    check(1 <= t.epochs <= MAX_EPOCHS, f"trainer.epochs must be in [1, {MAX_EPOCHS}], got {t.epochs}")
+    check(1 <= t.batch_size <= MAX_BATCH,
+          f"trainer.batch_size must be in [1, {MAX_BATCH}], got {t.batch_size}")
+    check(0 <= t.seed <= MAX_SEED, f"trainer.seed must be in [0, {MAX_SEED}], got {t.seed}")
     check(t.device in DEVICES, f"trainer.device must be one of {DEVICES}, got '{t.device}'")
-    check(t.devices >= 1, f"trainer.devices must be >= 1, got {t.devices}")
+    check(1 <= t.devices <= MAX_WORKERS, f"trainer.devices must be in [1, {MAX_WORKERS}], got {t.devices}")
     check(t.compile in COMPILE_MODES, f"trainer.compile must be one of {COMPILE_MODES}, got '{t.compile}'")
     check(t.precision in PRECISIONS,
            f"trainer.precision must be one of {PRECISIONS}, got '{t.precision}'")

@@ -1,6 +1,16 @@
-"""Files the project writes and deletes. A writer writes a temporary file beside the target,
-flushes it, then `os.replace`s it over the target: a reader sees the old file or the new one.
-`remove_inside` deletes a path only once it is proven to lie inside the folder named for it."""
+"""The one gate for what the project writes and deletes in a user's folders.
+
+- Writing: a writer writes a temporary file beside the target, flushes it, then `os.replace`s
+  it over the target (a reader sees the old file or the new one; a link at the target is
+  replaced, never written through). A file kept open to append or rewrite (the lock, the logs)
+  is opened by `open_own`, which refuses a symbolic link or a file with another hard link.
+- Before a run writes in a folder, `check_no_links` walks it: a symbolic link anywhere in it, or
+  a file linked from outside it, is refused, so that what libraries write there (Ray, Lightning,
+  TensorBoard) stays there too.
+- Deleting: `make_dir` marks each folder the project makes (`MARKER`); `remove_made` deletes a
+  folder only if it carries that mark and lies strictly inside the folder the user named, and a
+  file only inside it; a link is removed, never followed.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +18,15 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from cifar_ray.errors import NO_SPACE, DiskFull, UserError
+
+MARKER = ".cifar_ray-made"  # in each folder the project made, and may therefore delete
+MAX_ENTRIES = 1_000_000  # a walk of an output dir stops here: not an output dir
 
 
 def _create_temporary(folder: Path, target: Path) -> Path:
@@ -21,7 +35,7 @@ def _create_temporary(folder: Path, target: Path) -> Path:
     while True:
         path = folder / f".{target.name}.{secrets.token_hex(6)}{target.suffix}"
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666))
             return path
         except FileExistsError:
             continue
@@ -43,7 +57,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             raise DiskFull(target, exc) from None
         raise
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
 
 
@@ -57,14 +71,19 @@ def link_atomically(source: str | Path, target: str | Path) -> None:
         os.link(source, tmp)
 
 
-def write_json(target: str | Path, data: Any) -> None:
+def write_bytes(target: str | Path, data: bytes | memoryview) -> None:
     with atomic_path(target) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.write_bytes(data)
+
+
+def write_json(target: str | Path, data: Any) -> None:
+    # allow_nan=False: a NaN or an infinity is a bug to see, not a file other tools cannot read.
+    write_text(target, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def write_text(target: str | Path, text: str) -> None:
     with atomic_path(target) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
 
 
 def save_figure(fig, target: str | Path, **kwargs: Any) -> None:
@@ -78,16 +97,187 @@ def save_figure(fig, target: str | Path, **kwargs: Any) -> None:
         plt.close(fig)
 
 
-def remove_inside(root: str | Path, path: str | Path) -> None:
-    """Delete `path` (a file, a link or a folder tree) if it exists, after proving that it lies
-    strictly inside `root`; UserError otherwise. A link is removed, never followed."""
+def refuse(path: Path, why: str) -> UserError:
+    return UserError(f"refusing to use {path}: {why}; the project writes only into folders "
+                     "whose files are its own (remove it, or choose another folder)")
+
+
+def open_own(path: str | Path, append: bool = False) -> int:
+    """A file descriptor for reading and writing `path` (created if missing), which is neither
+    a symbolic link nor a file with a second hard link (writing would reach another file)."""
+    path = Path(path)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if append else 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise refuse(path, "it is a symbolic link") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise refuse(path, "it is not a plain file" if not stat.S_ISREG(info.st_mode)
+                     else "it is a hard link to another file")
+    return fd
+
+
+def open_log(path: str | Path) -> IO[str]:
+    """A log to append lines to (line-buffered), opened through `open_own`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return os.fdopen(open_own(path, append=True), "a", buffering=1, encoding="utf-8",
+                     errors="backslashreplace")
+
+
+def append_line(path: str | Path, line: str) -> None:
+    with open_log(path) as f:
+        f.write(line + "\n")
+
+
+def check_no_links(root: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """UserError if `root` holds a symbolic link at any depth, or a file that has a hard link
+    outside `root` (its link count exceeds the links to it found inside); `skip`: names at
+    the top to leave out. A missing `root` holds nothing."""
+    root = Path(root)
+    if not root.is_dir() or root.is_symlink():
+        return
+    seen: dict[tuple[int, int], int] = {}
+    counts: dict[tuple[int, int], tuple[int, Path]] = {}
+    entries = 0
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as listing:
+            for entry in listing:
+                entries += 1
+                if entries > MAX_ENTRIES:
+                    raise refuse(root, f"it holds more than {MAX_ENTRIES:,} files")
+                if folder == root and entry.name in skip:
+                    continue
+                path = Path(entry.path)
+                if entry.is_symlink():
+                    raise refuse(path, "it is a symbolic link")
+                info = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode):
+                    stack.append(path)
+                elif info.st_nlink > 1:
+                    key = (info.st_dev, info.st_ino)
+                    seen[key] = seen.get(key, 0) + 1
+                    counts[key] = (info.st_nlink, path)
+    for key, (nlink, path) in counts.items():
+        if seen[key] < nlink:
+            raise refuse(path, "it is a hard link to a file outside the folder")
+
+
+def inside(root: str | Path, path: str | Path, verb: str = "delete") -> Path:
+    """`path` with its folder resolved, once proven to lie strictly inside `root`; UserError
+    (refusing to `verb` it) otherwise."""
     root = Path(root).resolve()
     path = Path(path)
     parent = path.parent.resolve()
     if path.name in ("", ".", "..") or not (parent == root or root in parent.parents):
-        raise UserError(f"refusing to delete {path}: it is not inside {root}")
-    target = parent / path.name
+        raise UserError(f"refusing to {verb} {path}: it is not inside {root}")
+    return parent / path.name
+
+
+def make_dir(path: str | Path) -> Path:
+    """Make the folder `path` (and its parents) and mark it as the project's, so that a later
+    `remove_made` may delete it; a folder already there that is not the project's is refused."""
+    path = Path(path)
+    if path.is_symlink():
+        raise refuse(path, "it is a symbolic link")
+    if path.is_dir() and any(path.iterdir()) and not is_made(path):
+        raise refuse(path, f"it holds files that the project did not make (no {MARKER})")
+    path.mkdir(parents=True, exist_ok=True)
+    if not is_made(path):
+        os.close(os.open(path / MARKER, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+    return path
+
+
+def is_made(folder: Path) -> bool:
+    """Whether `folder` is a real folder carrying the project's mark (a plain file)."""
+    mark = folder / MARKER
+    return (folder.is_dir() and not folder.is_symlink() and mark.is_file()
+            and not mark.is_symlink())
+
+
+def remove_made(root: str | Path, path: str | Path) -> None:
+    """Delete `path` if it exists, after proving that it lies strictly inside `root` and, for
+    a folder, that the project made it (`make_dir`'s mark); UserError otherwise. A link is
+    removed, never followed."""
+    target = inside(root, path)
     if target.is_symlink() or target.is_file():
         target.unlink()
     elif target.is_dir():
+        if not is_made(target):
+            raise UserError(f"refusing to delete {target}: the project did not make it (no "
+                            f"{MARKER} in it); move or delete it yourself")
         shutil.rmtree(target)
+
+
+def remove_if_empty(folder: str | Path) -> None:
+    """Remove `folder` if it holds nothing (an output dir a refused run made): it cannot take
+    anything with it."""
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
+
+
+def read_inside(root: str | Path, name: str, limit: int) -> bytes:
+    """The bytes of the plain file `root/name` (no link at it, none below `root`), at most
+    `limit`; UserError otherwise. How a file in a folder the project wrote is served on."""
+    target = inside(root, Path(root) / name, "read")
+    if target.parent != Path(root).resolve():
+        raise UserError(f"refusing to read {target}: not directly in {root}")
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UserError(f"cannot read {target}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            raise refuse(target, "it is not a plain file of its own")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{target}: larger than {limit // (1 << 20)} MB")
+    return data
+
+
+def check_trusted(root: str | Path) -> None:
+    """UserError unless `root` and everything in it belong to this user and nobody else can
+    write them (as ssh checks its keys' folder): what Ray Tune unpickles on --resume runs as
+    code, so only this user may have written it."""
+    root = Path(root)
+    me = os.geteuid()
+    for path in [root, *_walk(root)]:
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            raise refuse(path, "it is a symbolic link")
+        if info.st_uid != me:
+            raise UserError(f"--resume: refusing to load {path}: it belongs to another user "
+                            f"(uid {info.st_uid}), and resuming runs the code a search's saved "
+                            "state holds; resume only a search this user wrote")
+        if info.st_mode & 0o002 or (info.st_mode & 0o020 and not _own_group(info.st_gid)):
+            raise UserError(f"--resume: refusing to load {path}: other users can write it, and "
+                            "resuming runs the code a search's saved state holds; "
+                            f"chmod go-w it if only you wrote it")
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    for folder, dirs, names in os.walk(root):
+        for name in [*dirs, *names]:
+            yield Path(folder) / name
+
+
+def _own_group(gid: int) -> bool:
+    """Whether group `gid` is this user's own: their primary group, with no other member (a
+    user-private group, as a umask of 002 assumes)."""
+    import grp
+    import pwd
+
+    try:
+        me = pwd.getpwuid(os.geteuid())
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return gid == me.pw_gid and set(group.gr_mem) <= {me.pw_name}

@@ -5,6 +5,8 @@ back: weights_only=True, then the model rebuilt from its hyperparameters."""
 
 from __future__ import annotations
 
+import math
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -15,10 +17,18 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cifar_ray.config import Config, DataConfig, ModelConfig, OptimConfig
+from cifar_ray.config import (
+    MAX_CLASS_NAME,
+    MAX_CLASSES,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+)
 from cifar_ray.data.arrays import Normalization
 from cifar_ray.data.cifar_files import SPECS
-from cifar_ray.errors import CheckpointError
+from cifar_ray.errors import CheckpointError, ConfigError
+from cifar_ray.names import shown_name
 from cifar_ray.model import ResNet9
 from cifar_ray.pl import pl
 
@@ -160,11 +170,43 @@ def adam_options(lr: float, weight_decay: float) -> dict[str, Any]:
     return {"lr": lr, "weight_decay": weight_decay, "fused": True}
 
 
+MAX_RECORDS = 4096  # a ResNet-9 checkpoint holds ~100 (tensors, optimiser state, metadata)
+MAX_PICKLE = 16 << 20  # its data.pkl: the hyperparameters and the structure, ~100 KB
+
+
+def check_archive(path: Path) -> None:
+    """Before torch reads a byte: the checkpoint is a zip archive (torch.save's format) of
+    at most MAX_RECORDS records, each stored as torch.save writes it (uncompressed: a
+    deflated record can inflate 1000-fold), declaring no more bytes than the file holds."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a loadable checkpoint: not a torch.save archive "
+                              f"({exc})") from None
+    if len(records) > MAX_RECORDS:
+        raise CheckpointError(f"{path}: {len(records)} records, more than a checkpoint holds")
+    declared = 0
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED or record.compress_size != record.file_size:
+            raise CheckpointError(f"{path}: its record {record.filename!r} is compressed "
+                                  "(torch.save never compresses; refused, not inflated)")
+        if record.filename.endswith("data.pkl") and record.file_size > MAX_PICKLE:
+            raise CheckpointError(f"{path}: its {record.filename!r} is larger than a "
+                                  "checkpoint's")
+        declared += record.file_size
+    if declared > size:
+        raise CheckpointError(f"{path}: it declares {declared:,} bytes but holds {size:,}")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint's contents without running any code in it."""
+    """The one way a checkpoint is read: its archive checked (check_archive), then loaded
+    with weights_only=True, so that no code in it runs and nothing is larger than it holds."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file missing")
+    check_archive(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -172,22 +214,33 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             first = "it contains objects other than tensors and plain values (refused, not run)"
-        raise CheckpointError(f"{path}: not a loadable checkpoint: {first}") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint: {first[:200]}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise CheckpointError(f"{path}: not a cifar_ray checkpoint (no state_dict/hyper_parameters)")
     return ckpt
 
 
 def load_module(path: str | Path) -> LitResNet9:
-    """Rebuild a LitResNet9 from a checkpoint this project wrote (on CPU, in eval mode)."""
+    """Rebuild a LitResNet9 from a checkpoint this project wrote (on CPU, in eval mode): its
+    hyperparameters checked as a config is, the network laid out first on torch's "meta"
+    device (no memory) and compared tensor by tensor with the file's, then built."""
     ckpt = read_checkpoint(path)
     hparams = check_hyperparameters(path, ckpt)
+    with torch.device("meta"):
+        expected = LitResNet9(**hparams).state_dict()
+    state = ckpt["state_dict"]
+    for key, tensor in expected.items():
+        found = state.get(key)
+        if not isinstance(found, torch.Tensor) or found.shape != tensor.shape:
+            shape = tuple(found.shape) if isinstance(found, torch.Tensor) else "none"
+            raise CheckpointError(f"{path}: does not match this project's ResNet-9: "
+                                  f"{shown_name(key)} is {shape}, not {tuple(tensor.shape)}")
     try:
         module = LitResNet9(**hparams)
-        module.load_state_dict(ckpt["state_dict"], strict=True)
+        module.load_state_dict(state, strict=True)
     except (TypeError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: does not match this project's ResNet-9: {first}") from None
+        raise CheckpointError(f"{path}: does not match this project's ResNet-9: {first[:200]}") from None
     return module.eval()
 
 
@@ -211,29 +264,43 @@ def in_sections(hparams: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_hyperparameters(path: str | Path, ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's hyperparameters, in sections, once they agree with its weights (a
-    width they do not have would build a network of any size); else one-line CheckpointError."""
+    """The checkpoint's hyperparameters, in sections, once they pass the config's own
+    validation (types and ranges: no width or image size a config could not have), with at
+    most MAX_CLASSES class names and a normalisation of 3 finite numbers; else one line."""
     hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
     if not isinstance(hparams, Mapping) or not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: its hyper_parameters and state_dict must be mappings")
     hparams = in_sections(hparams)
-    for name, kind in SECTIONS.items():
-        section = hparams.get(name) or {}
-        known = {f.name for f in fields(kind)}
-        if not isinstance(section, Mapping) or not set(section) <= known:
-            raise CheckpointError(f"{path}: its hyper_parameters' {name} section is not this "
-                                  "project's")
-    width = (hparams.get("model") or {}).get("width", 64)
-    prep, fc = state.get("model.prep.0.weight"), state.get("model.fc.weight")
-    if not isinstance(prep, torch.Tensor) or not isinstance(fc, torch.Tensor) \
-            or prep.shape != (width, 3, 3, 3) or fc.ndim != 2 or fc.shape[1] != 8 * width:
-        raise CheckpointError(f"{path}: does not match this project's ResNet-9: its "
-                              f"hyper_parameters (width {width!r}) do not match its weights")
+    unknown = set(hparams) - {*SECTIONS, "seed", "class_names", "norm"}
+    if unknown:
+        raise CheckpointError(f"{path}: its hyper_parameters hold keys this project does not "
+                              f"write: {shown_name(', '.join(map(str, sorted(unknown, key=str))))}")
+    raw = {name: hparams.get(name) or {} for name in SECTIONS}
+    try:
+        Config.from_dict({**raw, "trainer": {"seed": hparams.get("seed", 1)}}, "hyper_parameters")
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    hparams.update({name: dict(raw[name]) for name in SECTIONS})
     names = hparams.get("class_names")
-    if names is not None and (not isinstance(names, list)
-                              or not all(isinstance(n, str) for n in names)):
-        raise CheckpointError(f"{path}: its class_names must be a list of names")
-    if len(names or range(10)) != fc.shape[0]:
-        raise CheckpointError(f"{path}: does not match this project's ResNet-9: it names "
-                              f"{len(names or range(10))} classes, its weights have {fc.shape[0]}")
+    if names is not None and (not isinstance(names, list) or not 0 < len(names) <= MAX_CLASSES
+                              or not all(isinstance(n, str) and len(n) <= MAX_CLASS_NAME
+                                         for n in names)):
+        raise CheckpointError(f"{path}: its class_names must be a list of 1 to {MAX_CLASSES} "
+                              f"names of at most {MAX_CLASS_NAME} characters")
+    norm = hparams.get("norm")
+    if norm is not None and not _is_normalization(norm):
+        raise CheckpointError(f"{path}: its norm must be a mean and a std of 3 finite numbers "
+                              "each (std > 0)")
     return hparams
+
+
+def _is_normalization(norm: Any) -> bool:
+    if not isinstance(norm, Mapping) or set(norm) != {"mean", "std"}:
+        return False
+    values = [norm["mean"], norm["std"]]
+    if not all(isinstance(v, (list, tuple)) and len(v) == 3 for v in values):
+        return False
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+               for v in values for x in v):
+        return False
+    return all(x > 0 for x in norm["std"])

@@ -1,7 +1,8 @@
 """The names the stages and commands agree on, without torch: the metric the search goes by,
 report keys, checkpoint files, GradCAM's layers and figures."""
 
-METRIC = "val/acc"  # what ASHA and the choice of the best trial go by
+METRIC = "val/acc"  # what ASHA, the checkpoints and the choice of the best trial go by
+MODE = "max"  # ... and which way: higher is better
 STARTUP = "time/startup_s"  # trial function start -> this worker's first training step
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint
 CHECKPOINT_PATH = "checkpoint_path"  # the key of a report's checkpoint (as Ray's Tune callback)
@@ -34,3 +35,22 @@ GRADCAM_FIGURES = {
     "confusion_matrix.png": "Confusion matrix",
     "per_class_accuracy.png": "Accuracy per class",
 }
+
+SHOWN_MAX = 80  # characters of a name shown in a line, a figure's label or a file name
+
+
+def shown_name(text: object, limit: int = SHOWN_MAX) -> str:
+    """Any name that came from a file or a user (a class name, a path, a key) as it may be
+    shown to a person, drawn or written: one printable line, whatever it held. The one
+    sanitiser: control characters and terminal escapes, bidirectional overrides, undecodable
+    bytes (surrogates) are shown escaped (`\\x1b`), and past `limit` characters it is cut."""
+    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
+    return out if len(out) <= limit else out[:limit - 1] + "…"
+
+
+def file_name(text: object, limit: int = 40) -> str:
+    """A name as part of a file name: shown_name's, with only letters, digits, '-', '_' and
+    '.' kept (no '/', no leading dot)."""
+    kept = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_"
+                   for c in shown_name(text, limit))
+    return kept.lstrip(".") or "_"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cifar_ray.errors import ConfigError, UserError
+from cifar_ray.files import check_no_links, open_own, remove_if_empty
 
 LOCK_NAME = ".lock"
 
@@ -37,14 +38,16 @@ def resume_point(out: Path, overwrite: bool, resume: bool) -> Path | None:
 
 
 @contextlib.contextmanager
-def output_dir_lock(out: Path, command: str) -> Iterator[None]:
-    """Holds the output dir's lock for the body; UserError (one line) if another live process
-    holds it."""
+def output_dir_lock(out: Path, command: str, lock_name: str = LOCK_NAME,
+                    skip: tuple[str, ...] = (), check: Path | None = None) -> Iterator[None]:
+    """Holds the folder's lock for the body, once no link in `check` (default: the folder)
+    could lead a write outside it (files.check_no_links; `skip`: top-level names the run
+    removes first); UserError (one line) if another live process holds it."""
     created = not out.exists()
-    path = out / LOCK_NAME
+    path = out / lock_name
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_own(path)
     except OSError as exc:  # a file of that name, no permission, a read-only disk
         raise UserError(f"cannot use {out} as the output dir: {exc.strerror}") from None
     try:
@@ -56,10 +59,11 @@ def output_dir_lock(out: Path, command: str) -> Iterator[None]:
                             "another --output-dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{command} (pid {os.getpid()})\n".encode(), 0)
+        check_no_links(check or out, skip)
         yield
     finally:
         # A run that stopped before writing anything (bad input) leaves no dir behind.
-        if created and os.listdir(out) == [LOCK_NAME]:
+        if created and os.listdir(out) == [lock_name]:
             path.unlink()
-            out.rmdir()
+            remove_if_empty(out)
         os.close(fd)  # releases the lock

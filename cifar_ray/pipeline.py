@@ -21,8 +21,17 @@ from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.sources import load_dataset
 from cifar_ray.errors import Interrupted, UserError
-from cifar_ray.files import remove_inside, write_json, write_text
-from cifar_ray.names import CHECKPOINT_FILE, METRIC, PHASES
+from cifar_ray.files import (
+    MARKER,
+    check_trusted,
+    is_made,
+    make_dir,
+    remove_made,
+    write_json,
+    write_text,
+)
+from cifar_ray.names import CHECKPOINT_FILE, METRIC, MODE, PHASES, shown_name
+from cifar_ray.output_dir import output_dir_lock
 from cifar_ray.report import write_report
 from cifar_ray.search.cluster import (
     configure_auth,
@@ -68,12 +77,20 @@ class Searched:
 def run(cfg: SearchConfig, out: Path, resume: bool, overwrite: bool, verbose: bool) -> int:
     """The whole search in `out`, which the caller holds the lock of."""
     started = time.perf_counter()
-    check_search_dir(out, cfg, resume, overwrite)
-    if cfg.tracking.mlflow_uri:
-        tracking.prepare_experiment(cfg.tracking)
-    if cfg.tune.address == "local":
-        check_resources(cfg, *machine_resources())
-    prepared = prepare(cfg, started)
+    with storage_lock(cfg, out):
+        check_search_dir(out, cfg, resume, overwrite)
+        if cfg.tracking.mlflow_uri:
+            tracking.prepare_experiment(cfg.tracking)
+        if cfg.tune.address == "local":
+            check_resources(cfg, *machine_resources())
+        prepared = prepare(cfg, started)
+        # Every input is good: only now is the earlier search discarded (--overwrite).
+        start_fresh_or_resume(out, cfg, resume, overwrite)
+        return search_to_report(cfg, out, prepared, resume, verbose)
+
+
+def search_to_report(cfg: SearchConfig, out: Path, prepared: Prepared, resume: bool,
+                     verbose: bool) -> int:
     with ray_session(cfg, out, verbose) as stop:
         data = share(prepared)
         searched = search(cfg, out, prepared, data, resume, verbose, stop)
@@ -97,6 +114,19 @@ def check_resources(cfg: SearchConfig, cpus: int, gpus: int) -> tuple[float, int
 
 
 @contextlib.contextmanager
+def storage_lock(cfg: SearchConfig, out: Path) -> Iterator[None]:
+    """A search whose trials write outside the output dir (tune.storage) also holds a lock
+    there, `.<tune.name>.lock`: no two searches write (or delete) one experiment."""
+    storage = storage_dir(cfg, out)
+    if storage == out:
+        yield
+        return
+    with output_dir_lock(storage, "cifar_ray.tune", lock_name=f".{cfg.tune.name}.lock",
+                         check=storage / cfg.tune.name):
+        yield
+
+
+@contextlib.contextmanager
 def ray_session(cfg: SearchConfig, out: Path, verbose: bool) -> Iterator[Any]:
     """Ray started (or joined) for the body, with the workers' output in a log and a signal
     handler whose `stop` event the stages check; everything undone when the body ends."""
@@ -104,7 +134,8 @@ def ray_session(cfg: SearchConfig, out: Path, verbose: bool) -> Iterator[Any]:
     import ray
 
     tmp = out / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
+    remove_made(out, tmp)  # a killed search's (only if it is the project's)
+    make_dir(tmp)
     # Workers bind Unix sockets (107 bytes at most) under their TMPDIR: a short link to it.
     holder = Path(tempfile.mkdtemp(prefix="cifar_ray-"))
     (holder / "tmp").symlink_to(tmp)
@@ -120,8 +151,8 @@ def ray_session(cfg: SearchConfig, out: Path, verbose: bool) -> Iterator[Any]:
             yield stop
     finally:
         ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(holder, ignore_errors=True)  # this process's own folder: the link goes
+        remove_made(out, tmp)
+        shutil.rmtree(holder, ignore_errors=True)  # made by mkdtemp above: the link goes
 
 
 def prepare(cfg: SearchConfig, started: float) -> Prepared:
@@ -189,7 +220,7 @@ def choose(cfg: SearchConfig, grid, rows: list[dict[str, Any]],
     """The trial of the best validation accuracy at any epoch, as Tune's ResultGrid names it:
     its row, and under "config" its sample, in config keys, as Tune drew it."""
     try:
-        result = grid.get_best_result(METRIC, "max", scope="all")
+        result = grid.get_best_result(METRIC, MODE, scope="all")
     except RuntimeError:  # no trial reported the metric
         raise UserError(f"no trial reported {METRIC}; see the errors in {experiment}") from None
     best = dict(next(r for r in rows if r["trial_id"] == trial_id(result)))
@@ -321,17 +352,18 @@ def startup_summary(rows: list[dict[str, Any]], tune_seconds: float) -> str:
 
 
 def check_search_dir(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch a search already there unless told; --overwrite deletes the saved search
-    where the search writes it (tune.storage, else the output dir), and nothing outside."""
-    storage = storage_dir(cfg, out)
-    experiment = storage / cfg.tune.name
+    """Refuse to touch a search already there unless told; with --overwrite, that the saved
+    search is the project's to delete (start_fresh_or_resume deletes it, once every input is
+    checked); with --resume, that its saved state is there, whole and trusted."""
+    experiment = storage_dir(cfg, out) / cfg.tune.name
     if overwrite:
-        for root, path in ((storage, experiment), (storage, storage / "train_runs"),
-                           (out, out / "results.json")):
-            remove_inside(root, path)
+        if experiment.exists() and not is_made(experiment):
+            raise UserError(f"--overwrite: refusing to delete {experiment}: the project did not "
+                            f"make it (no {MARKER} in it); move or delete it yourself")
         return
     if resume:
         check_saved_state(experiment)
+        check_same_search(experiment, cfg)
         return
     if (out / "results.json").exists():
         raise UserError(f"{out} already holds a finished search (results.json); "
@@ -341,12 +373,58 @@ def check_search_dir(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool
                         "pass --resume to continue it or --overwrite to start again")
 
 
+def start_fresh_or_resume(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool) -> None:
+    """--overwrite deletes the saved search where the search writes it (tune.storage, else the
+    output dir) and results.json, nothing else; a new search's folder is made and marked as
+    the project's (files.make_dir), so that a later --overwrite may delete it."""
+    storage = storage_dir(cfg, out)
+    experiment = storage / cfg.tune.name
+    if overwrite:
+        remove_made(storage, experiment)
+        remove_made(out, out / "results.json")
+    if not resume:
+        make_dir(experiment)
+        write_json(experiment / SAVED_CONFIG, cfg.to_dict())
+
+
+SAVED_CONFIG = "cifar_ray_config.json"  # the settings a search started with, for --resume
+# What --resume may change: where and how fast it runs, not what its trials train.
+RESUMABLE = ("data.data_dir", "data.num_workers", "trainer.output_dir", "trainer.progress_bar",
+             "tune.address", "tune.storage", "tune.max_concurrent", "tune.cpus_per_worker",
+             "tune.gpus_per_worker", "tune.max_failures", "retrain.", "tracking.")
+
+
+def check_same_search(experiment: Path, cfg: SearchConfig) -> None:
+    """--resume with settings that change what the trials train (a width, the epochs, the
+    space) is refused: the saved trials and their checkpoints were made with the others."""
+    try:
+        saved = json.loads((experiment / SAVED_CONFIG).read_text())
+    except FileNotFoundError:
+        return  # a search from before the settings were saved
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--resume: {experiment / SAVED_CONFIG} is damaged ({exc}); start "
+                        "again with --overwrite") from None
+    now = json.loads(json.dumps(cfg.to_dict()))
+    for section in sorted(set(saved) | set(now)):
+        old, new = saved.get(section), now.get(section)
+        names = set(old) | set(new) if isinstance(old, dict) and isinstance(new, dict) else {""}
+        for name in sorted(names, key=str):
+            key = f"{section}.{name}" if name else section
+            before = old.get(name) if name else old
+            after = new.get(name) if name else new
+            if before != after and not key.startswith(RESUMABLE):
+                raise UserError(f"--resume: the search was started with {shown_name(key)} = "
+                                f"{shown_name(before)}, not {shown_name(after)}: resume with the "
+                                "same settings, or start again with --overwrite")
+
+
 def check_saved_state(experiment: Path) -> None:
-    """--resume: the experiment's saved state must be there and read as JSON; a damaged one is
-    a line saying what to do (Tune's own error is a long traceback)."""
+    """--resume: the experiment's saved state must be there, read as JSON, and be trusted (Tune
+    unpickles it: files.check_trusted); else a line saying what to do."""
     states = sorted(experiment.glob("experiment_state-*.json"))
     if not states:
         raise UserError(f"--resume: no search to resume in {experiment}")
+    check_trusted(experiment)
     try:
         json.loads(states[-1].read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:

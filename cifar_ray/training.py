@@ -15,7 +15,7 @@ from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.files import write_json
 from cifar_ray.module import LitResNet9, load_module, read_checkpoint
-from cifar_ray.names import METRIC
+from cifar_ray.names import METRIC, MODE
 from cifar_ray.output_dir import resume_point
 from cifar_ray.pl import pl
 from cifar_ray.plots import plot_curves
@@ -112,7 +112,7 @@ def build(cfg: Config, data: CifarDataModule, out: Path, hparams: dict[str, Any]
     # best.ckpt: the best val/acc (without validation, the latest epoch); last.ckpt: every
     # epoch, for --resume (Lightning's `save_last` writes it only in a best epoch).
     best = pl.callbacks.ModelCheckpoint(
-        dirpath=out, filename="best", monitor=METRIC if has_val else "epoch", mode="max",
+        dirpath=out, filename="best", monitor=METRIC if has_val else "epoch", mode=MODE,
         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
     last = pl.callbacks.ModelCheckpoint(dirpath=out, filename="last", save_top_k=1,
                                         enable_version_counter=False)

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     cfg.trainer.output_dir = str(out)
-    with output_dir_lock(out, "cifar_ray.tune"):
+    with output_dir_lock(out, "cifar_ray.tune", skip=("tmp",)):
         return pipeline.run(cfg, out, args.resume, args.overwrite, args.verbose)
 
 

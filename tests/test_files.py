@@ -38,8 +38,8 @@ import sys, time
 from pathlib import Path
 from cifar_ray.files import write_json
 
-def slow_write_text(self, text):  # a slow disk: the kill then lands inside a write
-    with open(self, "w") as f:
+def slow_write_text(self, text, **kwargs):  # a slow disk: the kill then lands inside a write
+    with open(self, "w", **kwargs) as f:
         for start in range(0, len(text), 1 << 16):
             f.write(text[start:start + (1 << 16)])
             f.flush()

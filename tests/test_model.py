@@ -108,14 +108,14 @@ def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path):
     (lambda c: c.update(hyper_parameters=["width", 8]),
      "its hyper_parameters and state_dict must be mappings"),
     (lambda c: c["hyper_parameters"].update(class_names=["a", "b", "c"]),
-     "it names 3 classes, its weights have 10"),
+     "model.fc.weight is (10, 64), not (3, 64)"),
     (lambda c: c["hyper_parameters"].update(class_names="abcdefghij"),
-     "its class_names must be a list of names"),
+     "its class_names must be a list of 1 to 1000 names"),
     (lambda c: c["hyper_parameters"].update(optim=["lr", 1]),
-     "its hyper_parameters' optim section is not this project's"),
+     "hyper_parameters: section 'optim' must be a mapping"),
     # A network 64 times wider than its weights: built before loading, it would take ~2 GB.
     (lambda c: c["hyper_parameters"]["model"].update(width=512),
-     "its hyper_parameters (width 512) do not match its weights"),
+     "model.prep.0.weight is (8, 3, 3, 3), not (512, 3, 3, 3)"),
 ])
 def test_hyperparameters_that_disagree_with_the_weights_are_one_line(tmp_path, change, message):
     module = LitResNet9(model={"width": 8}, class_names=list("abcdefghij"))

@@ -38,11 +38,15 @@ def _free_port() -> int:
 
 
 def configure_auth(address: str) -> None:
-    """Token authentication, decided before Ray is imported: a local instance gets a fresh
+    """Token authentication and where a local instance listens (127.0.0.1 only), decided
+    before Ray is imported (Ray reads both when imported): a local instance gets a fresh
     random token in this process's environment (never printed or written to the home
     directory) unless the user gives one; a cluster uses the token set up for it."""
     if address != "local":
         return
+    # Ray's single-machine mode (its default on macOS): every process, gRPC and metrics
+    # server binds to 127.0.0.1, not to every interface; nothing can join this instance.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)

@@ -17,7 +17,7 @@ from ray.tune import Callback
 
 from cifar_ray.console import CONSOLE_MARK, Console, format_duration, screen
 from cifar_ray.errors import full_disk
-from cifar_ray.names import FIRST_STEP_AT, METRIC, REPORTED_AT, STARTUP
+from cifar_ray.names import FIRST_STEP_AT, METRIC, MODE, REPORTED_AT, STARTUP
 from cifar_ray.search.plan import SearchPlan, expected_epochs
 from cifar_ray.search.settings import describe
 
@@ -153,7 +153,7 @@ class SearchConsole(Callback):
         # Tune's reporter is silent (event lines replace its tables); this prints its status.
         if not self.verbose:
             table = TuneTerminalReporter(AirVerbosity.DEFAULT, num_samples=self.plan.trials,
-                                         metric=METRIC, mode="max", config=self.space)
+                                         metric=METRIC, mode=MODE, config=self.space)
             table.setup(start_time=now, total_samples=self.plan.trials)
             self._runtime["table"] = table
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ class SearchConsole(Callback):
         last = trial.last_result or {}
         epochs = int(last.get("training_iteration", 0))
         acc = last.get(METRIC)
-        best = trial.metric_analysis.get(METRIC, {}).get("max") if trial.metric_analysis else None
+        best = trial.metric_analysis.get(METRIC, {}).get(MODE) if trial.metric_analysis else None
         scores = f"{METRIC} {acc:.4f}" if acc is not None else "no score"
         if best is not None and acc is not None and best > acc:
             scores += f", best {best:.4f}"

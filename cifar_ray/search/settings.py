@@ -9,7 +9,19 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cifar_ray.config import Config, TrainerConfig, check, keys, overlay, setting, validate
+from cifar_ray.config import (
+    MAX_EPOCHS,
+    MAX_SEED,
+    MAX_WORKERS,
+    Config,
+    TrainerConfig,
+    check,
+    keys,
+    overlay,
+    plain,
+    setting,
+    validate,
+)
 from cifar_ray.errors import ConfigError
 
 # Ray Tune's helpers, by name -> the arguments each takes (`search.tune_space` calls them).
@@ -25,7 +37,10 @@ FLOAT_ONLY = ("loguniform", "uniform", "qloguniform", "quniform")
 SEARCH_ALGS = ("random", "optuna")  # search.searcher builds each
 # tune.name is a folder that --overwrite deletes: a plain name, none of the search's own.
 FOLDER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
-OUTPUT_FOLDERS = ("train_runs", "retrain", "gradcam", "report", "logs", "tmp")
+# What a search writes at the top of its output dir (README, "Outputs"), folders and files.
+OUTPUT_NAMES = ("retrain", "gradcam", "report", "logs", "tmp", "results.json", "report.html",
+                "summary.md", "trials.csv")
+MAX_TRIALS = 10_000
 
 DEFAULT_SPACE = {
     "optim.lr": {"loguniform": [1e-4, 1e-1]},
@@ -93,7 +108,37 @@ def parse_space(space: Any, base: Config) -> dict[str, tuple[str, list]]:
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {value!r} does not fit: {exc}") from None
         parsed[key] = (name, list(args))
+    check_samplers(parsed, base)
     return parsed
+
+
+def ray_sampler(name: str, args: list):
+    """Tune's sampler of one parsed key (tune.loguniform(...), tune.choice([...]))."""
+    from ray.tune.search import sample
+
+    return sample.choice(args) if name == "choice" else getattr(sample, name)(*args)
+
+
+def check_samplers(parsed: dict[str, tuple[str, list]], base: Config) -> None:
+    """Each range as the search will use it, at parse time: Ray's sampler and Optuna's
+    distribution built, and draws from Ray's laid over the config (what a trial does), so
+    that a range they refuse is one line before any data is read or Ray starts."""
+    import numpy as np
+
+    for key, (name, args) in parsed.items():
+        where = f"search.{key} ({name} {args!r})"
+        try:
+            optuna_distribution(name, args)
+            values = ray_sampler(name, args).sample(size=32, random_state=np.random.default_rng(0))
+        except Exception as exc:  # Ray's and Optuna's own words for a range they refuse
+            raise ConfigError(f"{where}: the search cannot sample it: "
+                              f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        for value in values:
+            try:
+                overlay(base, {key: value})
+            except (ConfigError, OverflowError, ValueError) as exc:
+                raise ConfigError(f"{where}: it draws {plain(value)!r}, which does not fit: "
+                                  f"{exc}") from None
 
 
 def search_flag(text: str) -> tuple[str, dict[str, list]]:
@@ -195,23 +240,31 @@ class SearchConfig(Config):
         validate(self)
         self.space()
         t, r = self.tune, self.retrain
-        check(t.num_samples >= 1, f"tune.num_samples must be >= 1, got {t.num_samples}")
-        check(t.max_concurrent >= 0, f"tune.max_concurrent must be >= 0, got {t.max_concurrent}")
+        check(1 <= t.num_samples <= MAX_TRIALS,
+              f"tune.num_samples must be in [1, {MAX_TRIALS}], got {t.num_samples}")
+        check(0 <= t.max_concurrent <= MAX_TRIALS,
+              f"tune.max_concurrent must be in [0, {MAX_TRIALS}], got {t.max_concurrent}")
         check(1 <= t.grace_period <= self.trainer.epochs,
                f"tune.grace_period must be in [1, epochs={self.trainer.epochs}], got {t.grace_period}")
-        check(t.reduction_factor >= 2, f"tune.reduction_factor must be >= 2, got {t.reduction_factor}")
-        check(t.workers_per_trial >= 1, f"tune.workers_per_trial must be >= 1, got {t.workers_per_trial}")
-        check(t.cpus_per_worker == -1 or t.cpus_per_worker >= 1,
-              f"tune.cpus_per_worker must be -1 (auto) or >= 1, got {t.cpus_per_worker}")
-        check(t.gpus_per_worker == -1 or t.gpus_per_worker >= 0,
-               f"tune.gpus_per_worker must be -1 (auto) or >= 0, got {t.gpus_per_worker}")
-        check(t.max_failures >= -1, f"tune.max_failures must be >= -1, got {t.max_failures}")
+        check(2 <= t.reduction_factor <= 100,
+              f"tune.reduction_factor must be in [2, 100], got {t.reduction_factor}")
+        check(1 <= t.workers_per_trial <= MAX_WORKERS,
+              f"tune.workers_per_trial must be in [1, {MAX_WORKERS}], got {t.workers_per_trial}")
+        check(t.cpus_per_worker == -1 or 1 <= t.cpus_per_worker <= MAX_WORKERS,
+              f"tune.cpus_per_worker must be -1 (auto) or in [1, {MAX_WORKERS}], "
+              f"got {t.cpus_per_worker}")
+        check(t.gpus_per_worker == -1 or 0 <= t.gpus_per_worker <= 64,
+               f"tune.gpus_per_worker must be -1 (auto) or in [0, 64], got {t.gpus_per_worker}")
+        check(-1 <= t.max_failures <= 100, f"tune.max_failures must be in [-1, 100], got {t.max_failures}")
+        check(0 <= t.search_seed <= MAX_SEED,
+              f"tune.search_seed must be in [0, {MAX_SEED}], got {t.search_seed}")
         check(t.search_alg in SEARCH_ALGS,
                f"tune.search_alg must be one of {SEARCH_ALGS}, got '{t.search_alg}'")
-        check(re.fullmatch(FOLDER_NAME, t.name) is not None and t.name not in OUTPUT_FOLDERS,
+        check(re.fullmatch(FOLDER_NAME, t.name) is not None and t.name not in OUTPUT_NAMES,
               f"tune.name must be a plain folder name (letters, digits, '_', '-', '.', not "
-              f"starting with '.') other than the output dir's own {', '.join(OUTPUT_FOLDERS)}; "
+              f"starting with '.') other than the output dir's own {', '.join(OUTPUT_NAMES)}; "
               f"got {t.name!r}")
         check(r.init in ("checkpoint", "scratch"),
                f"retrain.init must be checkpoint or scratch, got '{r.init}'")
-        check(r.retrain_epochs >= 1, f"retrain.retrain_epochs must be >= 1, got {r.retrain_epochs}")
+        check(1 <= r.retrain_epochs <= MAX_EPOCHS,
+              f"retrain.retrain_epochs must be in [1, {MAX_EPOCHS}], got {r.retrain_epochs}")

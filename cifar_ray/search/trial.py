@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_ray.errors import full_disk
-from cifar_ray.names import METRIC
+from cifar_ray.names import METRIC, MODE
 
 # How often Ray Train's controller polls the workers: a report waits for the next poll, and
 # Ray's default poll held back short epochs (docs/benchmarks.md). A user's value wins.
@@ -66,7 +66,7 @@ def run_trial(sample: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
             failure_config=FailureConfig(max_failures=max_failures),
             # Keep the best epoch's checkpoint for the retrain; Ray also keeps the latest.
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
-                                               checkpoint_score_order="max"),
+                                               checkpoint_score_order=MODE),
         ),
     )
     try:

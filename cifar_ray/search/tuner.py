@@ -18,12 +18,13 @@ from cifar_ray.names import (
     CHECKPOINT_PATH,
     FIRST_STEP_AT,
     METRIC,
+    MODE,
     PHASES,
     REPORTED_AT,
     STARTUP,
 )
 from cifar_ray.search.cluster import HEAD_NODE
-from cifar_ray.search.settings import SearchConfig
+from cifar_ray.search.settings import SearchConfig, ray_sampler
 from cifar_ray.search.trial import run_trial
 
 
@@ -34,10 +35,7 @@ def storage_dir(cfg: SearchConfig, out: Path) -> Path:
 
 def tune_space(cfg: SearchConfig) -> dict[str, Any]:
     """The search space as Tune's sampling helpers (tune.loguniform(...), tune.choice([...]))."""
-    from ray import tune
-
-    return {key: getattr(tune, name)(args) if name == "choice" else getattr(tune, name)(*args)
-            for key, (name, args) in cfg.space().items()}
+    return {key: ray_sampler(name, args) for key, (name, args) in cfg.space().items()}
 
 
 def trial_base_config(cfg: SearchConfig, use_gpu: bool) -> dict[str, Any]:
@@ -84,7 +82,7 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     storage = storage_dir(cfg, out)
     trainable = tune.with_parameters(
         run_trial, base=trial_base_config(cfg, scaling["use_gpu"]),
-        scaling=scaling, storage=str(storage / "train_runs"), max_failures=t.max_failures,
+        scaling=scaling, storage=str(storage / t.name / "train_runs"), max_failures=t.max_failures,
         data=[data] if data is not None else None)
     # Trial functions and Train controllers only wait: no CPU, on the head node, so a lost
     # worker node costs only its workers (restarted from the last checkpoint).
@@ -98,7 +96,7 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
         trainable,
         param_space=tune_space(cfg),
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", num_samples=t.num_samples,
+            metric=METRIC, mode=MODE, num_samples=t.num_samples,
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.trainer.epochs,
                                     grace_period=t.grace_period,
                                     reduction_factor=t.reduction_factor),
