@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import ipaddress
 import json
 import os
@@ -28,12 +29,19 @@ from cifar_ray.data.image_folders import MAX_PIXELS, read_image
 from cifar_ray.data.sources import load_dataset
 from cifar_ray.errors import DataError, UserError, cli_entry
 from cifar_ray.module import LitResNet9, load_module
-from cifar_ray.names import CAM_LAYERS, DEFAULT_CAM_LAYER, GRADCAM_FIGURES
+from cifar_ray.files import read_inside
+from cifar_ray.names import CAM_LAYERS, DEFAULT_CAM_LAYER, GRADCAM_FIGURES, file_name, shown_name
 from cifar_ray.predict import prepare, probabilities
 
 PREDICTED = "the predicted class"
 AUTH_ENV = ("CIFAR_RAY_APP_USERNAME", "CIFAR_RAY_APP_PASSWORD")
 UPLOADS_KEPT_S = 3600  # Gradio deletes uploads older than this, this often
+MAX_FIGURE_BYTES = 64 << 20  # a report's figure or JSON the app reads
+
+
+def markdown(name: str) -> str:
+    """A class name inside the page's Markdown: shown_name's, its markup characters escaped."""
+    return "".join("\\" + c if c in "\\`*_{}[]<>()#+-.!|~" else c for c in shown_name(name))
 
 
 class Classifier:
@@ -84,12 +92,13 @@ class Classifier:
         x = prepare(self.module, picture[None])  # (1, 3, s, s); the CAM below needs it too
         probs = probabilities(self.module, x)[0]
         order = np.argsort(-probs)[:top_k]
-        top = {self.classes[i]: float(probs[i]) for i in order}
+        top = {shown_name(self.classes[i]): float(probs[i]) for i in order}
         class_id = int(order[0]) if cam_class == PREDICTED else self.classes.index(cam_class)
         cam = explain.compute_cams(self.module, x, [class_id], layer, torch.device("cpu"))[0]
         shown = explain.heatmap_over(picture.astype(np.float32) / 255, cam, image_weight=1 - opacity)
-        caption = (f"Predicted **{self.classes[order[0]]}** ({probs[order[0]]:.1%}). GradCAM for "
-                   f"**{self.classes[class_id]}** at `{layer}`: red is where the evidence for it is.")
+        caption = (f"Predicted **{markdown(self.classes[order[0]])}** ({probs[order[0]]:.1%}). "
+                   f"GradCAM for **{markdown(self.classes[class_id])}** at `{layer}`: red is "
+                   "where the evidence for it is.")
         return top, shown, caption
 
 
@@ -105,12 +114,40 @@ def gallery(checkpoint: Path, data_dir: str | None, arrays: ImageArrays | None,
         folder = workdir / "gradcam"
         print(f"app: computing the GradCAM report of the test set into {folder} ...", flush=True)
         explain.analyse(checkpoint, data_dir, folder, device="cpu", arrays=arrays)
-    items = [(str(folder / name), caption) for name, caption in GRADCAM_FIGURES.items()
-             if (folder / name).is_file()]
-    summary = json.loads((folder / "misclassified.json").read_text())
-    return items, (f"{summary['mistakes']} of the {summary['images']} {summary['split']} images "
-                   f"misclassified (accuracy {summary['accuracy']:.1%}); GradCAM at "
-                   f"`{summary['target_layer']}`. Report: `{folder}`")
+    try:
+        return figures(folder), report_summary(folder)
+    except UserError as exc:  # a damaged or planted report: said in the page, not served
+        print(f"app: the GradCAM report in {folder} is not served: {exc}", file=sys.stderr)
+        return [], f"The GradCAM report in `{shown_name(folder)}` cannot be shown: it is damaged."
+
+
+def figures(folder: Path) -> list[tuple[Image.Image, str]]:
+    """The report's figures, read through files.read_inside (a link there is refused, never
+    followed) and decoded here: the page gets pictures, never a path to serve."""
+    items = []
+    for name, caption in GRADCAM_FIGURES.items():
+        if (folder / name).is_file() or (folder / name).is_symlink():
+            data = read_inside(folder, name, MAX_FIGURE_BYTES)
+            try:
+                with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+                    if image.width * image.height > MAX_PIXELS:
+                        raise UserError(f"{name}: too many pixels")
+                    items.append((image.convert("RGB"), caption))
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise UserError(f"{name}: not a PNG figure ({type(exc).__name__})") from None
+    return items
+
+
+def report_summary(folder: Path) -> str:
+    """The line above the figures, from the report's misclassified.json."""
+    try:
+        summary = json.loads(read_inside(folder, "misclassified.json", MAX_FIGURE_BYTES))
+        return (f"{int(summary['mistakes'])} of the {int(summary['images'])} "
+                f"{shown_name(summary['split'])} images misclassified (accuracy "
+                f"{float(summary['accuracy']):.1%}); GradCAM at "
+                f"`{shown_name(summary['target_layer'])}`. Report: `{shown_name(folder)}`")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"misclassified.json: {type(exc).__name__}") from None
 
 
 def example_files(arrays: ImageArrays | None, workdir: Path, count: int = 8) -> list[str]:
@@ -121,7 +158,7 @@ def example_files(arrays: ImageArrays | None, workdir: Path, count: int = 8) -> 
     folder.mkdir()
     paths = []
     for i in range(min(count, len(arrays.test_labels))):
-        path = folder / f"test_{i}_{arrays.classes[arrays.test_labels[i]]}.png"
+        path = folder / f"test_{i}_{file_name(arrays.classes[arrays.test_labels[i]])}.png"
         Image.fromarray(arrays.test_images[i]).save(path)
         paths.append(str(path))
     return paths

@@ -8,11 +8,11 @@ import functools
 import sys
 from typing import Callable
 
+from cifar_ray.names import shown_name
+
 EXIT_USAGE = 2
 
 
-# Quoted input (a YAML key, a file name) is shown escaped: the message stays one plain line.
-_ESCAPES = {c: ascii(chr(c))[1:-1] for c in (*range(32), 127)}
 
 
 class UserError(Exception):
@@ -21,7 +21,8 @@ class UserError(Exception):
     exit_code = EXIT_USAGE
 
     def __init__(self, message: str = ""):
-        super().__init__(str(message).translate(_ESCAPES))
+        # Quoted input (a YAML key, a file name) is shown escaped: one printable line.
+        super().__init__(shown_name(message, limit=4000))
 
 
 class ConfigError(UserError):

@@ -25,7 +25,7 @@ from cifar_ray.data.sources import load_dataset
 from cifar_ray.errors import ConfigError, UserError
 from cifar_ray.files import write_json, write_text
 from cifar_ray.module import LitResNet9, load_module
-from cifar_ray.names import CAM_BATCH, CAM_IMAGES, DEFAULT_CAM_LAYER, GRADCAM_FIGURES
+from cifar_ray.names import CAM_BATCH, CAM_IMAGES, DEFAULT_CAM_LAYER, GRADCAM_FIGURES, shown_name
 from cifar_ray.plots import (
     plot_cam_grid,
     plot_confusion_matrix,
@@ -129,7 +129,8 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
     dataset = split_of(module, checkpoint, data_dir, split, arrays)
     labels = dataset.labels
     probs = predict(module, DataLoader(dataset, batch_size=batch_size), dev)
-    mistakes = find_mistakes(probs, labels, module.class_names)
+    names = [shown_name(c) for c in module.class_names]  # as drawn, written and shown
+    mistakes = find_mistakes(probs, labels, names)
     shown = mistakes[:num_images]
 
     # torch.tensor copies: `labels` may be a read-only view of Ray's object store.
@@ -139,8 +140,8 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
     confusion = np.asarray(classes["confusion_matrix"])
     accuracy = float(np.trace(confusion) / max(len(labels), 1))
 
-    plot_confusion_matrix(confusion, module.class_names, out / "confusion_matrix.png")
-    plot_per_class_accuracy(list(classes["per_class_acc"].values()), module.class_names,
+    plot_confusion_matrix(confusion, names, out / "confusion_matrix.png")
+    plot_per_class_accuracy(list(classes["per_class_acc"].values()), names,
                             out / "per_class_accuracy.png")
     if shown:
         plot_mistakes(module, dataset, shown, layer, dev, out)
@@ -151,7 +152,7 @@ def analyse(checkpoint: str | Path, data_dir: str | Path, output_dir: str | Path
                "figures": [name for name in GRADCAM_FIGURES if (out / name).is_file()]}
     write_json(out / "misclassified.json",
                {**summary, "misclassified": [m.__dict__ for m in mistakes]})
-    write_text(out / "index.html", render_html(summary, confusion, module.class_names))
+    write_text(out / "index.html", render_html(summary, confusion, names))
     return summary
 
 

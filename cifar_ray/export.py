@@ -7,6 +7,7 @@ probabilities; the class names travel inside the file and in a sidecar `<output>
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch import nn
 from cifar_ray import cli
 from cifar_ray.data.augment import Standardize
 from cifar_ray.errors import NO_SPACE, UserError, cli_entry
-from cifar_ray.files import atomic_path, write_json
+from cifar_ray.files import atomic_path, write_bytes, write_json
 from cifar_ray.module import LitResNet9, load_module
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -56,9 +57,11 @@ def export_torchscript(model: Deployable, classes: list[str], target: Path) -> N
     with warnings.catch_warnings():  # torch marks TorchScript deprecated; asked for, it is
         warnings.filterwarnings("ignore", message=".*is deprecated.*", category=FutureWarning)
         scripted = torch.jit.trace(model, torch.rand(2, 3, model.image_size, model.image_size))
-        with atomic_path(target) as tmp:
-            torch.jit.save(scripted, str(tmp),
-                           _extra_files={"class_names.json": json.dumps(classes)})
+        # Into memory, then written as every output is: torch.jit.save to a file on a full
+        # disk aborts the whole process (SIGABRT) and leaves its temporary file.
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer, _extra_files={"class_names.json": json.dumps(classes)})
+    write_bytes(target, buffer.getbuffer())
 
 
 def export(checkpoint: str | Path, fmt: str, output: str | Path | None = None) -> Path:

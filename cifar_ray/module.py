@@ -40,7 +40,8 @@ class LitResNet9(pl.LightningModule):
 
     def __init__(self, model: dict[str, Any] | None = None, optim: dict[str, Any] | None = None,
                  data: dict[str, Any] | None = None, seed: int = 1,
-                 class_names: list[str] | None = None, norm: dict[str, list] | None = None):
+                 class_names: list[str] | None = None, norm: dict[str, list] | None = None,
+                 schedule: dict[str, int] | None = None):
         super().__init__()
         self.save_hyperparameters()
         num_classes = len(class_names) if class_names else 10
@@ -69,7 +70,8 @@ class LitResNet9(pl.LightningModule):
         norm = norm or SPECS[cfg.data.dataset].norm
         module = cls(model=asdict(cfg.model), optim=asdict(cfg.optim), data=asdict(cfg.data),
                      seed=cfg.trainer.seed, class_names=list(class_names),
-                     norm={"mean": list(norm.mean), "std": list(norm.std)})
+                     norm={"mean": list(norm.mean), "std": list(norm.std)},
+                     schedule=schedule_of(cfg))
         module.compile_mode = cfg.trainer.compile  # how it runs, not what it is: no hparam
         return module
 
@@ -162,6 +164,26 @@ class LitResNet9(pl.LightningModule):
             pct_start=optim.pct_start, div_factor=optim.div_factor,
             final_div_factor=optim.final_div_factor, anneal_strategy="linear", three_phase=False)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def schedule_of(cfg: Config) -> dict[str, int]:
+    """What fixes the one-cycle schedule's length, saved so that a resume can be checked."""
+    return {"epochs": cfg.trainer.epochs, "batch_size": cfg.trainer.batch_size}
+
+
+def check_resumable(path: str | Path, cfg: Config) -> None:
+    """--resume: the checkpoint must be of the run `cfg` describes (the same network, recipe,
+    data and schedule); else one line naming the first setting that differs."""
+    hparams = check_hyperparameters(path, read_checkpoint(path))
+    now = {**{name: asdict(getattr(cfg, name)) for name in SECTIONS}, "schedule": schedule_of(cfg)}
+    for section, values in now.items():
+        saved = hparams.get(section) or {}
+        for key, value in values.items():
+            if key in saved and saved[key] != value and key not in ("data_dir", "num_workers"):
+                raise CheckpointError(
+                    f"--resume: {path} was trained with {section if section != 'schedule' else 'trainer'}"
+                    f".{key} = {shown_name(saved[key])}, not {shown_name(value)}: resume with the "
+                    "same settings, or start again with --overwrite")
 
 
 def adam_options(lr: float, weight_decay: float) -> dict[str, Any]:
@@ -271,13 +293,17 @@ def check_hyperparameters(path: str | Path, ckpt: dict[str, Any]) -> dict[str, A
     if not isinstance(hparams, Mapping) or not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: its hyper_parameters and state_dict must be mappings")
     hparams = in_sections(hparams)
-    unknown = set(hparams) - {*SECTIONS, "seed", "class_names", "norm"}
+    unknown = set(hparams) - {*SECTIONS, "seed", "class_names", "norm", "schedule"}
     if unknown:
         raise CheckpointError(f"{path}: its hyper_parameters hold keys this project does not "
                               f"write: {shown_name(', '.join(map(str, sorted(unknown, key=str))))}")
     raw = {name: hparams.get(name) or {} for name in SECTIONS}
+    schedule = hparams.get("schedule") or {}
+    if not isinstance(schedule, Mapping) or not set(schedule) <= {"epochs", "batch_size"}:
+        raise CheckpointError(f"{path}: its hyper_parameters' schedule is not this project's")
     try:
-        Config.from_dict({**raw, "trainer": {"seed": hparams.get("seed", 1)}}, "hyper_parameters")
+        Config.from_dict({**raw, "trainer": {"seed": hparams.get("seed", 1), **schedule}},
+                         "hyper_parameters")
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     hparams.update({name: dict(raw[name]) for name in SECTIONS})

@@ -16,6 +16,7 @@ from cifar_ray.data.augment import normalize
 from cifar_ray.data.image_folders import read_image
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.module import LitResNet9, load_module
+from cifar_ray.names import shown_name
 
 
 def prepare(module: LitResNet9, images: np.ndarray) -> torch.Tensor:
@@ -63,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps([{"image": path, "top": [{"class": c, "probability": p} for c, p in top]}
                           for path, top in zip(args.images, ranked)], indent=2))
         return 0
-    width = max(len(c) for c in module.class_names)
+    width = max(len(shown_name(c)) for c in module.class_names)
     for path, top in zip(args.images, ranked):
-        print(path)
+        print(shown_name(path, 4096))
         for rank, (name, p) in enumerate(top, 1):
-            print(f"  {rank}. {name:<{width}}  {p:.3f}")
+            print(f"  {rank}. {shown_name(name):<{width}}  {p:.3f}")
     return 0
 
 

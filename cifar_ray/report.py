@@ -23,7 +23,7 @@ IMPORTANCE = ("fANOVA (Optuna's FanovaImportanceEvaluator: the share of the accu
 
 def plot_trial_curves(rows: list[dict[str, Any]], best_id: str, rungs: list[int],
                       target: Path) -> None:
-    import matplotlib.pyplot as plt
+    from cifar_ray.plots import plt  # configured there
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(10, 5.5), layout="constrained")
@@ -70,7 +70,7 @@ def optuna_study(rows: list[dict[str, Any]], space: dict[str, tuple[str, list]])
 def plot_search_space(study, keys: list[str], folder: Path) -> dict[str, str]:
     """Optuna's figures of the searched keys against accuracy; {file name: why it is missing}
     for any that could not be drawn (too few trials, one key only)."""
-    import matplotlib.pyplot as plt
+    from cifar_ray.plots import plt  # configured there
     import optuna
     from optuna.visualization import matplotlib as vis
 

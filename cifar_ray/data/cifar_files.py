@@ -21,6 +21,7 @@ try:  # numpy 2
 except ImportError:  # numpy 1
     from numpy.core.multiarray import _reconstruct
 
+from cifar_ray.config import MAX_CLASS_NAME, MAX_CLASSES
 from cifar_ray.data.arrays import ImageArrays, Normalization
 from cifar_ray.errors import DataError
 
@@ -111,9 +112,6 @@ def ensure_dataset(data_dir: str | Path, dataset: str) -> Path:
     return folder
 
 
-# Bounds on what a meta file may declare: the classes become the network's last layer.
-MAX_CLASSES = 10_000
-MAX_CLASS_NAME = 200
 
 
 class _SafeUnpickler(pickle.Unpickler):

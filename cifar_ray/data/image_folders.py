@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cifar_ray.config import MAX_CLASS_NAME, MAX_CLASSES
 from cifar_ray.data.arrays import ImageArrays, Normalization
 from cifar_ray.errors import DataError
 from cifar_ray.files import atomic_path
@@ -68,6 +69,9 @@ def scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]], int]
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"{root / 'train'}: no class folders (expected train/<class>/<images>)")
+    if len(classes) > MAX_CLASSES or max(len(c) for c in classes) > MAX_CLASS_NAME:
+        raise DataError(f"{root / 'train'}: at most {MAX_CLASSES} class folders, of names up "
+                        f"to {MAX_CLASS_NAME} characters (found {len(classes)})")
     index = {name: i for i, name in enumerate(classes)}
     files, skipped = {}, 0
     for split in SPLITS:
@@ -79,7 +83,7 @@ def scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]], int]
         for class_dir in sorted(d for d in folder.iterdir() if d.is_dir()):
             if class_dir.name not in index:
                 raise DataError(f"{class_dir}: class '{class_dir.name}' is not in train/")
-            found = sorted(p for p in class_dir.rglob("*") if p.is_file())
+            found = files_under(class_dir)
             images = [p for p in found if is_image(p)]
             skipped += len(found) - len(images)
             if not images:
@@ -89,6 +93,24 @@ def scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]], int]
             raise DataError(f"{folder}: no class folders")
         files[split] = pairs
     return classes, files, skipped
+
+
+MAX_DEPTH = 16  # folders below a class folder: deeper is not a data set's layout
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every file below `folder`, sorted; links are not followed (os.walk's default), and a
+    tree deeper than MAX_DEPTH is one line, not a RecursionError."""
+    found = []
+    for parent, dirs, names in os.walk(folder, onerror=_raise):
+        if len(Path(parent).relative_to(folder).parts) >= MAX_DEPTH and dirs:
+            raise DataError(f"{folder}: folders more than {MAX_DEPTH} deep")
+        found += [Path(parent) / name for name in names if (Path(parent) / name).is_file()]
+    return sorted(found)
+
+
+def _raise(exc: OSError) -> None:
+    raise DataError(f"{exc.filename}: cannot be listed ({exc.strerror})")
 
 
 def fingerprint(root: Path, files: dict[str, list[tuple[Path, int]]]) -> str:
@@ -111,7 +133,8 @@ def cache_paths(root: Path, size: int = 32) -> list[Path]:
     return [root / name, base / f"{digest}{'' if size == 32 else f'_{size}px'}.npz"]
 
 
-def _load_cache(path: Path, key: str, say) -> dict[str, np.ndarray] | None:
+def _load_cache(path: Path, key: str, say, files: dict[str, list[tuple[Path, int]]],
+                size: int) -> dict[str, np.ndarray] | None:
     """The cached arrays if `path` holds the cache of `key`; None if missing or stale. A
     damaged or foreign file is one warning, and the images are decoded again."""
     if not path.is_file():
@@ -121,7 +144,12 @@ def _load_cache(path: Path, key: str, say) -> dict[str, np.ndarray] | None:
         with np.load(path, allow_pickle=False) as cached:  # arrays only: no code runs
             if str(cached["key"]) != key:
                 return None
-            return {name: cached[name] for name in cached.files}
+            arrays = {name: cached[name] for name in cached.files}
+        for split, pairs in files.items():
+            images = arrays[f"{split}_images"]
+            if images.dtype != np.uint8 or images.shape != (len(pairs), size, size, 3):
+                raise ValueError(f"{split}_images {images.dtype} {images.shape}")
+        return arrays
     except Exception as exc:  # truncated, garbage, or not ours: zipfile, zlib, numpy errors
         say(f"warning: the cache {path} is damaged ({type(exc).__name__}); decoding the "
             "images again")
@@ -168,7 +196,7 @@ def read_folders(data_dir: str | Path, quiet: bool = False, size: int = 32) -> I
     say = (lambda message: None) if quiet else (lambda message: print(message, flush=True))
     note = f" ({skipped} files that are not images skipped)" if skipped else ""
     for cache in cache_paths(root, size):
-        arrays = _load_cache(cache, key, say)
+        arrays = _load_cache(cache, key, say, files, size)
         if arrays is not None:
             say(f"data: {root} read from its cache {cache}{note}")
             break
@@ -177,10 +205,13 @@ def read_folders(data_dir: str | Path, quiet: bool = False, size: int = 32) -> I
         say(f"data: decoding {count} images from {root} at {size}x{size}{note}")
         arrays = _decode(root, files, classes, key, size)
         _write_cache(arrays, cache_paths(root, size), say)
+    # Only pixels come from the cache, each split's count and shape checked: the labels and
+    # classes come from the folders as listed now (a cache can be planted with any).
+    labels = {split: np.asarray([label for _, label in pairs], dtype=np.int64)
+              for split, pairs in files.items()}
     train = arrays["train_images"]
-    return ImageArrays(train, arrays["train_labels"], arrays["test_images"],
-                       arrays["test_labels"], [str(c) for c in arrays["classes"]],
-                       channel_stats(train), arrays.get("val_images"), arrays.get("val_labels"))
+    return ImageArrays(train, labels["train"], arrays["test_images"], labels["test"],
+                       classes, channel_stats(train), arrays.get("val_images"), labels.get("val"))
 
 
 def _write_cache(arrays: dict[str, np.ndarray], places: list[Path], say) -> None:

@@ -17,6 +17,7 @@ from ray.tune import Callback
 
 from cifar_ray.console import CONSOLE_MARK, Console, format_duration, screen
 from cifar_ray.errors import full_disk
+from cifar_ray.files import append_line, open_log
 from cifar_ray.names import FIRST_STEP_AT, METRIC, MODE, REPORTED_AT, STARTUP
 from cifar_ray.search.plan import SearchPlan, expected_epochs
 from cifar_ray.search.settings import describe
@@ -263,8 +264,7 @@ class SearchConsole(Callback):
         self._runtime["last"] = now
         self.console.progress(estimator.text(figures))
         try:
-            with open(self.out / "logs" / "progress.jsonl", "a") as f:
-                f.write(json.dumps(figures) + "\n")
+            append_line(self.out / "logs" / "progress.jsonl", json.dumps(figures))
         except OSError:
             pass  # the progress file is a convenience; a full disk shows up where it matters
 
@@ -274,8 +274,7 @@ def route_worker_logs(target: Path) -> None:
     console too), by swapping the handler of Ray's log dispatcher (ray 2.60: ray._private)."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log = open(target, "a", buffering=1)
+    log = open_log(target)
     shown: set[tuple[Any, str]] = set()
 
     def handle(data: dict[str, Any]) -> None:

@@ -16,7 +16,8 @@ from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare
 from cifar_ray.config import Config, overlay, plain
 from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.data.datamodule import CifarDataModule
-from cifar_ray.module import LitResNet9
+from cifar_ray.errors import CheckpointError
+from cifar_ray.module import LitResNet9, load_module
 from cifar_ray.names import (
     CHECKPOINT_FILE,
     CHECKPOINT_PATH,
@@ -148,15 +149,13 @@ def train(config: dict[str, Any], entered: float) -> None:
 
 def readable(path: Path) -> str | None:
     """None if `path` loads as a checkpoint, else why not."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
+    if not path.is_file():
         return "missing"
-    except Exception as exc:  # truncated or overwritten: torch says so in many ways
-        return f"unreadable: {type(exc).__name__}"
-    return None if isinstance(state, dict) and "state_dict" in state else "not a checkpoint"
+    try:
+        load_module(path)
+    except CheckpointError as exc:
+        return f"unreadable: {str(exc).removeprefix(f'{path}: ')[:200]}"
+    return None
 
 
 def usable_checkpoint(latest: Path) -> Path | None:
