@@ -12,7 +12,6 @@ import io
 import ipaddress
 import json
 import os
-import signal
 import sys
 import tempfile
 import traceback
@@ -32,6 +31,7 @@ from cifar_ray.module import LitResNet9, load_module
 from cifar_ray.files import read_inside
 from cifar_ray.names import CAM_LAYERS, DEFAULT_CAM_LAYER, GRADCAM_FIGURES, file_name, shown_name
 from cifar_ray.predict import prepare, probabilities
+from cifar_ray.signals import sigterm_as_ctrl_c
 
 PREDICTED = "the predicted class"
 AUTH_ENV = ("CIFAR_RAY_APP_USERNAME", "CIFAR_RAY_APP_PASSWORD")
@@ -269,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     print(f"app: http://{args.host}:{args.port} (Ctrl-C to stop)"
           + (" (login required)" if auth else ""), flush=True)
-    # SIGTERM stops the server as Ctrl-C does, so the app's temporary files are removed.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    sigterm_as_ctrl_c()
     try:
         demo.launch(server_name=args.host, server_port=args.port, show_error=False, quiet=True,
                     auth=auth, max_file_size=int(args.max_upload_mb * 1024 * 1024))

@@ -1,16 +1,6 @@
-"""The one gate for what the project writes and deletes in a user's folders.
-
-- Writing: a writer writes a temporary file beside the target, flushes it, then `os.replace`s
-  it over the target (a reader sees the old file or the new one; a link at the target is
-  replaced, never written through). A file kept open to append or rewrite (the lock, the logs)
-  is opened by `open_own`, which refuses a symbolic link or a file with another hard link.
-- Before a run writes in a folder, `check_no_links` walks it: a symbolic link anywhere in it, or
-  a file linked from outside it, is refused, so that what libraries write there (Ray, Lightning,
-  TensorBoard) stays there too.
-- Deleting: `make_dir` marks each folder the project makes (`MARKER`); `remove_made` deletes a
-  folder only if it carries that mark and lies strictly inside the folder the user named, and a
-  file only inside it; a link is removed, never followed.
-"""
+"""The one gate for what the project writes and deletes in a user's folders: writes beside
+the target then renamed over it, appends through `open_own` (no link), `check_no_links` before
+a run writes, and deletes only of what `make_dir` marked (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -134,9 +124,8 @@ def append_line(path: str | Path, line: str) -> None:
 
 
 def check_no_links(root: str | Path, skip: tuple[str, ...] = ()) -> None:
-    """UserError if `root` holds a symbolic link at any depth, or a file that has a hard link
-    outside `root` (its link count exceeds the links to it found inside); `skip`: names at
-    the top to leave out. A missing `root` holds nothing."""
+    """UserError if `root` holds a symbolic link at any depth, or a file with a hard link
+    outside it (more links than found inside); `skip`: top-level names left out."""
     root = Path(root)
     if not root.is_dir() or root.is_symlink():
         return
@@ -180,8 +169,8 @@ def inside(root: str | Path, path: str | Path, verb: str = "delete") -> Path:
 
 
 def make_dir(path: str | Path) -> Path:
-    """Make the folder `path` (and its parents) and mark it as the project's, so that a later
-    `remove_made` may delete it; a folder already there that is not the project's is refused."""
+    """Make the folder `path` and mark it as the project's (`remove_made` may delete it); one
+    already there with files the project did not make is refused."""
     path = Path(path)
     if path.is_symlink():
         raise refuse(path, "it is a symbolic link")
@@ -201,9 +190,8 @@ def is_made(folder: Path) -> bool:
 
 
 def remove_made(root: str | Path, path: str | Path) -> None:
-    """Delete `path` if it exists, after proving that it lies strictly inside `root` and, for
-    a folder, that the project made it (`make_dir`'s mark); UserError otherwise. A link is
-    removed, never followed."""
+    """Delete `path` if it lies strictly inside `root` and, if a folder, carries `make_dir`'s
+    mark; UserError otherwise. A link is removed, never followed."""
     target = inside(root, path)
     if target.is_symlink() or target.is_file():
         target.unlink()
@@ -215,8 +203,7 @@ def remove_made(root: str | Path, path: str | Path) -> None:
 
 
 def remove_if_empty(folder: str | Path) -> None:
-    """Remove `folder` if it holds nothing (an output dir a refused run made): it cannot take
-    anything with it."""
+    """Remove `folder` if it holds nothing (an output dir a refused run made)."""
     try:
         os.rmdir(folder)
     except OSError:
@@ -224,8 +211,7 @@ def remove_if_empty(folder: str | Path) -> None:
 
 
 def read_inside(root: str | Path, name: str, limit: int) -> bytes:
-    """The bytes of the plain file `root/name` (no link at it, none below `root`), at most
-    `limit`; UserError otherwise. How a file in a folder the project wrote is served on."""
+    """The bytes of the plain file `root/name` (not a link), at most `limit`; else UserError."""
     target = inside(root, Path(root) / name, "read")
     if target.parent != Path(root).resolve():
         raise UserError(f"refusing to read {target}: not directly in {root}")
@@ -244,9 +230,8 @@ def read_inside(root: str | Path, name: str, limit: int) -> bytes:
 
 
 def check_trusted(root: str | Path) -> None:
-    """UserError unless `root` and everything in it belong to this user and nobody else can
-    write them (as ssh checks its keys' folder): what Ray Tune unpickles on --resume runs as
-    code, so only this user may have written it."""
+    """UserError unless all of `root` is this user's and nobody else can write it (as ssh
+    checks its keys' folder): what Tune unpickles on --resume runs as code."""
     root = Path(root)
     me = os.geteuid()
     for path in [root, *_walk(root)]:
@@ -270,8 +255,7 @@ def _walk(root: Path) -> Iterator[Path]:
 
 
 def _own_group(gid: int) -> bool:
-    """Whether group `gid` is this user's own: their primary group, with no other member (a
-    user-private group, as a umask of 002 assumes)."""
+    """Whether group `gid` is this user's private group (a umask of 002 assumes one)."""
     import grp
     import pwd
 

@@ -197,9 +197,8 @@ MAX_PICKLE = 16 << 20  # its data.pkl: the hyperparameters and the structure, ~1
 
 
 def check_archive(path: Path) -> None:
-    """Before torch reads a byte: the checkpoint is a zip archive (torch.save's format) of
-    at most MAX_RECORDS records, each stored as torch.save writes it (uncompressed: a
-    deflated record can inflate 1000-fold), declaring no more bytes than the file holds."""
+    """Before torch reads a byte: a zip archive of at most MAX_RECORDS records, each stored
+    uncompressed as torch.save writes it, declaring no more bytes than the file holds."""
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive:
@@ -243,9 +242,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_module(path: str | Path) -> LitResNet9:
-    """Rebuild a LitResNet9 from a checkpoint this project wrote (on CPU, in eval mode): its
-    hyperparameters checked as a config is, the network laid out first on torch's "meta"
-    device (no memory) and compared tensor by tensor with the file's, then built."""
+    """Rebuild a LitResNet9 from a checkpoint (on CPU, in eval mode), once its network, laid
+    out on the "meta" device (no memory), matches the file's tensors."""
     ckpt = read_checkpoint(path)
     hparams = check_hyperparameters(path, ckpt)
     with torch.device("meta"):
@@ -286,9 +284,8 @@ def in_sections(hparams: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_hyperparameters(path: str | Path, ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's hyperparameters, in sections, once they pass the config's own
-    validation (types and ranges: no width or image size a config could not have), with at
-    most MAX_CLASSES class names and a normalisation of 3 finite numbers; else one line."""
+    """The checkpoint's hyperparameters, in sections, once they pass the config's validation,
+    with at most MAX_CLASSES class names and a finite normalisation; else one line."""
     hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
     if not isinstance(hparams, Mapping) or not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: its hyper_parameters and state_dict must be mappings")

@@ -40,17 +40,14 @@ SHOWN_MAX = 80  # characters of a name shown in a line, a figure's label or a fi
 
 
 def shown_name(text: object, limit: int = SHOWN_MAX) -> str:
-    """Any name that came from a file or a user (a class name, a path, a key) as it may be
-    shown to a person, drawn or written: one printable line, whatever it held. The one
-    sanitiser: control characters and terminal escapes, bidirectional overrides, undecodable
-    bytes (surrogates) are shown escaped (`\\x1b`), and past `limit` characters it is cut."""
+    """The one sanitiser of a name from a file or a user, shown, drawn or written: one
+    printable line (escapes, overrides, undecodable bytes shown as `\\x1b`), cut at `limit`."""
     out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
     return out if len(out) <= limit else out[:limit - 1] + "…"
 
 
 def file_name(text: object, limit: int = 40) -> str:
-    """A name as part of a file name: shown_name's, with only letters, digits, '-', '_' and
-    '.' kept (no '/', no leading dot)."""
+    """A name in a file name: shown_name's, only letters, digits, '-', '_', '.' kept."""
     kept = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_"
                    for c in shown_name(text, limit))
     return kept.lstrip(".") or "_"

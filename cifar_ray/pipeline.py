@@ -374,9 +374,8 @@ def check_search_dir(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool
 
 
 def start_fresh_or_resume(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool) -> None:
-    """--overwrite deletes the saved search where the search writes it (tune.storage, else the
-    output dir) and results.json, nothing else; a new search's folder is made and marked as
-    the project's (files.make_dir), so that a later --overwrite may delete it."""
+    """--overwrite deletes the saved search (in tune.storage, else the output dir) and
+    results.json; a new search's folder is made, marked as the project's (files.make_dir)."""
     storage = storage_dir(cfg, out)
     experiment = storage / cfg.tune.name
     if overwrite:
@@ -395,8 +394,7 @@ RESUMABLE = ("data.data_dir", "data.num_workers", "trainer.output_dir", "trainer
 
 
 def check_same_search(experiment: Path, cfg: SearchConfig) -> None:
-    """--resume with settings that change what the trials train (a width, the epochs, the
-    space) is refused: the saved trials and their checkpoints were made with the others."""
+    """--resume with settings that change what the trials train is refused in one line."""
     try:
         saved = json.loads((experiment / SAVED_CONFIG).read_text())
     except FileNotFoundError:

@@ -91,3 +91,9 @@ def ctrl_c_stops_tune() -> Iterator[Stop]:
             yield interrupted
     finally:
         signal.signal(signal.SIGUSR1, previous_usr1)
+
+
+def sigterm_as_ctrl_c() -> None:
+    """SIGTERM ends a long-running command (the app's server) as Ctrl-C does, so that what
+    runs on KeyboardInterrupt (its temporary files' removal) runs for both."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)

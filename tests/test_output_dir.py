@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from cifar_ray.errors import UserError
+from cifar_ray.files import MARKER, make_dir, remove_made
 from cifar_ray.output_dir import LOCK_NAME, output_dir_lock
-from cifar_ray.pipeline import check_search_dir
+from cifar_ray.pipeline import check_search_dir, start_fresh_or_resume
 from cifar_ray.search.settings import SearchConfig
 from tests.conftest import FAST_FLAGS, ROOT, SMOKE, run_cli
 
@@ -27,9 +28,9 @@ FULL = ["--config", "experiments/search.yaml"]
 
 def _saved_search(folder: Path, name: str = "search") -> Path:
     """What Tune leaves of an interrupted search: its state file, and one trial's run."""
-    (folder / name).mkdir(parents=True)
+    make_dir(folder / name)  # as pipeline.start_fresh_or_resume makes it
     (folder / name / "experiment_state-2026-12-03.json").write_text("{}")
-    (folder / "train_runs" / "run_1").mkdir(parents=True)
+    (folder / name / "train_runs" / "run_1").mkdir(parents=True)
     return folder / name
 
 
@@ -88,27 +89,28 @@ def test_resume_and_overwrite_look_where_the_search_writes_with_a_storage_path(t
     with pytest.raises(UserError, match=f"{storage} holds an interrupted search"):
         check_search_dir(out, cfg, resume=False, overwrite=False)
     (storage / "unrelated").mkdir()
-    check_search_dir(out, cfg, resume=False, overwrite=True)
-    assert not experiment.exists() and not (storage / "train_runs").exists()
-    assert (storage / "unrelated").is_dir()  # only the search's own folders went
+    check_search_dir(out, cfg, resume=False, overwrite=True)  # checks only
+    assert experiment.exists()
+    start_fresh_or_resume(out, cfg, resume=False, overwrite=True)
+    assert (experiment / MARKER).is_file() and not (experiment / "train_runs").exists()
+    assert (storage / "unrelated").is_dir()  # only the search's own folder went
+    remove_made(storage, experiment)
     with pytest.raises(UserError, match=f"--resume: no search to resume in {experiment}"):
         check_search_dir(out, cfg, resume=True, overwrite=False)
 
 
-def test_remove_inside_deletes_only_inside_the_named_folder(tmp_path):
-    from cifar_ray.files import remove_inside
-
+def test_remove_made_deletes_only_inside_the_named_folder(tmp_path):
     root = tmp_path / "root"
-    (root / "sub").mkdir(parents=True)
+    make_dir(root / "sub")
     (tmp_path / "outside").mkdir()
     (root / "link").symlink_to(tmp_path / "outside")
     for path in (root / "..", root, root / ".", root / "sub" / ".." / "..", tmp_path / "outside"):
         with pytest.raises(UserError, match="refusing to delete"):
-            remove_inside(root, path)
-    remove_inside(root, root / "link")  # the link goes, never what it points to
+            remove_made(root, path)
+    remove_made(root, root / "link")  # the link goes, never what it points to
     assert not (root / "link").exists() and (tmp_path / "outside").is_dir()
-    remove_inside(root, root / "sub")
-    remove_inside(root, root / "never-there")
+    remove_made(root, root / "sub")
+    remove_made(root, root / "never-there")
     assert list(root.iterdir()) == []
 
 

@@ -120,9 +120,8 @@ def ray_sampler(name: str, args: list):
 
 
 def check_samplers(parsed: dict[str, tuple[str, list]], base: Config) -> None:
-    """Each range as the search will use it, at parse time: Ray's sampler and Optuna's
-    distribution built, and draws from Ray's laid over the config (what a trial does), so
-    that a range they refuse is one line before any data is read or Ray starts."""
+    """At parse time, each range as the search uses it: Ray's sampler and Optuna's
+    distribution built, Ray's draws laid over the config as a trial lays them."""
     import numpy as np
 
     for key, (name, args) in parsed.items():
