@@ -146,7 +146,7 @@ def report_summary(folder: Path) -> str:
                 f"{shown_name(summary['split'])} images misclassified (accuracy "
                 f"{float(summary['accuracy']):.1%}); GradCAM at "
                 f"`{shown_name(summary['target_layer'])}`. Report: `{shown_name(folder)}`")
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         raise UserError(f"misclassified.json: {type(exc).__name__}") from None
 
 

@@ -102,7 +102,9 @@ def open_own(path: str | Path, append: bool = False) -> int:
     except OSError as exc:
         if os.path.islink(path):
             raise refuse(path, "it is a symbolic link") from None
-        raise
+        if exc.errno in NO_SPACE:
+            raise DiskFull(path, exc) from None
+        raise refuse(path, exc.strerror or str(exc)) from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
         os.close(fd)
@@ -127,7 +129,9 @@ def check_no_links(root: str | Path, skip: tuple[str, ...] = ()) -> None:
     """UserError if `root` holds a symbolic link at any depth, or a file with a hard link
     outside it (more links than found inside); `skip`: top-level names left out."""
     root = Path(root)
-    if not root.is_dir() or root.is_symlink():
+    if root.is_symlink():
+        raise refuse(root, "it is a symbolic link")
+    if not root.is_dir():
         return
     seen: dict[tuple[int, int], int] = {}
     counts: dict[tuple[int, int], tuple[int, Path]] = {}
@@ -135,23 +139,29 @@ def check_no_links(root: str | Path, skip: tuple[str, ...] = ()) -> None:
     stack = [root]
     while stack:
         folder = stack.pop()
-        with os.scandir(folder) as listing:
-            for entry in listing:
-                entries += 1
-                if entries > MAX_ENTRIES:
-                    raise refuse(root, f"it holds more than {MAX_ENTRIES:,} files")
-                if folder == root and entry.name in skip:
-                    continue
-                path = Path(entry.path)
-                if entry.is_symlink():
-                    raise refuse(path, "it is a symbolic link")
+        try:
+            listing = list(os.scandir(folder))
+        except OSError as exc:
+            raise refuse(folder, f"it cannot be listed ({exc.strerror})") from None
+        for entry in listing:
+            entries += 1
+            if entries > MAX_ENTRIES:
+                raise refuse(root, f"it holds more than {MAX_ENTRIES:,} files")
+            if folder == root and entry.name in skip:
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink():
+                raise refuse(path, "it is a symbolic link")
+            try:
                 info = entry.stat(follow_symlinks=False)
-                if stat.S_ISDIR(info.st_mode):
-                    stack.append(path)
-                elif info.st_nlink > 1:
-                    key = (info.st_dev, info.st_ino)
-                    seen[key] = seen.get(key, 0) + 1
-                    counts[key] = (info.st_nlink, path)
+            except OSError as exc:
+                raise refuse(path, exc.strerror or str(exc)) from None
+            if stat.S_ISDIR(info.st_mode):
+                stack.append(path)
+            elif info.st_nlink > 1:
+                key = (info.st_dev, info.st_ino)
+                seen[key] = seen.get(key, 0) + 1
+                counts[key] = (info.st_nlink, path)
     for key, (nlink, path) in counts.items():
         if seen[key] < nlink:
             raise refuse(path, "it is a hard link to a file outside the folder")
@@ -172,8 +182,8 @@ def make_dir(path: str | Path) -> Path:
     """Make the folder `path` and mark it as the project's (`remove_made` may delete it); one
     already there with files the project did not make is refused."""
     path = Path(path)
-    if path.is_symlink():
-        raise refuse(path, "it is a symbolic link")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise refuse(path, "it is a symbolic link" if path.is_symlink() else "it is not a folder")
     if path.is_dir() and any(path.iterdir()) and not is_made(path):
         raise refuse(path, f"it holds files that the project did not make (no {MARKER})")
     path.mkdir(parents=True, exist_ok=True)
@@ -193,13 +203,20 @@ def remove_made(root: str | Path, path: str | Path) -> None:
     """Delete `path` if it lies strictly inside `root` and, if a folder, carries `make_dir`'s
     mark; UserError otherwise. A link is removed, never followed."""
     target = inside(root, path)
-    if target.is_symlink() or target.is_file():
-        target.unlink()
-    elif target.is_dir():
-        if not is_made(target):
+    try:
+        info = target.lstat()
+    except FileNotFoundError:
+        return
+    try:
+        if not stat.S_ISDIR(info.st_mode):
+            target.unlink()
+        elif is_made(target):
+            shutil.rmtree(target)
+        else:
             raise UserError(f"refusing to delete {target}: the project did not make it (no "
                             f"{MARKER} in it); move or delete it yourself")
-        shutil.rmtree(target)
+    except OSError as exc:
+        raise UserError(f"cannot delete {target}: {exc.strerror or exc}") from None
 
 
 def remove_if_empty(folder: str | Path) -> None:
@@ -216,7 +233,7 @@ def read_inside(root: str | Path, name: str, limit: int) -> bytes:
     if target.parent != Path(root).resolve():
         raise UserError(f"refusing to read {target}: not directly in {root}")
     try:
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise UserError(f"cannot read {target}: {exc.strerror or exc}") from None
     with os.fdopen(fd, "rb") as f:
@@ -225,7 +242,7 @@ def read_inside(root: str | Path, name: str, limit: int) -> bytes:
             raise refuse(target, "it is not a plain file of its own")
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise UserError(f"{target}: larger than {limit // (1 << 20)} MB")
+        raise UserError(f"{target}: larger than {limit:,} bytes")
     return data
 
 
@@ -234,6 +251,11 @@ def check_trusted(root: str | Path) -> None:
     checks its keys' folder): what Tune unpickles on --resume runs as code."""
     root = Path(root)
     me = os.geteuid()
+    for folder in root.resolve().parents:  # whoever can replace a folder above can plant it
+        info = folder.stat()
+        if info.st_uid not in (me, 0) or (info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX):
+            raise UserError(f"--resume: refusing to load the search in {root}: {folder} above it "
+                            "can be written by other users, who could plant what resuming runs")
     for path in [root, *_walk(root)]:
         info = path.lstat()
         if stat.S_ISLNK(info.st_mode):
@@ -264,4 +286,5 @@ def _own_group(gid: int) -> bool:
         group = grp.getgrgid(gid)
     except KeyError:
         return False
-    return gid == me.pw_gid and set(group.gr_mem) <= {me.pw_name}
+    others = [u for u in pwd.getpwall() if u.pw_gid == gid and u.pw_uid != me.pw_uid]
+    return gid == me.pw_gid and set(group.gr_mem) <= {me.pw_name} and not others

@@ -5,12 +5,16 @@ back: weights_only=True, then the model rebuilt from its hyperparameters."""
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import pickletools
+import stat
 import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch.nn import functional as F
@@ -171,10 +175,15 @@ def schedule_of(cfg: Config) -> dict[str, int]:
     return {"epochs": cfg.trainer.epochs, "batch_size": cfg.trainer.batch_size}
 
 
-def check_resumable(path: str | Path, cfg: Config) -> None:
+def check_resumable(path: str | Path, cfg: Config, class_names: list[str]) -> None:
     """--resume: the checkpoint must be of the run `cfg` describes (the same network, recipe,
     data and schedule); else one line naming the first setting that differs."""
-    hparams = check_hyperparameters(path, read_checkpoint(path))
+    hparams = dict(load_module(path).hparams)  # every gate of a checkpoint first
+    if hparams.get("seed") != cfg.trainer.seed or len(hparams.get("class_names") or "") != \
+            len(class_names):
+        raise CheckpointError(f"--resume: {path} was trained with another seed (split) or "
+                              "another class count: resume with the same settings and data, or "
+                              "start again with --overwrite")
     now = {**{name: asdict(getattr(cfg, name)) for name in SECTIONS}, "schedule": schedule_of(cfg)}
     for section, values in now.items():
         saved = hparams.get(section) or {}
@@ -196,14 +205,18 @@ MAX_RECORDS = 4096  # a ResNet-9 checkpoint holds ~100 (tensors, optimiser state
 MAX_PICKLE = 16 << 20  # its data.pkl: the hyperparameters and the structure, ~100 KB
 
 
-def check_archive(path: Path) -> None:
+def check_archive(path: Path, file: IO[bytes]) -> None:
     """Before torch reads a byte: a zip archive of at most MAX_RECORDS records, each stored
-    uncompressed as torch.save writes it, declaring no more bytes than the file holds."""
-    size = path.stat().st_size
+    uncompressed as torch.save writes it, declaring no more bytes than the file holds, whose
+    pickle nests at most MAX_DEPTH deep (check_pickle)."""
+    size = os.fstat(file.fileno()).st_size
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(file) as archive:
             records = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            pickles = [r for r in records if r.filename.endswith("/data.pkl")
+                       and r.file_size <= MAX_PICKLE]
+            pickled = archive.read(pickles[0]) if len(pickles) == 1 else b""
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise CheckpointError(f"{path}: not a loadable checkpoint: not a torch.save archive "
                               f"({exc})") from None
     if len(records) > MAX_RECORDS:
@@ -219,17 +232,76 @@ def check_archive(path: Path) -> None:
         declared += record.file_size
     if declared > size:
         raise CheckpointError(f"{path}: it declares {declared:,} bytes but holds {size:,}")
+    if why := check_pickle(pickled):
+        raise CheckpointError(f"{path}: not a loadable checkpoint: {why}")
+
+
+MAX_DEPTH = 100  # of a checkpoint's nested structure: ~10 in one this project writes
+MAX_NODES = 10_000_000  # its structure written out without shared references: ~10,000
+MEMO = {"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"}
+GET = {"GET", "BINGET", "LONG_BINGET"}
+IN_PLACE = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
+
+
+def check_pickle(data: bytes) -> str | None:
+    """Why a checkpoint's pickle is refused, else None: it must parse, nest at most MAX_DEPTH
+    deep and, its shared references written out, hold at most MAX_NODES objects (a tuple
+    holding one tuple twice, 60 deep, takes 2**60 steps to hash or compare). Each value on
+    the unpickler's stack is simulated as its (depth, nodes)."""
+    stack: list[tuple[int, int]] = []
+    marks: list[int] = []
+    memo: dict[Any, tuple[int, int]] = {}
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "MARK":
+                marks.append(len(stack))
+                continue
+            before, popped = op.stack_before, []
+            if pickletools.markobject in before:  # the items since the last MARK, then below it
+                start = marks.pop()
+                popped, stack = stack[start:], stack[:start]
+                before = before[:before.index(pickletools.markobject)]
+            if before:
+                popped = stack[-len(before):] + popped
+                del stack[-len(before):]
+            # A container filled in place (APPENDS, SETITEMS, BUILD) is as deep as its items + 1.
+            base = popped.pop(0) if op.name in IN_PLACE else (0, 1)
+            value = (max(base[0], 1 + max((d for d, _ in popped), default=-1)),
+                     min(base[1] + sum(n for _, n in popped), MAX_NODES + 1))
+            if op.name in GET:
+                value = memo[arg]
+            if value[0] > MAX_DEPTH or value[1] > MAX_NODES:
+                return (f"its structure nests deeper than {MAX_DEPTH} levels or holds more "
+                        f"than {MAX_NODES:,} objects")
+            stack += [value] * len(op.stack_after)
+            if op.name in MEMO:
+                memo[arg if op.name != "MEMOIZE" else len(memo)] = stack[-1]
+    except (ValueError, KeyError, IndexError) as exc:
+        return f"its pickle is malformed ({type(exc).__name__})"
+    return None
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The one way a checkpoint is read: its archive checked (check_archive), then loaded
     with weights_only=True, so that no code in it runs and nothing is larger than it holds."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file missing")
-    check_archive(path)
+    try:  # one open file for the checks and the load: no file swapped in between
+        real = path.resolve()  # a link the user named is followed once, here
+        file = os.fdopen(os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb")
+    except OSError as exc:
+        raise CheckpointError(f"{path}: checkpoint file missing" if exc.errno == errno.ENOENT
+                              else f"{path}: cannot read it ({exc.strerror})") from None
+    with file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise CheckpointError(f"{path}: not a checkpoint file")
+        check_archive(path, file)
+        file.seek(0)
+        return _load(path, file)
+
+
+def _load(path: Path, file: IO[bytes]) -> dict[str, Any]:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         # weights_only refuses pickled code with an UnpicklingError; a torn file fails elsewhere.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -274,12 +346,12 @@ def in_sections(hparams: Mapping[str, Any]) -> dict[str, Any]:
         return dict(hparams)
     out = {name: {f.name: hparams[f.name] for f in fields(kind) if f.name in hparams}
            for name, kind in SECTIONS.items()}
-    names = hparams.get("class_names")
-    if names is None and isinstance(hparams.get("num_classes"), int):
-        names = [str(i) for i in range(hparams["num_classes"])]
+    names, count = hparams.get("class_names"), hparams.get("num_classes")
+    if names is None and isinstance(count, int) and 0 < count <= MAX_CLASSES:
+        names = [str(i) for i in range(count)]
     out.update(seed=hparams.get("seed", 1), class_names=names)
     if hparams.get("mean") is not None:
-        out["norm"] = {"mean": hparams["mean"], "std": hparams["std"]}
+        out["norm"] = {"mean": hparams["mean"], "std": hparams.get("std")}
     return out
 
 

@@ -42,8 +42,9 @@ SHOWN_MAX = 80  # characters of a name shown in a line, a figure's label or a fi
 def shown_name(text: object, limit: int = SHOWN_MAX) -> str:
     """The one sanitiser of a name from a file or a user, shown, drawn or written: one
     printable line (escapes, overrides, undecodable bytes shown as `\\x1b`), cut at `limit`."""
-    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
-    return out if len(out) <= limit else out[:limit - 1] + "…"
+    text = str(text)[:limit + 1]  # enough to tell whether it is cut
+    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return out if len(out) <= limit else out[:max(limit - 1, 0)] + "…"
 
 
 def file_name(text: object, limit: int = 40) -> str:

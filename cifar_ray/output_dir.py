@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cifar_ray.errors import ConfigError, UserError
-from cifar_ray.files import check_no_links, open_own, remove_if_empty
+from cifar_ray.files import check_no_links, open_own, remove_if_empty, remove_made
 
 LOCK_NAME = ".lock"
 
@@ -64,6 +64,6 @@ def output_dir_lock(out: Path, command: str, lock_name: str = LOCK_NAME,
     finally:
         # A run that stopped before writing anything (bad input) leaves no dir behind.
         if created and os.listdir(out) == [lock_name]:
-            path.unlink()
+            remove_made(out, path)
             remove_if_empty(out)
         os.close(fd)  # releases the lock

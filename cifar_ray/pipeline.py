@@ -150,9 +150,11 @@ def ray_session(cfg: SearchConfig, out: Path, verbose: bool) -> Iterator[Any]:
         with stop_signals("stopping") as stop:
             yield stop
     finally:
-        ray.shutdown()
-        remove_made(out, tmp)
-        shutil.rmtree(holder, ignore_errors=True)  # made by mkdtemp above: the link goes
+        try:
+            ray.shutdown()
+        finally:
+            shutil.rmtree(holder, ignore_errors=True)  # made by mkdtemp above: the link goes
+            remove_made(out, tmp)
 
 
 def prepare(cfg: SearchConfig, started: float) -> Prepared:
@@ -355,7 +357,15 @@ def check_search_dir(out: Path, cfg: SearchConfig, resume: bool, overwrite: bool
     """Refuse to touch a search already there unless told; with --overwrite, that the saved
     search is the project's to delete (start_fresh_or_resume deletes it, once every input is
     checked); with --resume, that its saved state is there, whole and trusted."""
-    experiment = storage_dir(cfg, out) / cfg.tune.name
+    storage = storage_dir(cfg, out)
+    experiment = storage / cfg.tune.name
+    tmp = out / "tmp"  # Ray's temp files: deleted after the search, so only the project's
+    if tmp.exists() and not is_made(tmp) or tmp.is_symlink():
+        raise UserError(f"{tmp} is not the project's (no {MARKER} in it), and a search keeps "
+                        "Ray's temp files there: move it away or choose another --output-dir")
+    if experiment == out or tmp == experiment or tmp in experiment.parents:
+        raise UserError(f"tune.storage {storage}: the experiment {experiment} would be the "
+                        "output dir or inside its tmp/: give another storage")
     if overwrite:
         if experiment.exists() and not is_made(experiment):
             raise UserError(f"--overwrite: refusing to delete {experiment}: the project did not "
@@ -397,9 +407,11 @@ def check_same_search(experiment: Path, cfg: SearchConfig) -> None:
     """--resume with settings that change what the trials train is refused in one line."""
     try:
         saved = json.loads((experiment / SAVED_CONFIG).read_text())
+        if not isinstance(saved, dict) or not all(isinstance(v, dict) for v in saved.values()):
+            raise ValueError("not a config's sections")
     except FileNotFoundError:
         return  # a search from before the settings were saved
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise UserError(f"--resume: {experiment / SAVED_CONFIG} is damaged ({exc}); start "
                         "again with --overwrite") from None
     now = json.loads(json.dumps(cfg.to_dict()))

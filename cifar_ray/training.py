@@ -14,7 +14,7 @@ from cifar_ray.console import format_duration
 from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.files import write_json
-from cifar_ray.module import LitResNet9, check_resumable, load_module, read_checkpoint
+from cifar_ray.module import LitResNet9, check_resumable, load_module
 from cifar_ray.names import METRIC, MODE
 from cifar_ray.output_dir import resume_point
 from cifar_ray.pl import pl
@@ -89,9 +89,9 @@ def run(cfg: Config, arrays: ImageArrays | None = None, init_checkpoint: str | P
     data.setup()
     module = LitResNet9.from_config(cfg, data.classes, data.norm)
     if resume_from is not None:
-        check_resumable(resume_from, cfg)
-    if init_checkpoint is not None:
-        module.load_state_dict(read_checkpoint(init_checkpoint)["state_dict"])
+        check_resumable(resume_from, cfg, data.classes)
+    if init_checkpoint is not None:  # the best trial's: the same network, through every gate
+        module.load_state_dict(load_module(init_checkpoint).state_dict())
     trainer, best_checkpoint, history = build(cfg, data, out, hparams, mlflow, line_prefix)
     start = time.perf_counter()
     # weights_only: resuming reads tensors and plain values only, like every load here.

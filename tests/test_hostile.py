@@ -67,7 +67,7 @@ def test_a_search_keeps_a_tmp_folder_of_the_users_and_says_so(tiny_data, tmp_pat
     (out / "tmp" / "mine.txt").write_text("the user's")
     proc = run_cli("cifar_ray.tune", "--config", "experiments/search_smoke.yaml", "--data-dir",
                    str(tiny_data), "--output-dir", str(out), "--val-size", "20", timeout=300)
-    assert "the project did not make" in one_line_error(proc)
+    assert "is not the project's" in one_line_error(proc)
     assert (out / "tmp" / "mine.txt").read_text() == "the user's"
 
 
@@ -293,6 +293,48 @@ def test_a_checkpoint_naming_more_classes_than_a_data_set_may_have_is_refused(tm
     torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
     with pytest.raises(CheckpointError, match="class_names must be a list of 1 to 1000"):
         load_module(path)
+
+
+def hash_bomb() -> bytes:
+    """A 500-byte pickle of {t: 1} where t holds one tuple twice, 60 deep: hashing it as the
+    dict is built takes 2**60 steps."""
+    ops = bytearray(b"\x80\x02}")  # PROTO 2, EMPTY_DICT
+    ops += b")q\x00"  # EMPTY_TUPLE, BINPUT 0
+    for i in range(1, 61):
+        ops += b"h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"\x86q" + bytes([i])  # (t, t)
+    ops += b"K\x01s."  # BININT1 1, SETITEM, STOP
+    return bytes(ops)
+
+
+def test_a_checkpoint_whose_pickle_would_hash_forever_is_refused_at_once(tmp_path):
+    path = save_checkpoint(tmp_path / "m.ckpt")
+    with zipfile.ZipFile(path) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in records:
+            archive.writestr(name, hash_bomb() if name.endswith("/data.pkl") else data)
+    code = ("import sys\nfrom cifar_ray.module import load_module\n"
+            "from cifar_ray.errors import CheckpointError\n"
+            "try:\n    load_module(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, timeout=120,
+                          capture_output=True, text=True)
+    assert "nests deeper than 100 levels or holds more than" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["a folder", "a fifo", "a link to a fifo"])
+def test_a_checkpoint_path_that_is_not_a_plain_file_is_one_line(tmp_path, kind):
+    path = tmp_path / "m.ckpt"
+    if kind == "a folder":
+        path.mkdir()
+    elif kind == "a fifo":
+        os.mkfifo(path)
+    else:
+        os.mkfifo(tmp_path / "fifo")
+        path.symlink_to(tmp_path / "fifo")
+    with pytest.raises(CheckpointError, match="not a checkpoint file|Is a directory"):
+        load_module(path)  # at once: a fifo is not waited on
+    (tmp_path / "link.ckpt").symlink_to(save_checkpoint(tmp_path / "real.ckpt"))
+    load_module(tmp_path / "link.ckpt")  # a link the user names to a checkpoint is fine
 
 
 @pytest.mark.parametrize("flag, value", [("--num-workers", "1000000"),
