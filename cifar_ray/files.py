@@ -1,6 +1,6 @@
 """The one gate for what the project writes and deletes in a user's folders: writes beside
 the target then renamed over it, appends through `open_own` (no link), `check_no_links` before
-a run writes, and deletes only of what `make_dir` marked (docs/architecture.md)."""
+a run writes, and deletes of folders only if `make_dir` marked them (docs/architecture.md)."""
 
 from __future__ import annotations
 

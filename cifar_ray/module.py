@@ -1,6 +1,6 @@
 """The LightningModule: ResNet-9 + NLL loss, Adam with weight decay, OneCycleLR, torchmetrics
 (a metric object per stage: `train/acc`, `val/acc`, `test/acc`, ...). A training step never
-waits for the GPU (docs/architecture.md). `load_module` is the one way a checkpoint is read
+waits for the GPU (docs/internals.md). `load_module` is the one way a checkpoint is read
 back: weights_only=True, then the model rebuilt from its hyperparameters."""
 
 from __future__ import annotations

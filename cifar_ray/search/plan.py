@@ -1,6 +1,6 @@
 """What a search will cost, before it starts (`python -m cifar_ray.tune --plan`), from the
 config alone: trials, concurrency, ASHA's rungs and the trial-epochs they allow (at most, and
-as successive halving expects), the retrain, and time (docs/architecture.md, "The plan")."""
+as successive halving expects), the retrain, and time (README.md, "The search")."""
 
 from __future__ import annotations
 

@@ -197,7 +197,8 @@ class TuneSettings:
     address: str = setting("local", "local (start Ray here), auto, or HOST:PORT of a running cluster")
     storage: str = setting("", "where trials write results; must be shared storage on a multi-node "
                           "cluster (default: the output dir)")
-    name: str = setting("search", "name of the Tune experiment folder inside the output dir")
+    name: str = setting("search", "name of the Tune experiment folder inside the output dir "
+                                    "(or tune.storage)")
     search_alg: str = setting("random", "how trials are sampled: optuna is Optuna's TPE, which "
                                         "learns from the finished trials (ASHA still stops the "
                                         "weak ones)", SEARCH_ALGS)
