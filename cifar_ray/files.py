@@ -5,6 +5,7 @@ a run writes, and deletes of folders only if `make_dir` marked them (docs/archit
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -67,8 +68,18 @@ def write_bytes(target: str | Path, data: bytes | memoryview) -> None:
 
 
 def write_json(target: str | Path, data: Any) -> None:
-    # allow_nan=False: a NaN or an infinity is a bug to see, not a file other tools cannot read.
-    write_text(target, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    """Standard JSON: a NaN or an infinity (a diverged loss) is written as null."""
+    write_text(target, json.dumps(finite(data), indent=2, allow_nan=False) + "\n")
+
+
+def finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(value) for value in data]
+    return data
 
 
 def write_text(target: str | Path, text: str) -> None:

@@ -18,6 +18,7 @@ from cifar_ray.output_dir import check_resume_or_overwrite, output_dir_lock
 from cifar_ray.search.cluster import (
     AUTO_CPUS,
     concurrency,
+    configure_auth,
     machine_resources,
     trials_that_fit,
 )
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     check_resume_or_overwrite(args.resume, args.overwrite)
     # First: nothing below may pickle or print a password the URI holds.
     tracking.take_credentials(cfg.tracking, local_ray=cfg.tune.address == "local")
+    configure_auth(cfg.tune.address)  # before Ray is imported, by the space's check first
+    cfg.check_space()
     if args.plan_epoch_seconds is not None and args.plan_epoch_seconds <= 0:
         raise UserError(f"--plan-epoch-seconds must be > 0, got {args.plan_epoch_seconds}")
     if args.plan:

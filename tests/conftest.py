@@ -195,7 +195,7 @@ def registered_runs(out: Path) -> list[Path]:
     restarted worker group goes on from), not just written: a worker lost in between starts
     over from epoch 0."""
     runs = []
-    for snapshot in out.glob("train_runs/*/checkpoint_manager_snapshot.json"):
+    for snapshot in out.glob("*/train_runs/*/checkpoint_manager_snapshot.json"):
         try:
             if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
                 runs.append(snapshot.parent)

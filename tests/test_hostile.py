@@ -405,6 +405,7 @@ def test_any_search_range_is_sampled_by_ray_or_refused_at_parse_time(key, name, 
 
     try:
         cfg = SearchConfig.from_dict({"search": {key: {name: args}}})
+        cfg.check_space()  # what `tune` runs next, before data or Ray
     except ConfigError as exc:
         assert "\n" not in str(exc)
         return
@@ -437,6 +438,19 @@ def test_a_flag_of_infinity_is_refused():
 
     with pytest.raises(ConfigError, match="optim.lr must be a finite number"):
         parse_command(build_parser, Config(), ["--lr", "inf"])
+
+
+def test_results_are_standard_json_whatever_a_run_measured(tmp_path):
+    """A diverged run's loss is NaN: results.json says null, which every JSON reader takes."""
+    from cifar_ray.files import write_json
+
+    write_json(tmp_path / "r.json", {"test_loss": float("nan"), "curve": [float("inf"), 0.5]})
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    assert json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse) == \
+        {"test_loss": None, "curve": [None, 0.5]}
 
 
 def test_a_deep_folder_tree_is_one_line(tmp_path):

@@ -342,7 +342,7 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
                and len(_listed_trials(state)) > len(done_first)):
         assert time.time() < deadline and driver.poll() is None, log.read_text()[-3000:]
         time.sleep(0.2)
-    shutil.copytree(state, early)
+    shutil.copytree(state, early, ignore=shutil.ignore_patterns("train_runs"))  # Tune's files
     assert set(_finished_trials(early)) == set(done_first), "a trial finished before the save"
     _wait_for_finished_trials(state, len(done_first) + 1, driver)
     driver.kill()
@@ -350,12 +350,14 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
     assert not (out / "results.json").exists()
     finished = {trial_id: _startups(state, trial_id) for trial_id in _finished_trials(state)
                 if trial_id not in done_first}
-    shutil.rmtree(state)
-    shutil.copytree(early, state)  # the state lags the Train runs, as after an unlucky kill
+    for path in state.iterdir():  # Tune's files put back; the Train runs inside stay as they are
+        if path.name != "train_runs":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.copytree(early, state, dirs_exist_ok=True)  # the state lags the Train runs
     # And a checkpoint damaged while the search was down: the latest of a run the state lists
     # as unfinished and that had not finished (of a finished one if both had), cut in half.
     listed = [trial_id for trial_id in _listed_trials(state) if trial_id not in done_first]
-    runs = sorted((storage / "train_runs" / f"train-{trial_id}" for trial_id in listed),
+    runs = sorted((state / "train_runs" / f"train-{trial_id}" for trial_id in listed),
                   key=lambda run: run.name[6:] in finished)
     damaged_run = next(run for run in runs if list(run.glob("epoch_*")))
     damaged = sorted(damaged_run.glob("epoch_*/checkpoint.ckpt"))[-1]
@@ -384,7 +386,7 @@ def test_an_interrupted_or_killed_search_resumes(noisy_data, tmp_path, sys_tmp, 
         assert _startups(state, trial_id) == startups
     results = json.loads((out / "results.json").read_text())
     assert results["num_trials"] == 4 and results["experiment_dir"] == str(state)
-    assert not (out / "search").exists() and not (out / "train_runs").exists()
+    assert not (out / "search").exists()
     # The times count all three sessions: their count came back with Tune's saved state.
     assert results["resumes"] == 2, results
     assert results["search_seconds"] >= results["tune_seconds"] >= results["training_seconds"] > 0
@@ -532,9 +534,10 @@ def test_a_long_cpu_search_is_announced_before_its_first_trial(noisy_data, tmp_p
     assert "python -m cifar_ray.tune --config experiments/search_smoke.yaml" in output
 
 
-def test_help_and_bad_input_answer_before_ray_or_torch_is_imported(noisy_data, tmp_path):
-    """The pipeline checks its flags, search space and output dir before it imports Ray,
-    torch or Lightning (seconds on a small machine): `--help` and a mistake answer at once."""
+def test_help_and_bad_input_answer_before_torch_is_imported(noisy_data, tmp_path):
+    """The pipeline checks its flags, search space and output dir before it imports torch or
+    Lightning (seconds on a small machine), and Ray only for its samplers, which check a
+    valid-looking space: `--help` and a mistake answer at once."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("search:\n  optim.momentum: {uniform: [0.8, 0.9]}\n")
     finished = tmp_path / "finished"
@@ -546,7 +549,7 @@ def test_help_and_bad_input_answer_before_ray_or_torch_is_imported(noisy_data, t
              ["--data-dir", data, "--output-dir", str(finished), "--config",
               "experiments/search.yaml"]]
     codes, imported, stderr = mains_in_a_fresh_process("tune", calls)
-    assert codes == [0, 2, 2] and imported == [], (codes, imported, stderr)
+    assert codes == [0, 2, 2] and set(imported) <= {"ray"}, (codes, imported, stderr)
     errors = stderr.strip().splitlines()
     assert len(errors) == 2, stderr
     assert "unknown config key 'optim.momentum'" in errors[0]

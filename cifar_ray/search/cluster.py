@@ -5,13 +5,12 @@ Ray is imported inside the functions: `configure_auth` must run before any impor
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 from pathlib import Path
 from typing import Any
 
 from cifar_ray.errors import ConfigError, UserError
-from cifar_ray.search.settings import SearchConfig
+from cifar_ray.search.settings import SearchConfig, configure_auth  # noqa: F401 (its callers')
 
 HEAD_NODE = "node:__internal_head__"  # a resource only the Ray head node has
 # Auto GPUs per trial worker: four trials share a GPU, which one ResNet-9 trial leaves idle
@@ -35,21 +34,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def configure_auth(address: str) -> None:
-    """Token authentication and where a local instance listens (127.0.0.1 only), decided
-    before Ray is imported (Ray reads both when imported): a local instance gets a fresh
-    random token in this process's environment (never printed or written to the home
-    directory) unless the user gives one; a cluster uses the token set up for it."""
-    if address != "local":
-        return
-    # Ray's single-machine mode (its default on macOS): every process, gRPC and metrics
-    # server binds to 127.0.0.1, not to every interface; nothing can join this instance.
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def start_ray(settings, temp_dir: Path) -> None:

@@ -5,7 +5,9 @@ retrain. The space is written in the training config's own keys (`optim.lr: {log
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +42,7 @@ FOLDER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
 # What a search writes at the top of its output dir (README, "Outputs"), folders and files.
 OUTPUT_NAMES = ("retrain", "gradcam", "report", "logs", "tmp", "results.json", "report.html",
                 "summary.md", "trials.csv")
-MAX_TRIALS = 10_000
+MAX_TRIALS, MAX_CPUS = 10_000, 1024
 
 DEFAULT_SPACE = {
     "optim.lr": {"loguniform": [1e-4, 1e-1]},
@@ -108,8 +110,22 @@ def parse_space(space: Any, base: Config) -> dict[str, tuple[str, list]]:
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {value!r} does not fit: {exc}") from None
         parsed[key] = (name, list(args))
-    check_samplers(parsed, base)
     return parsed
+
+
+def configure_auth(address: str) -> None:
+    """Token authentication and where a local instance listens (127.0.0.1 only), decided
+    before Ray is imported (Ray reads both when imported): a local instance gets a fresh
+    random token in this process's environment (never printed or written to the home
+    directory) unless the user gives one; a cluster uses the token set up for it."""
+    if address != "local":
+        return
+    # Ray's single-machine mode (its default on macOS): every process, gRPC and metrics
+    # server binds to 127.0.0.1, not to every interface; nothing can join this instance.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def ray_sampler(name: str, args: list):
@@ -231,6 +247,11 @@ class SearchConfig(Config):
         """The checked search space: {key: (distribution, arguments)}."""
         return parse_space(self.search, self.training_config())
 
+    def check_space(self) -> None:
+        """The space through Ray's samplers (check_samplers): a command calls it once, after
+        configure_auth, since it imports Ray."""
+        check_samplers(self.space(), self.training_config())
+
     def largest_image_size(self) -> int:
         """The largest data.image_size a trial may take: the data set is read once, at it."""
         name, sizes = self.space().get("data.image_size", ("choice", [self.data.image_size]))
@@ -250,8 +271,8 @@ class SearchConfig(Config):
               f"tune.reduction_factor must be in [2, 100], got {t.reduction_factor}")
         check(1 <= t.workers_per_trial <= MAX_WORKERS,
               f"tune.workers_per_trial must be in [1, {MAX_WORKERS}], got {t.workers_per_trial}")
-        check(t.cpus_per_worker == -1 or 1 <= t.cpus_per_worker <= MAX_WORKERS,
-              f"tune.cpus_per_worker must be -1 (auto) or in [1, {MAX_WORKERS}], "
+        check(t.cpus_per_worker == -1 or 1 <= t.cpus_per_worker <= MAX_CPUS,
+              f"tune.cpus_per_worker must be -1 (auto) or in [1, {MAX_CPUS}], "
               f"got {t.cpus_per_worker}")
         check(t.gpus_per_worker == -1 or 0 <= t.gpus_per_worker <= 64,
                f"tune.gpus_per_worker must be -1 (auto) or in [0, 64], got {t.gpus_per_worker}")
