@@ -136,7 +136,7 @@ def hostile_layouts():
     return st.dictionaries(st.sampled_from(names), link, min_size=1, max_size=4)
 
 
-@settings(max_examples=6, deadline=None,
+@settings(max_examples=int(os.environ.get("CIFAR_RAY_LINK_LAYOUTS", "6")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(layout=hostile_layouts(), command=st.sampled_from(["cifar_ray.train", "cifar_ray.tune"]))
 def test_links_in_an_output_dir_never_lead_a_write_outside(tmp_path_factory, tiny_data, layout,
