@@ -296,12 +296,12 @@ def test_a_checkpoint_naming_more_classes_than_a_data_set_may_have_is_refused(tm
 
 
 def hash_bomb() -> bytes:
-    """A 500-byte pickle of {t: 1} where t holds one tuple twice, 60 deep: hashing it as the
+    """A 310-byte pickle of {t: 1} where t holds one tuple twice, 60 deep: hashing it as the
     dict is built takes 2**60 steps."""
     ops = bytearray(b"\x80\x02}")  # PROTO 2, EMPTY_DICT
     ops += b")q\x00"  # EMPTY_TUPLE, BINPUT 0
-    for i in range(1, 61):
-        ops += b"h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"\x86q" + bytes([i])  # (t, t)
+    for i in range(1, 61):  # the top (memo[i-1]) and BINGET i-1, TUPLE2, BINPUT i
+        ops += b"h" + bytes([i - 1]) + b"\x86q" + bytes([i])
     ops += b"K\x01s."  # BININT1 1, SETITEM, STOP
     return bytes(ops)
 
