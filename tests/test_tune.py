@@ -165,9 +165,10 @@ def _check_console(stdout: str, stderr: str, out: Path) -> None:
     half = min((r for r in records if r["left_s"] > 0),
                key=lambda r: abs(r["time"] - (began + end) / 2))
     real = end - half["time"]
-    # Within a factor of 3: under the parallel suite the first trials' start-ups, which the
-    # estimate extrapolates, can take twice as long as the later ones.
-    assert 1 / 3 <= half["left_s"] / real <= 3, (half, real, records)
+    # Within a factor of 5: under the parallel suite the trials' start-ups, which the estimate
+    # extrapolates, vary with what the other worker runs (4.4 once, beside tests that start
+    # commands); its accuracy on a quiet machine is docs/benchmarks.md's.
+    assert 1 / 5 <= half["left_s"] / real <= 5, (half, real, records)
 
 
 def _check_tensorboard_hparams(out: Path, trials: list[dict]) -> None:
