@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name == "plan":
-        name, rest = "tune", ["--plan", *rest]
+        name, rest, cli.invoked_sub = "tune", ["--plan", *rest], "plan"
     module = {sub: mod for mod, sub in cli.SUBCOMMANDS.items()}.get(name)
     if module is None:
         print(f"{usage()}\n\nerror: unknown command {name!r}", file=sys.stderr)

@@ -10,12 +10,13 @@ from typing import Any
 SUBCOMMANDS = {"tune": "tune", "train": "train", "gradcam": "gradcam", "predict": "predict",
                "export": "export", "app": "app", "bench": "bench", "lr_find": "lr-find"}
 invoked_as = ""  # "cifar-ray" when the console script dispatched the command
+invoked_sub = ""  # the subcommand typed, where it is another's alias ("plan": tune --plan)
 
 
 def program(module: str) -> str:
     """The command as the user typed it, for `usage:` lines."""
     if invoked_as:
-        return f"{invoked_as} {SUBCOMMANDS[module]}"
+        return f"{invoked_as} {invoked_sub or SUBCOMMANDS[module]}"
     return f"python -m cifar_ray.{module}"
 
 

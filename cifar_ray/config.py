@@ -266,6 +266,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg: Any) -> None:
     parser.add_argument("--config", metavar="YAML",
                         help="YAML file of overrides (see experiments/); the defaults shown "
                              "below include the one given")
+    searched = getattr(cfg, "search", None) or {}
     for sec_name, sec in sections(cfg).items():
         if not dataclasses.is_dataclass(sec):
             continue  # a free-form section (the search space) comes from YAML only
@@ -277,7 +278,11 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg: Any) -> None:
             flag = "--" + f.name.replace("_", "-")
             value = getattr(sec, f.name)
             help_text = f.metadata.get("help", "")
-            if value != "":
+            spec = searched.get(f"{sec_name}.{f.name}")
+            if isinstance(spec, dict) and len(spec) == 1:  # a search samples it
+                (name, values), = spec.items()
+                help_text = f"searched: {range_text(name, values)} (--search to change); " + help_text
+            elif value != "":
                 help_text += f" (default: {shown(value)})"
             help_text = help_text.replace("%", "%%")
             if kind is bool:
@@ -289,6 +294,23 @@ def add_config_flags(parser: argparse.ArgumentParser, cfg: Any) -> None:
                                    metavar=None if f.metadata.get("choices") else
                                    (f.name.upper() if kind is str else kind.__name__.upper()),
                                    help=help_text)
+
+
+def range_text(name: str, args: Any) -> str:
+    """A search space's distribution as a person reads it: 'loguniform 0.0001 .. 0.1',
+    'choice of 128, 256' (search.settings checks the arguments)."""
+    if not isinstance(args, list) or not args:
+        return f"{name} {args!r}"
+    if name == "choice":
+        return "choice of " + ", ".join(map(shown_plain, args))
+    if name == "randint" and len(args) == 2:
+        return f"integers {args[0]} .. {args[1] - 1}"
+    step = f" in steps of {shown_plain(args[2])}" if len(args) == 3 else ""
+    return f"{name} {shown_plain(args[0])} .. {shown_plain(args[1])}{step}"
+
+
+def shown_plain(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def apply_flags(cfg: Any, args: argparse.Namespace) -> None:

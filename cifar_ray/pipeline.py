@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from cifar_ray import tracking
 from cifar_ray.config import overlay, plain
-from cifar_ray.console import CONSOLE_MARK
+from cifar_ray.console import CONSOLE_MARK, format_duration
 from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.sources import load_dataset
 from cifar_ray.errors import Interrupted, UserError
@@ -41,15 +41,22 @@ from cifar_ray.search.cluster import (
     start_ray,
     trials_that_fit,
 )
-from cifar_ray.search.plan import asha_rungs, make_plan
+from cifar_ray.search.budget import (
+    DECIDED,
+    BudgetClock,
+    Sized,
+    apply_sized,
+    plan_lines,
+    sized_from_dict,
+)
+from cifar_ray.search.plan import asha_rungs, make_plan, space_lines
 from cifar_ray.search.settings import SearchConfig, describe, format_value
+from cifar_ray.search.rounds import Session, run_rounds
+from cifar_ray.search.seeds import Seeds
 from cifar_ray.search.tuner import (
-    run_search,
+    STOPPED_BY_BUDGET,
     storage_dir,
-    summarise_trials,
     training_seconds,
-    trial_id,
-    tune_space,
     write_trials_csv,
 )
 from cifar_ray.signals import ctrl_c_stops_tune, stop_signals
@@ -72,13 +79,30 @@ class Searched:
     setup_seconds: float  # from the command's start to Tune's
     tune_seconds: float  # across resumes
     sessions: int
+    seeds: Seeds | None = None  # what the search started from (--warm-start, --try)
 
 
-def run(cfg: SearchConfig, out: Path, resume: bool, overwrite: bool, verbose: bool) -> int:
+@dataclass
+class Asked:
+    """What the command asked of this search besides its config."""
+
+    resume: bool = False
+    overwrite: bool = False
+    verbose: bool = False
+    sized: Sized | None = None  # what the budget buys (tune.size_to_budget)
+    started_at: float | None = None  # when the command started (unix time): the budget's zero
+    seeds: Seeds | None = None  # --warm-start's trials and --try's configs
+    more: int = 0  # --more N: trials added after the search's last round
+
+
+def run(cfg: SearchConfig, out: Path, asked: Asked) -> int:
     """The whole search in `out`, which the caller holds the lock of."""
     started = time.perf_counter()
+    resume, overwrite = asked.resume, asked.overwrite
     with storage_lock(cfg, out):
         check_search_dir(out, cfg, resume, overwrite)
+        clock = None if asked.more else budget_clock(cfg, out, resume, asked.sized,
+                                                     asked.started_at)
         if cfg.tracking.mlflow_uri:
             tracking.prepare_experiment(cfg.tracking)
         if cfg.tune.address == "local":
@@ -86,21 +110,77 @@ def run(cfg: SearchConfig, out: Path, resume: bool, overwrite: bool, verbose: bo
         prepared = prepare(cfg, started)
         # Every input is good: only now is the earlier search discarded (--overwrite).
         start_fresh_or_resume(out, cfg, resume, overwrite)
-        return search_to_report(cfg, out, prepared, resume, verbose)
+        if clock:
+            clock.save()
+        return search_to_report(cfg, out, prepared, asked, clock)
 
 
-def search_to_report(cfg: SearchConfig, out: Path, prepared: Prepared, resume: bool,
-                     verbose: bool) -> int:
-    with ray_session(cfg, out, verbose) as stop:
+def search_to_report(cfg: SearchConfig, out: Path, prepared: Prepared, asked: Asked,
+                     clock: BudgetClock | None = None) -> int:
+    with ray_session(cfg, out, asked.verbose) as stop:
         data = share(prepared)
-        searched = search(cfg, out, prepared, data, resume, verbose, stop)
+        searched = search(cfg, out, prepared, data, asked.resume, asked.verbose, stop, clock,
+                          asked.seeds, asked.more)
         after_search = time.perf_counter()
         final = retrain_remotely(cfg, searched, out, data, stop)
     results = summarise(cfg, out, searched, final)
     results["total_seconds"] = round(results["search_seconds"]
                                      + time.perf_counter() - after_search, 1)
+    if clock:
+        results["budget"] = budget_results(clock, searched)
+        clock.save()
     report(cfg, out, results, searched, final["gradcam"])
     return 0
+
+
+BUDGET_FILE = "cifar_ray_budget.json"  # in the experiment: what the budget bought, time used
+
+
+def budget_clock(cfg: SearchConfig, out: Path, resume: bool, sized: Sized | None,
+                 started_at: float | None) -> BudgetClock | None:
+    """This session's clock: a new budget's, or a resumed search's, with the seconds its
+    earlier sessions used (the time between them not counted)."""
+    path = storage_dir(cfg, out) / cfg.tune.name / BUDGET_FILE
+    if resume and cfg.tune.budget:
+        try:
+            saved = json.loads(path.read_text())
+            sized, used = sized_from_dict(saved["sized"]), float(saved["used_s"])
+        except FileNotFoundError:
+            raise UserError(f"--resume --budget: the search in {path.parent} was started "
+                            "without a budget; resume it without --budget") from None
+        except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
+            raise UserError(f"--resume: {path} is damaged ({type(exc).__name__}); start again "
+                            "with --overwrite") from None
+        apply_sized(cfg, sized)
+        clock = BudgetClock(sized, used, started_at)
+    elif sized is None:
+        return None
+    else:
+        clock = BudgetClock(sized, 0.0, started_at)
+    clock.path = path
+    return clock
+
+
+def retrain_in_time_left(cfg: SearchConfig, clock: BudgetClock) -> None:
+    """The retrain's epochs from the time the search left, at its measured cost."""
+    epochs = clock.retrain_epochs()
+    cfg.retrain.retrain_epochs = epochs
+    print(f"{clock.text()}; the {format_duration(max(0.0, clock.left()))} left buy a "
+          f"{epochs}-epoch retrain ({format_duration(clock.retrain_epoch_s)} an epoch)")
+    clock.save()
+
+
+def budget_results(clock: BudgetClock, searched: Searched) -> dict[str, Any]:
+    s = clock.sized
+    return {"budget_s": s.budget_s, "used_s": round(clock.used(), 1),
+            "planned_trials": s.trials, "trials": len(searched.rows),
+            "trials_stopped_by_budget": sum(r["status"] == STOPPED_BY_BUDGET
+                                            for r in searched.rows),
+            "epochs": s.epochs, "grace_period": s.grace_period,
+            "planned_retrain_epochs": s.retrain_epochs,
+            "epoch_s_planned": round(s.costs.epoch_s, 2),
+            "epoch_s_measured": round(clock.epoch_s, 2), "source": s.costs.source,
+            "upper_bounds": s.bounds}
 
 
 def check_resources(cfg: SearchConfig, cpus: int, gpus: int) -> tuple[float, int]:
@@ -177,56 +257,44 @@ def share(prepared: Prepared) -> list:
 
 
 def search(cfg: SearchConfig, out: Path, prepared: Prepared, data: list, resume: bool,
-           verbose: bool, stop) -> Searched:
-    """Tune's search over `cfg.search`, its trials summarised in trials.csv, the best chosen."""
+           verbose: bool, stop, clock: BudgetClock | None = None, seeds: Seeds | None = None,
+           more: int = 0) -> Searched:
+    """Tune's search over `cfg.search` (its rounds: search.rounds), its trials summarised in
+    trials.csv, the best chosen; with a budget, its deadline kept (search.searchers)."""
     import ray
-
-    from cifar_ray.search.progress import SearchConsole
 
     scaling, concurrent = plan_resources(cfg, storage_dir(cfg, out))
     plan = make_plan(cfg, concurrent, scaling["resources_per_worker"]["GPU"],
                      cpus_total=ray.cluster_resources().get("CPU"), sizes=prepared.sizes)
-    print(f"search ({cfg.tune.search_alg}) over {', '.join(cfg.search)}\n{plan.text()}")
+    if clock:
+        plan.epoch_seconds, plan.epoch_source = clock.epoch_s, clock.sized.costs.source
+        plan.retrain_epoch_seconds = clock.retrain_epoch_s
+    print(f"search ({cfg.tune.search_alg}) over {', '.join(cfg.search)}\n{plan.text()}\n"
+          + "\n".join(space_lines(cfg) + (seeds.lines() if seeds else [])
+                      + (plan_lines(clock.sized, clock.started) if clock else [])))
     if warning := plan.cpu_warning():
         print(warning, flush=True)
     setup_seconds = time.perf_counter() - prepared.started
     if stop.is_set():
         raise Interrupted("stopped before the search started; nothing to resume", stop.exit_code)
+    session = Session(plan, concurrent, scaling, data[0], verbose, clock, seeds, more)
     with ctrl_c_stops_tune() as interrupted:
-        console = SearchConsole(plan, out, tune_space(cfg), verbose, cfg.tune.max_failures,
-                                interrupted)
-        grid = run_search(cfg, out, resume, concurrent, scaling, data[0], console,
-                          verbose)
-    check_stopped(interrupted, storage_dir(cfg, out) / cfg.tune.name)
-    rows = summarise_trials(grid, list(cfg.search), cfg.trainer.epochs)
+        rows, seconds, sessions = run_rounds(cfg, out, session, resume, interrupted)
     write_trials_csv(rows, list(cfg.search), out / "trials.csv")
-    print(startup_summary(rows, console.seconds()))
-    return Searched(rows, choose(cfg, grid, rows, storage_dir(cfg, out) / cfg.tune.name), scaling,
-                    setup_seconds, console.seconds(), console.sessions)
+    print(startup_summary(rows, seconds))
+    if clock:
+        retrain_in_time_left(cfg, clock)
+    return Searched(rows, choose(cfg, rows, storage_dir(cfg, out) / cfg.tune.name), scaling,
+                    setup_seconds, seconds, sessions, seeds)
 
 
-def check_stopped(interrupted, experiment: Path) -> None:
-    """A full disk or a signal during the search: one line saying how to go on."""
-    if full := interrupted.full_disk:
-        raise UserError(f"the search stopped: no space left to write {full.path} "
-                        f"({full.reason}); its state is saved in {experiment}: "
-                        "free some space and run the same command with --resume")
-    if interrupted.is_set():
-        raise Interrupted(f"search interrupted; its state is saved in {experiment}: "
-                          f"run the same command with --resume to continue",
-                          interrupted.exit_code)
-
-
-def choose(cfg: SearchConfig, grid, rows: list[dict[str, Any]],
-           experiment: Path) -> dict[str, Any]:
-    """The trial of the best validation accuracy at any epoch, as Tune's ResultGrid names it:
-    its row, and under "config" its sample, in config keys, as Tune drew it."""
-    try:
-        result = grid.get_best_result(METRIC, MODE, scope="all")
-    except RuntimeError:  # no trial reported the metric
-        raise UserError(f"no trial reported {METRIC}; see the errors in {experiment}") from None
-    best = dict(next(r for r in rows if r["trial_id"] == trial_id(result)))
-    best["config"] = {key: plain(result.config[key]) for key in cfg.search}
+def choose(cfg: SearchConfig, rows: list[dict[str, Any]], experiment: Path) -> dict[str, Any]:
+    """The trial of the best validation accuracy at any epoch, over every round (the first
+    of equals): its row, and under "config" its sample, in config keys, as Tune drew it."""
+    scored = [r for r in rows if r["best_val_acc"] is not None]
+    if not scored:
+        raise UserError(f"no trial reported {METRIC}; see the errors in {experiment}")
+    best = dict(max(scored, key=lambda r: r["best_val_acc"] * (1 if MODE == "max" else -1)))
     print(f"best trial {best['trial_id']}: val_acc={best['best_val_acc']:.4f} "
           f"{describe(best['config'])}; "
           f"retraining for {cfg.retrain.retrain_epochs} epochs on train + validation")
@@ -306,10 +374,23 @@ def summarise(cfg: SearchConfig, out: Path, searched: Searched,
         "trials_csv": str(out / "trials.csv"), "report": str(out / "report.html"),
         "mlflow_run_id": retrain["mlflow_run_id"],
         "experiment_dir": str(storage_dir(cfg, out) / cfg.tune.name),
+        "rounds": 1 + max((r.get("round", 0) for r in rows), default=0),
+        "seeded": seeded_results(searched.seeds),
         "config": cfg.to_dict(),
     }
     results["config"]["tracking"]["mlflow_uri"] = tracking.redacted(cfg.tracking.mlflow_uri)
     return results
+
+
+def seeded_results(seeds: Seeds | None) -> dict[str, Any]:
+    """results.json's account of the head start: seeded trials, those skipped, --try."""
+    if seeds is None:
+        return {}
+    best = seeds.best()
+    return {"trials": len(seeds.seeds), "from": sorted({s.source for s in seeds.seeds}),
+            "best_val_acc": best.value if best else None,
+            "skipped": sum(seeds.skipped.values()), "skipped_why": dict(seeds.skipped),
+            "tries": [" ".join(f"{k}={v}" for k, v in t.items()) for t in seeds.tries]}
 
 
 def report(cfg: SearchConfig, out: Path, results: dict[str, Any], searched: Searched,
@@ -414,6 +495,12 @@ def check_same_search(experiment: Path, cfg: SearchConfig) -> None:
     except (OSError, ValueError, RecursionError) as exc:
         raise UserError(f"--resume: {experiment / SAVED_CONFIG} is damaged ({exc}); start "
                         "again with --overwrite") from None
+    budget = saved.get("tune", {}).get("budget")
+    if budget and budget == cfg.tune.budget:  # what the budget decided, as it decided it
+        for key in DECIDED:
+            section, name = key.split(".")
+            if isinstance(value := saved.get(section, {}).get(name), int):
+                setattr(getattr(cfg, section), name, value)
     now = json.loads(json.dumps(cfg.to_dict()))
     for section in sorted(set(saved) | set(now)):
         old, new = saved.get(section), now.get(section)

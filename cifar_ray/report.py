@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from cifar_ray.console import format_duration
 from cifar_ray.files import save_figure, write_text
 from cifar_ray.names import GRADCAM_FIGURES
 from cifar_ray.search.settings import format_value, optuna_distribution
@@ -183,9 +184,40 @@ def outcome_table(results: dict[str, Any]) -> str:
                    f"by ASHA), searcher: {results['search_alg']}"],
         ["times", f"search {results['search_seconds']:.0f} s (some trial training for "
                   f"{results['training_seconds']:.0f} s), total {results['total_seconds']:.0f} s"],
+        *head_start_rows(results), *budget_rows(results),
         ["files", "results.json, summary.md, trials.csv, "
                   f"checkpoint {results['checkpoint']}"],
     ])
+
+
+def budget_rows(results: dict[str, Any]) -> list[list[str]]:
+    """The budget: what it bought against the plan, and the time used against it."""
+    b = results.get("budget")
+    if not b:
+        return []
+    return [["budget", f"{format_duration(b['used_s'])} used of {format_duration(b['budget_s'])}"
+                       f" ({b['used_s'] / b['budget_s']:.0%})"],
+            ["it bought", f"{b['trials']} trials (planned about {b['planned_trials']}) of up to "
+                          f"{b['epochs']} epochs, ASHA's first rung at {b['grace_period']}, "
+                          f"{b['trials_stopped_by_budget']} stopped by the deadline; a "
+                          f"{results['retrain_epochs']}-epoch retrain (planned "
+                          f"{b['planned_retrain_epochs']}); a trial-epoch took "
+                          f"{b['epoch_s_measured']:.1f} s (planned {b['epoch_s_planned']:.1f} s)"]]
+
+
+def head_start_rows(results: dict[str, Any]) -> list[list[str]]:
+    """Where the search started from: earlier runs' trials, --try, --more rounds."""
+    seeded, rows = results.get("seeded") or {}, []
+    if seeded.get("trials"):
+        rows.append(["seeded", f"{seeded['trials']} earlier trials from "
+                               f"{', '.join(seeded['from'])} (best {seeded['best_val_acc']:.4f}); "
+                               f"{seeded['skipped']} outside this search, not used"])
+    if seeded.get("tries"):
+        rows.append(["--try", "; ".join(seeded["tries"])])
+    if results.get("rounds", 1) > 1:
+        rows.append(["rounds", f"{results['rounds']}: the first and {results['rounds'] - 1} "
+                               "added with --more"])
+    return rows
 
 
 def trials_table(rows: list[dict[str, Any]], keys: list[str], best_id: str) -> str:
@@ -193,10 +225,17 @@ def trials_table(rows: list[dict[str, Any]], keys: list[str], best_id: str) -> s
     ranked = sorted(rows, key=lambda r: -1 if r["best_val_acc"] is None else r["best_val_acc"],
                     reverse=True)
     return _table(
-        ["trial", *keys, "epochs", "best val acc", "status", "start-up s"],
+        ["trial", *keys, "epochs", "best val acc", "status", "from", "start-up s"],
         [[r["trial_id"], *(_cell(r[k]) for k in keys), str(r["epochs"]),
-          _cell(r["best_val_acc"]), r["status"], _cell(r["startup_s"])] for r in ranked],
+          _cell(r["best_val_acc"]), r["status"], origin(r), _cell(r["startup_s"])]
+         for r in ranked],
         highlight=next((i for i, r in enumerate(ranked) if r["trial_id"] == best_id), None))
+
+
+def origin(row: dict[str, Any]) -> str:
+    """'--try', 'earlier best' (a seeded run's), 'searcher', with the --more round if any."""
+    where = f", more-{row['round']}" if row.get("round") else ""
+    return row.get("origin", "searcher") + where
 
 
 def gradcam_section(out: Path, gradcam_summary: dict[str, Any]) -> tuple[str, str]:

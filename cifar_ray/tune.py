@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cifar_ray import cli, pipeline, tracking
@@ -22,9 +24,12 @@ from cifar_ray.search.cluster import (
     machine_resources,
     trials_that_fit,
 )
-from cifar_ray.search.plan import make_plan
+from cifar_ray.search.budget import Sized, apply_sized, estimate_costs, parse_budget, plan_lines, size_run
+from cifar_ray.search.plan import image_counts, make_plan, space_lines
+from cifar_ray.search.seeds import Seeds, gather
 from cifar_ray.search.settings import (
     DISTRIBUTIONS,
+    MAX_TRIALS,
     SearchConfig,
     search_flag,
 )
@@ -45,12 +50,25 @@ def build_parser(cfg: SearchConfig) -> argparse.ArgumentParser:
                         help="continue an interrupted search in the same output dir")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard a search already in the output dir and start again")
+    parser.add_argument("--warm-start", action="append", default=[], metavar="DIR",
+                        help="start from an earlier run's trials (its output dir, finished or "
+                             "interrupted; repeatable): those in this space on the same data "
+                             "teach Optuna's TPE before it samples, and random search tries "
+                             "their best first")
+    parser.add_argument("--try", action="append", default=[], metavar="KEY=VALUE,...",
+                        dest="tries",
+                        help="a config of your own to run first (repeatable), e.g. "
+                             "optim.lr=0.01,optim.weight_decay=5e-4; keys left out are sampled")
+    parser.add_argument("--more", type=int, default=0, metavar="N",
+                        help="with --resume: add N trials to the search, finished or "
+                             "interrupted, then choose, retrain and report again over all")
     parser.add_argument("--plan", action="store_true",
                         help="print what the search would run (trials, ASHA's rungs, "
                              "trial-epochs, time) and exit: no Ray, no data")
     parser.add_argument("--plan-epoch-seconds", type=float, metavar="S",
-                        help="with --plan: seconds one trial-epoch takes (e.g. from "
-                             "python -m cifar_ray.bench), for the time and GPU-hours")
+                        help="seconds one trial-epoch takes (e.g. from python -m "
+                             "cifar_ray.bench): --plan's time and GPU-hours, and what --budget "
+                             "buys (otherwise a few timed steps here measure it)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show Ray's and Lightning's worker output and Tune's per-trial "
                              "tables on the console (otherwise in <output dir>/logs/)")
@@ -74,15 +92,33 @@ def parse(argv: list[str] | None) -> tuple[SearchConfig, argparse.Namespace]:
             raise UserError(f"{flag} sets {key}, which the search samples: give its range with "
                             f"--search {key}=DISTRIBUTION:VALUES, or take it out of the search "
                             "space to fix it")
+    if args.more and not args.resume:
+        raise UserError("--more N adds trials to a search in the output dir: give it with "
+                        "--resume")
+    if not 0 <= args.more <= MAX_TRIALS:
+        raise UserError(f"--more must be in [1, {MAX_TRIALS}], got {args.more}")
+    if args.resume and not args.more and (args.warm_start or args.tries):
+        raise UserError("--warm-start and --try start a new search (or a --more round); "
+                        "--resume alone goes on with the saved one")
     if flags.get("trainer.devices", 1) != 1:
         raise UserError("--devices does nothing in a search: each trial's workers are "
                         "--workers-per-trial (with --gpus-per-worker each)")
     return cfg, args
 
 
-def print_plan(cfg: SearchConfig, epoch_seconds: float | None) -> None:
-    """--plan: the plan on this machine's resources, checked; or, for a cluster's --address
-    or GPUs this machine lacks (--gpus-per-worker G), as the flags give them."""
+@dataclass
+class Resources:
+    """What the plan and the budget size a search on: this machine's, checked, or (a
+    cluster's --address, GPUs this machine lacks) as the flags give them."""
+
+    gpus_per_worker: float
+    fits: int  # trials that fit at once (0: unknown)
+    cpus: int
+    gpus: int
+    here: bool
+
+
+def resources(cfg: SearchConfig) -> Resources:
     t = cfg.tune
     cpus, gpus = machine_resources() if t.address == "local" else (0, 0)
     here = t.address == "local" and not (t.gpus_per_worker > 0 and not gpus)
@@ -92,12 +128,50 @@ def print_plan(cfg: SearchConfig, epoch_seconds: float | None) -> None:
         if t.cpus_per_worker < 0:
             t.cpus_per_worker = AUTO_CPUS if t.gpus_per_worker != 0 else 1
         gpus_per_worker, fits = trials_that_fit(t, 10**9, 10**9)
-    plan = make_plan(cfg, concurrency(t, fits if here else 0), gpus_per_worker, epoch_seconds,
-                     "given" if epoch_seconds else "")
+    return Resources(gpus_per_worker, fits if here else 0, cpus, gpus, here)
+
+
+def size_to_budget(cfg: SearchConfig, given: Resources, epoch_seconds: float | None) -> Sized | None:
+    """With tune.budget: the epochs, first rung and retrain epochs it buys, set on `cfg` (the
+    user's values their upper bounds); UserError when even one trial does not fit."""
+    seconds = parse_budget(cfg.tune.budget)
+    if seconds is None:
+        return None
+    if not given.here and not epoch_seconds:
+        raise UserError("--budget on a cluster (or on GPUs this machine lacks) needs "
+                        "--plan-epoch-seconds S: one trial-epoch's seconds there (python -m "
+                        "cifar_ray.bench --sections train on a worker measures it)")
+    images = image_counts(cfg)
+    if images is None:
+        raise UserError(f"--budget: no training images under {cfg.data.data_dir}/train to size "
+                        "the run by")
+    t = cfg.tune
+    concurrent = concurrency(t, given.fits)
+    costs = estimate_costs(cfg, images, concurrent, given.gpus_per_worker, given.cpus or 1,
+                           epoch_seconds)
+    sized = size_run(seconds, costs, cfg.trainer.epochs, t.num_samples,
+                     cfg.retrain.retrain_epochs, t.grace_period, t.reduction_factor, concurrent)
+    apply_sized(cfg, sized)
+    return sized
+
+
+def print_plan(cfg: SearchConfig, given: Resources, epoch_seconds: float | None,
+               sized: Sized | None, seeds: Seeds) -> None:
+    """--plan: what the search would run and cost (with a budget: what it buys)."""
+    t = cfg.tune
+    if sized:
+        epoch_seconds, source = sized.costs.epoch_s, sized.costs.source
+    else:
+        source = "given" if epoch_seconds else ""
+    plan = make_plan(cfg, concurrency(t, given.fits), given.gpus_per_worker, epoch_seconds,
+                     source)
     print(plan.text())
-    if here and not t.max_concurrent:
-        print(f"  (this machine, {cpus} CPUs and {gpus} GPUs, holds {fits} at a time; for "
-              "another, give --max-concurrent N and --gpus-per-worker G)")
+    print("\n".join(space_lines(cfg) + seeds.lines()))
+    if sized:
+        print("\n".join(plan_lines(sized, time.time())))
+    if given.here and not t.max_concurrent:
+        print(f"  (this machine, {given.cpus} CPUs and {given.gpus} GPUs, holds {given.fits} at "
+              "a time; for another, give --max-concurrent N and --gpus-per-worker G)")
     if warning := plan.cpu_warning(starting=False):
         print(warning)
 
@@ -135,6 +209,7 @@ def _shown_path(path: Path) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()  # a budget counts from here
     argv = sys.argv[1:] if argv is None else argv
     cfg, args = parse(sized_to_this_machine(argv))
     check_resume_or_overwrite(args.resume, args.overwrite)
@@ -144,13 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg.check_space()
     if args.plan_epoch_seconds is not None and args.plan_epoch_seconds <= 0:
         raise UserError(f"--plan-epoch-seconds must be > 0, got {args.plan_epoch_seconds}")
+    seeds = gather(args.warm_start, args.tries, cfg)
+    budgeted = bool(cfg.tune.budget) and not args.resume  # a resumed search keeps its sizing
+    given = resources(cfg) if args.plan or budgeted else None
+    sized = size_to_budget(cfg, given, args.plan_epoch_seconds) if budgeted else None
     if args.plan:
-        print_plan(cfg, args.plan_epoch_seconds)
+        print_plan(cfg, given, args.plan_epoch_seconds, sized, seeds)
         return 0
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     cfg.trainer.output_dir = str(out)
+    asked = pipeline.Asked(args.resume, args.overwrite, args.verbose, sized, started, seeds,
+                           args.more)
     with output_dir_lock(out, "cifar_ray.tune", skip=("tmp",)):
-        return pipeline.run(cfg, out, args.resume, args.overwrite, args.verbose)
+        return pipeline.run(cfg, out, asked)
 
 
 if __name__ == "__main__":

@@ -138,14 +138,14 @@ def test_any_config_key_with_any_of_tunes_helpers_is_a_valid_space(tmp_path):
                         "  augment.cutout_p: {uniform: [0, 1]}\n"
                         "  optim.pct_start: {quniform: [0.1, 0.5, 0.1]}\n"
                         "  optim.lr: {qloguniform: [0.001, 0.1, 0.001]}\n"
-                        "  trainer.epochs: {randint: [2, 5]}\n"
+                        "  trainer.batch_size: {randint: [32, 129]}\n"
                         "  augment.engine: {choice: [albumentations, tensors]}\n")
     cfg = _resolve("--config", str(cfg_file), kind=SearchConfig)
     assert cfg.space() == {"model.width": ("choice", [8, 16]),
                            "augment.cutout_p": ("uniform", [0, 1]),
                            "optim.pct_start": ("quniform", [0.1, 0.5, 0.1]),
                            "optim.lr": ("qloguniform", [0.001, 0.1, 0.001]),
-                           "trainer.epochs": ("randint", [2, 5]),
+                           "trainer.batch_size": ("randint", [32, 129]),
                            "augment.engine": ("choice", ["albumentations", "tensors"])}
     # The YAML's space replaces the default one whole.
     assert list(SearchConfig().space()) == ["optim.lr", "optim.weight_decay", "trainer.batch_size"]

@@ -80,7 +80,8 @@ def test_the_readmes_main_command_as_written_runs_the_whole_search(noisy_data, t
     best_row = max(trials, key=lambda t: float(t["best_val_acc"] or -1))
     assert results["best_val_acc"] == pytest.approx(float(best_row["best_val_acc"]))
     assert list(trials[0]) == ["trial_id", "optim.lr", "optim.weight_decay", "trainer.batch_size",
-                               "epochs", "best_val_acc", "status", "startup_s", *PHASE_COLUMNS,
+                               "epochs", "best_val_acc", "status", "origin", "round",
+                               "startup_s", *PHASE_COLUMNS,
                                "train_s"]
     # Each trial's start-up, phase by phase: the phases add up to it.
     for t in trials:
@@ -273,7 +274,8 @@ def _search_on_folders_resumed(class_folders, space, out, tmp_path, sys_tmp, uri
     assert " started: " not in proc.stdout  # no trial ran again
     trials = _read_trials(out)
     assert list(trials[0]) == ["trial_id", "model.width", "augment.cutout_p", "data.image_size",
-                               "epochs", "best_val_acc", "status", "startup_s", *PHASE_COLUMNS,
+                               "epochs", "best_val_acc", "status", "origin", "round",
+                               "startup_s", *PHASE_COLUMNS,
                                "train_s"]
     assert {t["model.width"] for t in trials} <= {"8", "16"}
     assert {t["data.image_size"] for t in trials} <= {"32", "48"}

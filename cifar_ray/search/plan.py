@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cifar_ray.config import range_text
 from cifar_ray.console import format_duration
 
 # CIFAR-10 and CIFAR-100 both have 50,000 training images (cifar_files.py reads them).
@@ -203,3 +204,14 @@ def make_plan(cfg, concurrent: int, gpus_per_worker: float, epoch_seconds: float
                              f"{cfg.model.width}, {CPU_GFLOPS_PER_CORE:g} GFLOP/s per CPU core, "
                              f"{shared:.3g} core{'s' if shared != 1 else ''} per trial")
     return plan
+
+
+def space_lines(cfg) -> list[str]:
+    """What will be searched: each key's distribution and range, and the searcher and its seed."""
+    t = cfg.tune
+    how = ("Optuna's TPE (random at first, then learning from the finished trials)"
+           if t.search_alg == "optuna" else "random sampling")
+    lines = [f"  searcher     {t.search_alg}: {how}, seed {t.search_seed}"]
+    for key, (name, args) in cfg.space().items():
+        lines.append(f"  searched     {key}: {range_text(name, args)}")
+    return lines

@@ -127,11 +127,17 @@ class SearchConsole(Callback):
         self.max_failures, self.stop = max_failures, stop
         self.before = 0.0  # the search's seconds in earlier sessions (set_state)
         self.sessions = 1
+        self.stopper = None  # the budget's DeadlineStopper, whose clock the lines show
         self._runtime: dict[str, Any] = {}
 
     # Tune pickles its callbacks with the experiment: only the settings and the seconds travel.
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "stop": None, "_runtime": {}}
+        return {**self.__dict__, "stop": None, "stopper": None, "_runtime": {}}
+
+    def running(self) -> list[str]:
+        """The trials started and not yet ended."""
+        trials = self._runtime["estimator"].trials if self._runtime else {}
+        return [trial_id for trial_id, trial in trials.items() if not trial["done"]]
 
     def get_state(self) -> dict[str, Any]:
         return {"seconds": self.seconds(), "sessions": self.sessions}
@@ -180,7 +186,11 @@ class SearchConsole(Callback):
         self._event(f"{self._name(trial)} started: {describe(sample)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self._runtime["estimator"].result(trial.trial_id, result, time.time())
+        estimator = self._runtime["estimator"]
+        estimator.result(trial.trial_id, result, time.time())
+        if self.stopper is not None:  # the deadline goes by what the trials measure
+            self.stopper.clock.measured([s for v in estimator.epoch_seconds.values() for s in v],
+                                        estimator.startups)
         self._progress(force=self._runtime["last"] == 0.0)  # the first estimate at once
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -194,7 +204,9 @@ class SearchConsole(Callback):
         scores = f"{METRIC} {acc:.4f}" if acc is not None else "no score"
         if best is not None and acc is not None and best > acc:
             scores += f", best {best:.4f}"
-        if epochs < self.plan.max_t:
+        if self.stopper is not None and trial.trial_id in self.stopper.stopped:
+            self._event(f"{self._name(trial)} stopped by the budget at epoch {epochs} ({scores})")
+        elif epochs < self.plan.max_t:
             self._event(f"{self._name(trial)} stopped by ASHA at epoch {epochs} ({scores})")
         else:
             self._event(f"{self._name(trial)} finished: {epochs} epochs ({scores})")
@@ -262,9 +274,16 @@ class SearchConsole(Callback):
         if figures is None:
             return
         self._runtime["last"] = now
-        self.console.progress(estimator.text(figures))
+        clock = self.stopper.clock if self.stopper is not None else None
+        if clock is not None:  # the search ends by its share of the budget at the latest
+            figures["left_s"] = round(min(figures["left_s"], max(0.0, clock.search_left())), 1)
+            figures["budget_used_s"] = round(clock.used(), 1)
+        text = estimator.text(figures) + (f"; {clock.text()}" if clock is not None else "")
+        self.console.progress(text)
         try:
             append_line(self.out / "logs" / "progress.jsonl", json.dumps(figures))
+            if clock is not None:
+                clock.save()
         except OSError:
             pass  # the progress file is a convenience; a full disk shows up where it matters
 

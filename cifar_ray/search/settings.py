@@ -25,6 +25,7 @@ from cifar_ray.config import (
     validate,
 )
 from cifar_ray.errors import ConfigError
+from cifar_ray.search.budget import parse_budget
 
 # Ray Tune's helpers, by name -> the arguments each takes (`search.tune_space` calls them).
 DISTRIBUTIONS = {
@@ -219,6 +220,10 @@ class TuneSettings:
                                         "learns from the finished trials (ASHA still stops the "
                                         "weak ones)", SEARCH_ALGS)
     search_seed: int = setting(0, "seed of the search's sampler")
+    budget: str = setting("", "the whole run's time (20m, 2h, 1.5h): the search, the retrain, "
+                              "test, GradCAM and report end within it; it decides the epochs, "
+                              "ASHA's rungs and the retrain's epochs, your values their upper "
+                              "bounds (empty: no budget)")
 
 
 @dataclass
@@ -285,6 +290,11 @@ class SearchConfig(Config):
               f"tune.name must be a plain folder name (letters, digits, '_', '-', '.', not "
               f"starting with '.') other than the output dir's own {', '.join(OUTPUT_NAMES)}; "
               f"got {t.name!r}")
+        parse_budget(t.budget)
+        check("trainer.epochs" not in self.search,
+              "search: trainer.epochs cannot be searched: it is ASHA's maximum, which every "
+              "trial's epochs are counted against; set it with --epochs (ASHA stops weak trials "
+              "early)")
         check(r.init in ("checkpoint", "scratch"),
                f"retrain.init must be checkpoint or scratch, got '{r.init}'")
         check(1 <= r.retrain_epochs <= MAX_EPOCHS,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,37 +50,33 @@ def trial_base_config(cfg: SearchConfig, use_gpu: bool) -> dict[str, Any]:
     return base.to_dict()
 
 
-def searcher(cfg: SearchConfig, concurrent: int):
-    """Tune's random generator, or Optuna's TPE (random for its first third of the trials, 2 to
-    10; constant_liar spreads trials started together), at most `concurrent` at once."""
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+@dataclass
+class Round:
+    """One Tune experiment of the search: the first at <storage>/<tune.name>, each --more
+    round in a folder of its own inside it (more-1, more-2, ...)."""
 
-    t = cfg.tune
-    if t.search_alg == "random":
-        # The limit goes to the generator: Tune ignores max_concurrent_trials beside it.
-        return BasicVariantGenerator(random_state=t.search_seed, max_concurrent=concurrent)
-    try:
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-    except ImportError:
-        raise UserError("tune.search_alg optuna needs Optuna: pip install optuna") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial
-    sampler = optuna.samplers.TPESampler(
-        seed=t.search_seed, n_startup_trials=max(2, min(10, t.num_samples // 3)),
-        constant_liar=True)
-    return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=concurrent)
+    where: Path
+    samples: int
+    seed: int  # the searcher's: a --more round's differs, so that it draws new samples
+    seeds: list = field(default_factory=list)  # earlier trials (search.seeds.Seed)
+    tries: list = field(default_factory=list)  # --try's configs, run first
+    curves: dict = field(default_factory=dict)  # a --more round's: ASHA's rungs seeded
 
 
 def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
-               scaling: dict[str, Any], data=None, console=None, verbose: bool = False):
-    """Run (or resume) the Tune experiment to its end; return Tune's ResultGrid. `data`: an
-    object reference to the data set's arrays; `console`: the search's SearchConsole."""
+               scaling: dict[str, Any], data=None, console=None, verbose: bool = False,
+               stopper=None, round_: Round | None = None):
+    """Run (or resume) one Tune experiment of the search (`round_`, by default the first) to
+    its end; return Tune's ResultGrid. `data`: an object reference to the data set's arrays;
+    `console`: the search's SearchConsole; `stopper`: the budget's DeadlineStopper, whose
+    clock the searcher asks too."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+
+    from cifar_ray.search.searchers import make_scheduler, make_searcher
 
     t = cfg.tune
     storage = storage_dir(cfg, out)
+    round_ = round_ or Round(storage / t.name, t.num_samples, t.search_seed)
     trainable = tune.with_parameters(
         run_trial, base=trial_base_config(cfg, scaling["use_gpu"]),
         scaling=scaling, storage=str(storage / t.name / "train_runs"), max_failures=t.max_failures,
@@ -87,22 +84,23 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     # Trial functions and Train controllers only wait: no CPU, on the head node, so a lost
     # worker node costs only its workers (restarted from the last checkpoint).
     trainable = tune.with_resources(trainable, {"CPU": 0, HEAD_NODE: 0.001})
-    experiment = storage / t.name
     callbacks = [*tracking.tune_callbacks(cfg.tracking), *([console] if console else [])]
     verbosity = 2 if verbose else 0  # 0: the console's own lines and Tune's table, no blocks
     if resume:
-        return restored(experiment, trainable, console, verbosity).fit()
+        return restored(round_.where, trainable, console, verbosity, stopper).fit()
+    clock = stopper.clock if stopper else None
     tuner = tune.Tuner(
         trainable,
         param_space=tune_space(cfg),
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE, num_samples=t.num_samples,
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.trainer.epochs,
-                                    grace_period=t.grace_period,
-                                    reduction_factor=t.reduction_factor),
-            search_alg=searcher(cfg, concurrent)),
+            metric=METRIC, mode=MODE, num_samples=round_.samples,
+            scheduler=make_scheduler(cfg.trainer.epochs, t.grace_period, t.reduction_factor,
+                                     round_.curves),
+            search_alg=make_searcher(t.search_alg, round_.seed, round_.samples, concurrent,
+                                     clock, round_.seeds, round_.tries)),
         run_config=tune.RunConfig(
-            name=t.name, storage_path=str(storage), callbacks=callbacks, verbose=verbosity,
+            name=round_.where.name, storage_path=str(round_.where.parent), callbacks=callbacks,
+            verbose=verbosity, stop=stopper,
             # A trial whose process dies is started again, from its run's checkpoint.
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
             # Copy Tune's state to storage every 10 s (not 300): a killed driver resumes
@@ -112,9 +110,16 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     return tuner.fit()
 
 
-def restored(experiment: Path, trainable, console, verbosity: int):
+def finished_results(where: Path):
+    """The ResultGrid of a round that ran to its end (read as --resume reads it: trusted)."""
+    from ray import tune
+
+    return tune.Tuner.restore(str(where), trainable=run_trial).get_results()
+
+
+def restored(experiment: Path, trainable, console, verbosity: int, stopper=None):
     """The interrupted search's Tuner, with its searcher's state and callbacks (MLflow) and
-    this session's console in the place of the one it was saved with."""
+    this session's console, stopper and clock in the place of those it was saved with."""
     from ray import tune
 
     if not tune.Tuner.can_restore(str(experiment)):
@@ -131,12 +136,20 @@ def restored(experiment: Path, trainable, console, verbosity: int):
     run_config.callbacks = [console if type(c).__name__ == "SearchConsole" else c
                             for c in run_config.callbacks or []]
     run_config.verbose = verbosity
+    if stopper is not None:
+        run_config.stop = stopper
+        tuner._local_tuner._tune_config.search_alg.clock = stopper.clock
     return tuner
 
 
-def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, Any]]:
+STOPPED_BY_BUDGET = "stopped by the budget"
+
+
+def summarise_trials(grid, searched: list[str], max_t: int,
+                     budget_stopped=()) -> list[dict[str, Any]]:
     """One row per trial: its sample (a column per searched key), epochs, best validation
-    accuracy and the checkpoint of that epoch, status, start-up seconds, and its curve."""
+    accuracy and the checkpoint of that epoch, status (`budget_stopped`: the trials the
+    budget's deadline stopped), start-up seconds, and its curve."""
     rows = []
     for result in grid:
         history = result.metrics_dataframe
@@ -160,9 +173,12 @@ def summarise_trials(grid, searched: list[str], max_t: int) -> list[dict[str, An
             curve = [(int(epoch), float(acc)) for epoch, acc
                      in zip(history["training_iteration"], history[METRIC]) if acc == acc]
         status = "error" if result.error else ("completed" if epochs >= max_t else "stopped early")
+        if status == "stopped early" and trial_id(result) in budget_stopped:
+            status = STOPPED_BY_BUDGET
         rows.append({
             "trial_id": trial_id(result),
             **{key: plain(result.config.get(key)) for key in searched},
+            "config": {key: plain(result.config.get(key)) for key in searched},
             "epochs": epochs, "best_val_acc": best_acc, "status": status,
             "checkpoint": best_ckpt, "startup_s": _round(first[STARTUP]),
             **{f"{phase}_s": _round(first[f"time/{phase}_s"]) for phase in PHASES},
@@ -217,7 +233,8 @@ def training_seconds(rows: list[dict[str, Any]]) -> float:
 
 def write_trials_csv(rows: list[dict[str, Any]], searched: list[str], target: Path) -> None:
     buffer = io.StringIO()
-    fields = ["trial_id", *searched, "epochs", "best_val_acc", "status", "startup_s",
+    fields = ["trial_id", *searched, "epochs", "best_val_acc", "status", "origin", "round",
+              "startup_s",
               *(f"{phase}_s" for phase in PHASES), "train_s"]
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()

@@ -1,0 +1,125 @@
+"""A search's Tune experiments: the first at <storage>/<tune.name>, and one inside it for each
+`--resume --more N` (more-1, ...), seeded with every trial so far (Tune cannot add samples to
+a finished experiment: ray#42221). Every round's rows are one table for the choice."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cifar_ray.errors import Interrupted, UserError
+from cifar_ray.search.budget import BudgetClock
+from cifar_ray.search.plan import SearchPlan
+from cifar_ray.search.seeds import Seed, Seeds
+from cifar_ray.search.tuner import (
+    Round,
+    finished_results,
+    run_search,
+    summarise_trials,
+    tune_space,
+)
+
+ROUND = re.compile(r"more-([1-9][0-9]{0,4})")
+
+
+@dataclass
+class Session:
+    """How the search's rounds run in this command."""
+
+    plan: SearchPlan
+    concurrent: int
+    scaling: dict[str, Any]
+    data: Any  # the object reference of the data set's arrays
+    verbose: bool
+    clock: BudgetClock | None = None
+    seeds: Seeds | None = None
+    more: int = 0
+
+
+def rounds_of(experiment: Path) -> list[Path]:
+    """The search's experiments so far, in order: the first and its --more rounds."""
+    more = [(int(m[1]), p) for p in experiment.glob("more-*")
+            if (m := ROUND.fullmatch(p.name)) and p.is_dir() and not p.is_symlink()]
+    return [experiment, *(p for _, p in sorted(more))]
+
+
+def run_rounds(cfg, out: Path, session: Session, resume: bool, interrupted) -> tuple[list, float, int]:
+    """Every round's trials as rows (search.tuner.summarise_trials, with "round" and
+    "origin"), the search's seconds and its sessions. A new search runs its first round;
+    --resume finishes the last one; --more adds a round after them."""
+    t = cfg.tune
+    experiment = Path(cfg.tune.storage or out).expanduser().resolve() / t.name
+    known = rounds_of(experiment) if resume else [experiment]
+    seeds = session.seeds or Seeds()
+    rows: list[dict[str, Any]] = []
+    for k, where in enumerate(known[:-1]):
+        rows += marked(summarise_trials(finished_results(where), list(cfg.search),
+                                        cfg.trainer.epochs), k, seeds)
+    last = Round(known[-1], t.num_samples, t.search_seed, seeds.seeds, seeds.tries)
+    seconds, sessions, new = one_round(cfg, out, session, last, resume, interrupted)
+    rows += marked(new, len(known) - 1, seeds)
+    if session.more:
+        more = Round(experiment / f"more-{len(known)}", session.more, t.search_seed + len(known),
+                     seeds=[*own_seeds(rows, str(out)), *seeds.seeds], tries=seeds.tries,
+                     curves={r["trial_id"]: r["curve"] for r in rows})
+        print(f"--more: {session.more} more trials in {more.where.name}/, starting from the "
+              f"{len(rows)} so far")
+        more_seconds, _, new = one_round(cfg, out, session, more, False, interrupted)
+        rows += marked(new, len(known), seeds)
+        seconds += more_seconds
+    return rows, seconds, sessions
+
+
+def one_round(cfg, out: Path, session: Session, round_: Round, resume: bool,
+              interrupted) -> tuple[float, int, list]:
+    from cifar_ray.search.progress import SearchConsole
+    from cifar_ray.search.searchers import DeadlineStopper
+
+    plan = dataclasses.replace(session.plan, trials=round_.samples)
+    console = SearchConsole(plan, out, tune_space(cfg), session.verbose, cfg.tune.max_failures,
+                            interrupted)
+    stopper = None
+    if session.clock is not None:
+        stopper = DeadlineStopper(session.clock, cfg.trainer.epochs, console.running)
+    console.stopper = stopper
+    grid = run_search(cfg, out, resume, session.concurrent, session.scaling, session.data,
+                      console, session.verbose, stopper, round_)
+    check_stopped(interrupted, round_.where)
+    rows = summarise_trials(grid, list(cfg.search), cfg.trainer.epochs,
+                            stopper.stopped if stopper else ())
+    return console.seconds(), console.sessions, rows
+
+
+def own_seeds(rows: list[dict[str, Any]], source: str) -> list[Seed]:
+    return [Seed(r["config"], r["best_val_acc"], r["epochs"], source) for r in rows
+            if r["best_val_acc"] is not None]
+
+
+def marked(rows: list[dict[str, Any]], k: int, seeds: Seeds) -> list[dict[str, Any]]:
+    """Each row's round, and where its sample came from: --try, the earlier best, or the
+    searcher."""
+    best = seeds.best()
+    for row in rows:
+        row["round"] = k
+        row["origin"] = "searcher"
+        if any(all(row["config"].get(key) == value for key, value in tried.items())
+               for tried in seeds.tries):
+            row["origin"] = "--try"
+        elif best is not None and row["config"] == best.config:
+            row["origin"] = "earlier best"
+    return rows
+
+
+def check_stopped(interrupted, experiment: Path) -> None:
+    """A full disk or a signal during the search: one line saying how to go on."""
+    if full := interrupted.full_disk:
+        raise UserError(f"the search stopped: no space left to write {full.path} "
+                        f"({full.reason}); its state is saved in {experiment}: "
+                        "free some space and run the same command with --resume")
+    if interrupted.is_set():
+        raise Interrupted(f"search interrupted; its state is saved in {experiment}: "
+                          f"run the same command with --resume to continue",
+                          interrupted.exit_code)
