@@ -43,7 +43,9 @@ from cifar_ray.search.cluster import (
 )
 from cifar_ray.search.budget import (
     DECIDED,
+    RETRAIN_EPOCH_S,
     BudgetClock,
+    calibrate,
     Sized,
     apply_sized,
     plan_lines,
@@ -161,8 +163,17 @@ def budget_clock(cfg: SearchConfig, out: Path, resume: bool, sized: Sized | None
     return clock
 
 
-def retrain_in_time_left(cfg: SearchConfig, clock: BudgetClock) -> None:
-    """The retrain's epochs from the time the search left, at its measured cost."""
+def retrain_in_time_left(cfg: SearchConfig, clock: BudgetClock, best: dict[str, Any],
+                         sizes: tuple[int, int], use_gpu: bool) -> None:
+    """The retrain's epochs from the time the search left; on this machine its cost is
+    measured again, at the best configuration, now that no trial shares the machine."""
+    if cfg.tune.address == "local":
+        final = overlay(cfg, best["config"])
+        batch = final.trainer.batch_size if use_gpu else min(final.trainer.batch_size, 128)
+        per_image = calibrate(final.model.width, batch, final.data.image_size,
+                              "cuda" if use_gpu else "cpu", cfg.tune.cpus_per_worker)
+        images = min(cfg.data.limit_train or sum(sizes), sum(sizes))
+        clock.retrain_epoch_s = per_image * images + RETRAIN_EPOCH_S
     epochs = clock.retrain_epochs()
     cfg.retrain.retrain_epochs = epochs
     print(f"{clock.text()}; the {format_duration(max(0.0, clock.left()))} left buy a "
@@ -282,23 +293,22 @@ def search(cfg: SearchConfig, out: Path, prepared: Prepared, data: list, resume:
         rows, seconds, sessions = run_rounds(cfg, out, session, resume, interrupted)
     write_trials_csv(rows, list(cfg.search), out / "trials.csv")
     print(startup_summary(rows, seconds))
+    best = choose(rows, storage_dir(cfg, out) / cfg.tune.name)
     if clock:
-        retrain_in_time_left(cfg, clock)
-    return Searched(rows, choose(cfg, rows, storage_dir(cfg, out) / cfg.tune.name), scaling,
-                    setup_seconds, seconds, sessions, seeds)
+        retrain_in_time_left(cfg, clock, best, prepared.sizes, scaling["use_gpu"])
+    print(f"best trial {best['trial_id']}: val_acc={best['best_val_acc']:.4f} "
+          f"{describe(best['config'])}; "
+          f"retraining for {cfg.retrain.retrain_epochs} epochs on train + validation")
+    return Searched(rows, best, scaling, setup_seconds, seconds, sessions, seeds)
 
 
-def choose(cfg: SearchConfig, rows: list[dict[str, Any]], experiment: Path) -> dict[str, Any]:
+def choose(rows: list[dict[str, Any]], experiment: Path) -> dict[str, Any]:
     """The trial of the best validation accuracy at any epoch, over every round (the first
     of equals): its row, and under "config" its sample, in config keys, as Tune drew it."""
     scored = [r for r in rows if r["best_val_acc"] is not None]
     if not scored:
         raise UserError(f"no trial reported {METRIC}; see the errors in {experiment}")
-    best = dict(max(scored, key=lambda r: r["best_val_acc"] * (1 if MODE == "max" else -1)))
-    print(f"best trial {best['trial_id']}: val_acc={best['best_val_acc']:.4f} "
-          f"{describe(best['config'])}; "
-          f"retraining for {cfg.retrain.retrain_epochs} epochs on train + validation")
-    return best
+    return dict(max(scored, key=lambda r: r["best_val_acc"] * (1 if MODE == "max" else -1)))
 
 
 def retrain_remotely(cfg: SearchConfig, searched: Searched, out: Path, data: list,
@@ -497,7 +507,7 @@ def check_same_search(experiment: Path, cfg: SearchConfig) -> None:
                         "again with --overwrite") from None
     budget = saved.get("tune", {}).get("budget")
     if budget and budget == cfg.tune.budget:  # what the budget decided, as it decided it
-        for key in DECIDED:
+        for key in DECIDED[:2]:  # the retrain's: from the time left (or --retrain-epochs)
             section, name = key.split(".")
             if isinstance(value := saved.get(section, {}).get(name), int):
                 setattr(getattr(cfg, section), name, value)

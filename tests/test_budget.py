@@ -22,7 +22,7 @@ from cifar_ray.search.settings import SearchConfig
 from tests.conftest import ROOT, mains_in_a_fresh_process, run_cli
 
 COSTS = Costs(epoch_s=10.0, retrain_epoch_s=12.0, startup_s=20.0, setup_s=20.0, finish_s=30.0,
-              source="given", retrain_ratio=1.2)
+              source="given")
 SPACE = {"optim.lr": ("loguniform", [1e-4, 1e-1]), "trainer.batch_size": ("choice", [64, 128])}
 
 

@@ -557,3 +557,45 @@ def test_help_and_bad_input_answer_before_torch_is_imported(noisy_data, tmp_path
     assert len(errors) == 2, stderr
     assert "unknown config key 'optim.momentum'" in errors[0]
     assert errors[1].startswith(f"error: {finished} already holds a finished search"), errors[1]
+
+
+def test_a_budget_stops_running_trials_at_its_deadline_and_more_adds_trials(
+        noisy_data, tmp_path, sys_tmp, no_leftover_ray):
+    """A 2-minute budget sized from an epoch estimate far too small (0.5 s): it buys 20-epoch
+    trials, and the deadline, corrected by the trials' own epochs, stops those running, their
+    results kept; the best is retrained in the time left. Then --resume --more 1 adds exactly
+    one trial to the finished search, chooses over all and reports again."""
+    out = tmp_path / "search"
+    args = [*SMOKE, "--data-dir", str(noisy_data), "--output-dir", str(out), "--num-samples",
+            "20", "--epochs", "20", "--grace-period", "1", "--retrain-epochs", "30",
+            "--budget", "2m", "--plan-epoch-seconds", "0.5",
+            "--try", "optim.lr=0.003,trainer.batch_size=64"]
+    proc = run_cli("cifar_ray.tune", *args, env={"TMPDIR": str(sys_tmp)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "  it buys      about " in proc.stdout and "of up to 20 epochs" in proc.stdout
+    assert re.search(r"budget: \d+ s of 2 min used", proc.stdout), proc.stdout[-3000:]
+    trials = _read_trials(out)
+    stopped = [t for t in trials if t["status"] == "stopped by the budget"]
+    assert stopped and all(t["best_val_acc"] and int(t["epochs"]) < 20 for t in stopped), trials
+    assert [t["origin"] for t in trials].count("--try") == 1, trials
+    results = json.loads((out / "results.json").read_text())
+    budget = results["budget"]
+    assert budget["trials_stopped_by_budget"] == len(stopped) and budget["epochs"] == 20
+    assert 1 <= results["retrain_epochs"] < 30  # the time left bought fewer than the cap
+    assert results["test_acc"] > 0.5  # the best was retrained, and learned
+    assert "stopped by the budget" in (out / "report.html").read_text()
+    page_before = (out / "report.html").stat().st_mtime_ns
+
+    more = run_cli("cifar_ray.tune", *args, "--resume", "--more", "1", "--retrain-epochs", "1",
+                   env={"TMPDIR": str(sys_tmp)})
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    after = _read_trials(out)
+    assert len(after) == len(trials) + 1
+    assert {t["trial_id"] for t in trials} < {t["trial_id"] for t in after}
+    assert [t["round"] for t in after].count("1") == 1
+    again = json.loads((out / "results.json").read_text())
+    assert again["rounds"] == 2 and again["num_trials"] == len(after)
+    best = max(after, key=lambda t: float(t["best_val_acc"] or -1))
+    assert again["best_val_acc"] == pytest.approx(float(best["best_val_acc"]))
+    assert (out / "report.html").stat().st_mtime_ns > page_before
+    assert (out / "search" / "more-1").is_dir()

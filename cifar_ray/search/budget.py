@@ -23,6 +23,7 @@ MAX_BUDGET_S = 30 * 86400
 # "A deadline"); a search's trials replace the start-up and epoch as they report.
 OVERHEADS = {"cpu": {"setup": 20.0, "startup": 22.0, "finish": 35.0, "epoch": 1.5},
              "gpu": {"setup": 30.0, "startup": 45.0, "finish": 40.0, "epoch": 1.0}}
+RETRAIN_EPOCH_S = 0.5  # a retrain epoch's besides its images (no validation, no report)
 RETRAIN_SHARE = 0.35  # of the budget's epochs at most, when the user's retrain_epochs cost more
 DECIDED = ("trainer.epochs", "tune.grace_period", "retrain.retrain_epochs")  # by the budget
 
@@ -58,7 +59,6 @@ class Costs:
     setup_s: float
     finish_s: float
     source: str  # where epoch_s came from
-    retrain_ratio: float = 1.0  # a retrain epoch's seconds over a trial-epoch's
 
     def least_budget(self) -> float:
         """One trial to its first rung at epoch 1, and a one-epoch retrain."""
@@ -187,9 +187,6 @@ class BudgetClock:
         """The trials' measured epochs and start-ups replace the estimates."""
         if epoch_seconds:
             self.epoch_s = statistics.median(epoch_seconds)
-            # Trials at once slow each other; the retrain runs alone, as the calibration did.
-            if self.sized.concurrent == 1:
-                self.retrain_epoch_s = self.epoch_s * self.sized.costs.retrain_ratio
         if startups:
             self.startup_s = statistics.median(startups)
 
@@ -249,24 +246,24 @@ def estimate_costs(cfg, images: tuple[int, int], concurrent: int, gpus_per_worke
     train, val = images
     epoch_images = train + val / 3  # validation is a forward pass: about a third of a step
     if given_epoch_s:
-        shared, epoch_s, source = 1.0, given_epoch_s, "given"
+        epoch_s, source = given_epoch_s, "given"
+        retrain_s = given_epoch_s * (train + val) / epoch_images
     else:
         # The smallest batch searched: the slowest per image (on a CPU, 128 is as slow).
         name, batches = cfg.space().get("trainer.batch_size", ("choice", [cfg.trainer.batch_size]))
         batch = min(batches) if name == "choice" else cfg.trainer.batch_size
         per_image = calibrate(cfg.model.width, batch if on_gpu else min(batch, 128),
                               cfg.largest_image_size(), "cuda" if on_gpu else "cpu",
-                              t.cpus_per_worker)
+                              t.cpus_per_worker) / t.workers_per_trial
         # Trials at once share the machine: the cores they ask past those there are, or a GPU.
         shared = (min(concurrent, 1 / gpus_per_worker) if on_gpu
                   else max(1.0, concurrent * t.workers_per_trial * t.cpus_per_worker / cores))
-        epoch_s = per_image * epoch_images * shared / t.workers_per_trial + overhead["epoch"]
+        epoch_s = per_image * epoch_images * shared + overhead["epoch"]
+        retrain_s = per_image * (train + val) + RETRAIN_EPOCH_S  # alone, on both
         source = (f"calibrated here: {per_image * 1e3:.2g} ms per training image at batch "
                   f"{batch}, {overhead['epoch']:g} s per epoch besides")
-    ratio = ((epoch_s - overhead["epoch"]) * (train + val) / epoch_images / shared
-             + overhead["epoch"]) / epoch_s
-    return Costs(epoch_s, epoch_s * ratio, overhead["startup"], overhead["setup"],
-                 overhead["finish"], source, ratio)
+    return Costs(epoch_s, retrain_s, overhead["startup"], overhead["setup"], overhead["finish"],
+                 source)
 
 
 def sized_to_dict(sized: Sized) -> dict:

@@ -62,8 +62,9 @@ def run_rounds(cfg, out: Path, session: Session, resume: bool, interrupted) -> t
     seconds, sessions, new = one_round(cfg, out, session, last, resume, interrupted)
     rows += marked(new, len(known) - 1, seeds)
     if session.more:
+        tries = [tried for tried in seeds.tries if not any(ran(row, tried) for row in rows)]
         more = Round(experiment / f"more-{len(known)}", session.more, t.search_seed + len(known),
-                     seeds=[*own_seeds(rows, str(out)), *seeds.seeds], tries=seeds.tries,
+                     seeds=[*own_seeds(rows, str(out)), *seeds.seeds], tries=tries,
                      curves={r["trial_id"]: r["curve"] for r in rows})
         print(f"--more: {session.more} more trials in {more.where.name}/, starting from the "
               f"{len(rows)} so far")
@@ -105,12 +106,16 @@ def marked(rows: list[dict[str, Any]], k: int, seeds: Seeds) -> list[dict[str, A
     for row in rows:
         row["round"] = k
         row["origin"] = "searcher"
-        if any(all(row["config"].get(key) == value for key, value in tried.items())
-               for tried in seeds.tries):
+        if any(ran(row, tried) for tried in seeds.tries):
             row["origin"] = "--try"
         elif best is not None and row["config"] == best.config:
             row["origin"] = "earlier best"
     return rows
+
+
+def ran(row: dict[str, Any], tried: dict[str, Any]) -> bool:
+    """Whether a trial ran the --try config `tried` (the keys it gives)."""
+    return all(row["config"].get(key) == value for key, value in tried.items())
 
 
 def check_stopped(interrupted, experiment: Path) -> None:
