@@ -12,7 +12,9 @@ from cifar_ray.config import DEVICES
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import write_json
 
-SECTIONS = ("framework", "compile", "augment", "gradcam", "flops", "train", "search")
+SECTIONS = ("framework", "compile", "augment", "gradcam", "flops", "train", "search", "budget",
+            "headstart")
+DEFAULT_SECTIONS = SECTIONS[:7]  # the last two run searches for many minutes: asked by name
 
 ROWS = [  # (key, label, format)
     ("plain_loop_images_s", "training, plain PyTorch loop", "{:,.0f} images/s"),
@@ -50,6 +52,17 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"  batch {size:>5}: plain {row['plain_loop_images_s']:,.0f}, module "
                      f"{row['module_images_s']:,.0f} images/s (ratio {row['framework_ratio']:.3f}), "
                      f"module under DDP {row['module_ddp_images_s']:,.0f}")
+    for budget, row in report.get("by_budget", {}).items():
+        lines.append(f"  budget {budget}: wall {row['wall_s']:.0f} s ({row['overrun']:+.1%}), "
+                     f"{row['trials']} trials (planned {row['trials_planned']}), retrain "
+                     f"{row['retrain_epochs']} epochs (planned {row['retrain_epochs_planned']}), "
+                     f"epoch {row['epoch_s_measured']:.1f} s (planned {row['epoch_s_planned']:.1f})")
+    for seed, row in report.get("by_seed", {}).items():
+        lines.append(f"  seed {seed}: trial-epochs to {row['target_val_acc']:.3f}: cold "
+                     f"{row['cold_trial_epochs']}, warm-started {row['warm_trial_epochs']}")
+    if "more_wall_s" in report:
+        lines.append(f"  --more: a search plus its --more round {report['more_wall_s']:.0f} s, "
+                     f"a new search of the same size {report['new_search_wall_s']:.0f} s")
     for share, row in report.get("by_share", {}).items():
         lines.append(f"  search at {share} GPU per trial: {row['search_wall_s']:.0f} s wall, "
                      f"{row['trial_epochs_per_s']:.2f} trial-epochs/s, start-up "
@@ -80,13 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "on CUDA, 128 on CPU)")
     parser.add_argument("--steps", type=int, default=0, help="timed training steps (0: 50 on CUDA, 8 on CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
-    parser.add_argument("--sections", type=_names, default=list(SECTIONS),
+    parser.add_argument("--sections", type=_names, default=list(DEFAULT_SECTIONS),
                         help=f"comma-separated, of {','.join(SECTIONS)}")
     parser.add_argument("--section-timeout", type=float, default=600,
                         help="seconds a section may run before it is recorded as failed")
     parser.add_argument("--train-epochs", type=int, default=0, help="0: 24 on CUDA, 1 on CPU")
     parser.add_argument("--search-trials", type=int, default=0, help="0: 8 on CUDA, 2 on CPU")
     parser.add_argument("--search-epochs", type=int, default=0, help="0: 4 on CUDA, 1 on CPU")
+    parser.add_argument("--budgets", type=lambda t: t.split(","), default=["5m"],
+                        help="budget section: a search per budget, e.g. 5m,10m,20m")
     parser.add_argument("--search-shares", type=_floats, default=[0.25],
                         help="GPU share per trial for each search (CUDA), e.g. 1,0.5,0.25")
     return parser

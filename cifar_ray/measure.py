@@ -330,6 +330,94 @@ def bench_search(data_dir: Path, on_gpu: bool, shares: list[float], trials: int,
     return out
 
 
+# A space where most learning rates fail (too slow or diverging) and the search matters.
+WIDE_SPACE = ["--search", "optim.lr=loguniform:1e-6,1", "--search",
+              "optim.weight_decay=loguniform:1e-6,1e-2"]
+
+
+def small_search(on_gpu: bool) -> list[str]:
+    if on_gpu:
+        return ["--config", str(ROOT / "experiments/search.yaml"), *WIDE_SPACE]
+    return ["--config", str(ROOT / "experiments/search_smoke.yaml"), "--num-workers", "0",
+            *WIDE_SPACE]
+
+
+def bench_budget(data_dir: Path, on_gpu: bool, budgets: list[str], timeout: float,
+                 record: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """A search per budget, with caps it cannot reach (200 trials of up to 30 epochs, a
+    30-epoch retrain): the command's wall time against the budget, and what the budget was
+    planned to buy against what it bought."""
+    out: dict[str, Any] = {"by_budget": {}}
+    for budget in budgets:
+        with tempfile.TemporaryDirectory(prefix="bench-", dir="/tmp") as tmp:
+            search = Path(tmp) / "search"
+            wall = run_command("cifar_ray.tune", [
+                *small_search(on_gpu), "--data-dir", str(data_dir), "--output-dir", str(search),
+                "--budget", budget, "--num-samples", "200", "--epochs", "30",
+                "--retrain-epochs", "30"], timeout, tmp)
+            results = json.loads((search / "results.json").read_text())
+        b = results["budget"]
+        out["by_budget"][budget] = {
+            "budget_s": b["budget_s"], "wall_s": round(wall, 1),
+            "overrun": round(wall / b["budget_s"] - 1, 3), "used_s": b["used_s"],
+            "trials_planned": b["planned_trials"], "trials": b["trials"],
+            "stopped_by_budget": b["trials_stopped_by_budget"], "epochs": b["epochs"],
+            "epoch_s_planned": b["epoch_s_planned"], "epoch_s_measured": b["epoch_s_measured"],
+            "retrain_epochs_planned": b["planned_retrain_epochs"],
+            "retrain_epochs": results["retrain_epochs"], "test_acc": results["test_acc"]}
+        record({"by_budget": out["by_budget"]})
+    return out
+
+
+def reports_in_order(experiment: Path) -> list[float]:
+    """Every epoch's validation accuracy that a search's trials reported, in the order they
+    reported it (all rounds)."""
+    reports = []
+    for results in experiment.glob("**/run_trial_*/result.json"):
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            reports.append((row["time/reported_at"], row["val/acc"]))
+    return [acc for _, acc in sorted(reports)]
+
+
+def trial_epochs_to(accuracies: list[float], target: float) -> int | None:
+    return next((i + 1 for i, acc in enumerate(accuracies) if acc >= target), None)
+
+
+def bench_head_start(data_dir: Path, on_gpu: bool, seeds: int, trials: int, epochs: int,
+                     timeout: float, record: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Optuna's TPE, cold and warm-started from the cold search of the next seed: the
+    trial-epochs each takes to reach the cold search's final best validation accuracy; then
+    --resume --more `trials` on the first cold search against a new search of twice the
+    trials."""
+    out: dict[str, Any] = {"by_seed": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-", dir="/tmp") as tmp:
+        def search(name: str, *extra: str) -> float:
+            return run_command("cifar_ray.tune", [
+                *small_search(on_gpu), "--data-dir", str(data_dir), "--output-dir",
+                str(Path(tmp) / name), "--search-alg", "optuna", "--num-samples", str(trials),
+                "--epochs", str(epochs), "--grace-period", "1", "--retrain-epochs", "1",
+                *extra], timeout, tmp)
+
+        cold_wall = [search(f"cold{k}", "--search-seed", str(k)) for k in range(seeds)]
+        for k in range(seeds):
+            search(f"warm{k}", "--search-seed", str(k), "--warm-start",
+                   str(Path(tmp) / f"cold{(k + 1) % seeds}"))
+            cold = reports_in_order(Path(tmp) / f"cold{k}" / "search")
+            warm = reports_in_order(Path(tmp) / f"warm{k}" / "search")
+            target = max(cold)
+            out["by_seed"][str(k)] = {"target_val_acc": target,
+                                      "cold_trial_epochs": trial_epochs_to(cold, target),
+                                      "warm_trial_epochs": trial_epochs_to(warm, target),
+                                      "cold_wall_s": round(cold_wall[k], 1)}
+            record({"by_seed": out["by_seed"]})
+        more = search("cold0", "--search-seed", "0", "--resume", "--more", str(trials))
+        double = search("double", "--search-seed", "0", "--num-samples", str(2 * trials))
+        out.update(more_wall_s=round(cold_wall[0] + more, 1), more_round_wall_s=round(more, 1),
+                   new_search_wall_s=round(double, 1))
+    return out
+
+
 def bench_gradcam(images: np.ndarray, device: torch.device, width: int,
                   batch: int = 256) -> dict[str, Any]:
     """The gradcam stage's own CAM call on up to 2,048 test images in batches of `batch`,
@@ -446,6 +534,11 @@ def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
         "flops": flops,
         "train": lambda: bench_train(data_dir, on_gpu, args.train_epochs or (24 if on_gpu else 1),
                                      args.section_timeout, size),
+        "budget": lambda: bench_budget(data_dir, on_gpu, args.budgets, args.section_timeout,
+                                       record),
+        "headstart": lambda: bench_head_start(data_dir, on_gpu, 3, args.search_trials or 6,
+                                              args.search_epochs or 4, args.section_timeout,
+                                              record),
         "search": lambda: bench_search(data_dir, on_gpu, args.search_shares,
                                        args.search_trials or (8 if on_gpu else 2),
                                        args.search_epochs or (4 if on_gpu else 1),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cifar_ray.bench import SECTIONS
+from cifar_ray.bench import DEFAULT_SECTIONS, SECTIONS
 from tests.conftest import mains_in_a_fresh_process, run_cli
 
 pytestmark = pytest.mark.slow
@@ -19,8 +19,8 @@ def test_bench_on_cpu_writes_every_section(noisy_data, tmp_path, sys_tmp, no_lef
                    "--warmup", "1", "--search-trials", "1", timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["sections"] == list(SECTIONS)
-    for name in SECTIONS:
+    assert report["sections"] == list(DEFAULT_SECTIONS)
+    for name in DEFAULT_SECTIONS:
         assert f"section_{name}_s" in report and f"{name}_error" not in report, name
     for key in ("plain_loop_images_s", "module_images_s", "albumentations_one_worker_images_s",
                 "albumentations_all_workers_images_s", "tensor_path_images_s", "gradcam_images_s",
@@ -84,3 +84,16 @@ def test_bench_refuses_cuda_where_there_is_none(tmp_path):
     proc = run_cli("cifar_ray.bench", "--device", "cuda", "--data-dir", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: --device cuda: no CUDA device is available here"
+
+
+def test_the_head_start_is_counted_in_trial_epochs_in_the_order_they_reported(tmp_path):
+    from cifar_ray.measure import reports_in_order, trial_epochs_to
+
+    for name, rows in {"run_trial_a": [(10.0, 0.2), (30.0, 0.9)],
+                       "more-1/run_trial_b": [(20.0, 0.5), (40.0, 0.95)]}.items():
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "result.json").write_text("".join(
+            json.dumps({"time/reported_at": at, "val/acc": acc}) + "\n" for at, acc in rows))
+    accuracies = reports_in_order(tmp_path)
+    assert accuracies == [0.2, 0.5, 0.9, 0.95]
+    assert trial_epochs_to(accuracies, 0.9) == 3 and trial_epochs_to(accuracies, 0.99) is None
