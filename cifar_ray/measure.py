@@ -484,6 +484,20 @@ def run_section(name: str, section: Callable[[], dict[str, Any]], limit: float) 
     return result
 
 
+def bench_flops(report: dict[str, Any], width: int, size: int,
+                device: torch.device) -> dict[str, Any]:
+    """FLOPs per training image; with the framework section's speed, the TFLOP/s achieved."""
+    per_image = train_flops_per_image(width, size)
+    out = {"train_gflop_per_image": per_image / 1e9}
+    if "module_images_s" in report:
+        out["achieved_tflops"] = report["module_images_s"] * per_image / 1e12
+    if device.type == "cuda":
+        out["peak_tflops"] = peak_bf16_tflops(device)
+        if "achieved_tflops" in out:
+            out["fraction_of_peak"] = out["achieved_tflops"] / out["peak_tflops"]
+    return out
+
+
 def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
     device = torch.device(resolve_device(args.device))
     on_gpu = device.type == "cuda"
@@ -513,17 +527,6 @@ def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
         if args.json:
             write_json(args.json, report)
 
-    def flops() -> dict[str, Any]:
-        per_image = train_flops_per_image(width, size)
-        out = {"train_gflop_per_image": per_image / 1e9}
-        if "module_images_s" in report:
-            out["achieved_tflops"] = report["module_images_s"] * per_image / 1e12
-        if on_gpu:
-            out["peak_tflops"] = peak_bf16_tflops(device)
-            if "achieved_tflops" in out:
-                out["fraction_of_peak"] = out["achieved_tflops"] / out["peak_tflops"]
-        return out
-
     available = {
         "framework": lambda: bench_framework(device, width, sizes, steps, args.warmup, size),
         "compile": lambda: (bench_compile(device, width, batch, steps, args.warmup, size) if on_gpu
@@ -531,7 +534,7 @@ def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
         "augment": lambda: bench_augment(arrays.train_images, arrays.train_labels, device, batch),
         "gradcam": lambda: bench_gradcam(arrays.test_images, device, width,
                                          batch=1024 if on_gpu else 256),
-        "flops": flops,
+        "flops": lambda: bench_flops(report, width, size, device),
         "train": lambda: bench_train(data_dir, on_gpu, args.train_epochs or (24 if on_gpu else 1),
                                      args.section_timeout, size),
         "budget": lambda: bench_budget(data_dir, on_gpu, args.budgets, args.section_timeout,

@@ -54,7 +54,7 @@ from cifar_ray.search.budget import (
 from cifar_ray.search.plan import asha_rungs, make_plan, space_lines
 from cifar_ray.search.settings import SearchConfig, describe, format_value
 from cifar_ray.search.rounds import Session, run_rounds
-from cifar_ray.search.seeds import Seeds
+from cifar_ray.search.seeds import SEEDS_FILE, Seeds, remembered, save_seeds
 from cifar_ray.search.tuner import (
     STOPPED_BY_BUDGET,
     storage_dir,
@@ -105,6 +105,9 @@ def run(cfg: SearchConfig, out: Path, asked: Asked) -> int:
         check_search_dir(out, cfg, resume, overwrite)
         clock = None if asked.more else budget_clock(cfg, out, resume, asked.sized,
                                                      asked.started_at)
+        seeds_file = storage_dir(cfg, out) / cfg.tune.name / SEEDS_FILE
+        if resume:
+            asked.seeds = remembered(seeds_file, asked.seeds)
         if cfg.tracking.mlflow_uri:
             tracking.prepare_experiment(cfg.tracking)
         if cfg.tune.address == "local":
@@ -114,6 +117,8 @@ def run(cfg: SearchConfig, out: Path, asked: Asked) -> int:
         start_fresh_or_resume(out, cfg, resume, overwrite)
         if clock:
             clock.save()
+        if asked.seeds and (asked.seeds.seeds or asked.seeds.tries):
+            save_seeds(asked.seeds, seeds_file)
         return search_to_report(cfg, out, prepared, asked, clock)
 
 

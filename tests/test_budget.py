@@ -144,7 +144,7 @@ def _searcher(alg: str, clock, seeds=(), tries=()):
     from cifar_ray.search.searchers import make_searcher
 
     searcher = make_searcher(alg, seed=0, samples=10, concurrent=10, clock=clock, seeds=seeds,
-                             tries=tries)
+                             first=tries)
     space = {"optim.lr": tune.loguniform(1e-4, 1e-1), "trainer.batch_size": tune.choice([64, 128])}
     if alg == "random":
         searcher.add_configurations({"x": {"run": lambda c: None, "config": space,
@@ -186,9 +186,17 @@ GOOD = {"optim.lr": 0.01, "trainer.batch_size": 128}
 
 
 def test_tries_run_first_and_random_search_tries_the_earlier_best_next():
-    seeds = [Seed({"optim.lr": 0.0002, "trainer.batch_size": 64}, 0.3, 2, "run"),
-             Seed(GOOD, 0.9, 4, "run")]
-    searcher = _searcher("random", None, seeds, tries=[{"optim.lr": 0.05}])
+    from cifar_ray.search.rounds import first_configs
+
+    seeds = Seeds([Seed({"optim.lr": 0.0002, "trainer.batch_size": 64}, 0.3, 2, "run"),
+                   Seed(GOOD, 0.9, 4, "run")], {}, [{"optim.lr": 0.05}])
+    random, optuna = _search_cfg(), _search_cfg()
+    optuna.tune.search_alg = "optuna"
+    assert first_configs(random, seeds, []) == [{"optim.lr": 0.05}, GOOD]
+    assert first_configs(optuna, seeds, []) == [{"optim.lr": 0.05}]  # TPE learns from GOOD
+    ran = [{"config": {"optim.lr": 0.05, "trainer.batch_size": 64}}, {"config": GOOD}]
+    assert first_configs(random, seeds, ran) == []  # a --more round runs neither again
+    searcher = _searcher("random", None, seeds.seeds, tries=first_configs(random, seeds, []))
     first, second = _next(searcher, 0), _next(searcher, 1)
     assert first["optim.lr"] == 0.05 and first["trainer.batch_size"] in (64, 128)
     assert second == GOOD

@@ -58,13 +58,14 @@ def run_rounds(cfg, out: Path, session: Session, resume: bool, interrupted) -> t
     for k, where in enumerate(known[:-1]):
         rows += marked(summarise_trials(finished_results(where), list(cfg.search),
                                         cfg.trainer.epochs), k, seeds)
-    last = Round(known[-1], t.num_samples, t.search_seed, seeds.seeds, seeds.tries)
+    last = Round(known[-1], t.num_samples, t.search_seed, seeds.seeds,
+                 first_configs(cfg, seeds, []))
     seconds, sessions, new = one_round(cfg, out, session, last, resume, interrupted)
     rows += marked(new, len(known) - 1, seeds)
     if session.more:
-        tries = [tried for tried in seeds.tries if not any(ran(row, tried) for row in rows)]
         more = Round(experiment / f"more-{len(known)}", session.more, t.search_seed + len(known),
-                     seeds=[*own_seeds(rows, str(out)), *seeds.seeds], tries=tries,
+                     seeds=[*own_seeds(rows, str(out)), *seeds.seeds],
+                     first=first_configs(cfg, seeds, rows),
                      curves={r["trial_id"]: r["curve"] for r in rows})
         print(f"--more: {session.more} more trials in {more.where.name}/, starting from the "
               f"{len(rows)} so far")
@@ -92,6 +93,14 @@ def one_round(cfg, out: Path, session: Session, round_: Round, resume: bool,
     rows = summarise_trials(grid, list(cfg.search), cfg.trainer.epochs,
                             stopper.stopped if stopper else ())
     return console.seconds(), console.sessions, rows
+
+
+def first_configs(cfg, seeds: Seeds, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a round runs first: --try's configs, and for random search the earlier best,
+    those not yet run in `rows` (earlier rounds)."""
+    best = seeds.best()
+    first = [*seeds.tries, *([best.config] if best and cfg.tune.search_alg == "random" else [])]
+    return [config for config in first if not any(ran(row, config) for row in rows)]
 
 
 def own_seeds(rows: list[dict[str, Any]], source: str) -> list[Seed]:

@@ -124,15 +124,13 @@ class SeededASHA(ASHAScheduler):
 
 
 def make_searcher(alg: str, seed: int, samples: int, concurrent: int, clock=None,
-                  seeds: list[Seed] = (), tries: list[dict[str, Any]] = ()):
-    """Tune's random generator (--try's configs, then the earlier best first), or Optuna's TPE
-    (random for its first third of the trials, 2 to 10, seeds counted; constant_liar spreads
-    trials started together); at most `concurrent` at once."""
+                  seeds: list[Seed] = (), first: list[dict[str, Any]] = ()):
+    """Tune's random generator or Optuna's TPE (random for its first third of the trials, 2 to
+    10, `seeds` counted; constant_liar spreads trials started together), the configs `first`
+    run first; at most `concurrent` at once."""
     if alg == "random":
-        best = max(seeds, key=lambda s: s.value, default=None)
-        first = [*tries, *([best.config] if best else [])]
         # The limit goes to the generator: Tune ignores max_concurrent_trials beside it.
-        generator = ClockedVariants(points_to_evaluate=first or None, random_state=seed,
+        generator = ClockedVariants(points_to_evaluate=list(first) or None, random_state=seed,
                                     max_concurrent=concurrent)
         generator.clock = clock
         return generator
@@ -143,7 +141,7 @@ def make_searcher(alg: str, seed: int, samples: int, concurrent: int, clock=None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial
     sampler = optuna.samplers.TPESampler(
         seed=seed, n_startup_trials=max(2, min(10, samples // 3)), constant_liar=True)
-    limiter = ClockedLimiter(SeededOptuna(sampler=sampler, seeds=seeds, tries=tries),
+    limiter = ClockedLimiter(SeededOptuna(sampler=sampler, seeds=seeds, tries=first),
                              max_concurrent=concurrent)
     limiter.clock = clock
     return limiter

@@ -218,3 +218,33 @@ def gather(folders: list[str], tries: list[str], cfg) -> Seeds:
         raise UserError(f"--try gives {len(found.tries)} configs but tune.num_samples is "
                         f"{cfg.tune.num_samples}: raise --num-samples")
     return found
+
+
+SEEDS_FILE = "cifar_ray_seeds.json"  # in the experiment: what it started from, for its report
+
+
+def save_seeds(found: Seeds, path: Path) -> None:
+    from cifar_ray.files import write_json
+
+    write_json(path, {"seeds": [vars(s) for s in found.seeds], "skipped": found.skipped,
+                      "tries": found.tries})
+
+
+def remembered(path: Path, given: Seeds | None) -> Seeds | None:
+    """A resumed search's head start: what it started with (SEEDS_FILE), and what this
+    command adds for a --more round. UserError if the file is damaged."""
+    if not path.is_file():
+        return given
+    try:
+        saved = read_json(path, MAX_RESULT_BYTES)
+        found = Seeds([Seed(**s) for s in saved["seeds"]], dict(saved["skipped"]),
+                      list(saved["tries"]))
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise UserError(f"--resume: {path} is damaged ({type(exc).__name__}); start again "
+                        "with --overwrite") from None
+    if given is not None:
+        found.seeds += given.seeds
+        found.tries += [t for t in given.tries if t not in found.tries]
+        for reason, n in given.skipped.items():
+            found.skipped[reason] = found.skipped.get(reason, 0) + n
+    return found

@@ -59,7 +59,7 @@ class Round:
     samples: int
     seed: int  # the searcher's: a --more round's differs, so that it draws new samples
     seeds: list = field(default_factory=list)  # earlier trials (search.seeds.Seed)
-    tries: list = field(default_factory=list)  # --try's configs, run first
+    first: list = field(default_factory=list)  # configs run first (--try's, the earlier best)
     curves: dict = field(default_factory=dict)  # a --more round's: ASHA's rungs seeded
 
 
@@ -97,7 +97,7 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
             scheduler=make_scheduler(cfg.trainer.epochs, t.grace_period, t.reduction_factor,
                                      round_.curves),
             search_alg=make_searcher(t.search_alg, round_.seed, round_.samples, concurrent,
-                                     clock, round_.seeds, round_.tries)),
+                                     clock, round_.seeds, round_.first)),
         run_config=tune.RunConfig(
             name=round_.where.name, storage_path=str(round_.where.parent), callbacks=callbacks,
             verbose=verbosity, stop=stopper,
