@@ -553,12 +553,21 @@ def summary_markdown(results: dict[str, Any]) -> str:
 - best validation accuracy during the search: {results['best_val_acc']:.4f}
 - retrained for {results['retrain_epochs']} epochs on train + validation (init: {results['retrain_init']})
 - **test accuracy: {results['test_acc']:.4f}** (test loss {results['test_loss']:.4f})
-- search time: {results['search_seconds']:.0f} s, total: {results['total_seconds']:.0f} s{resumed(results)}
+- search time: {results['search_seconds']:.0f} s, total: {results['total_seconds']:.0f} s{resumed(results)}{budget_line(results)}
 
 The whole run on one page: `report.html`. Files: `trials.csv`, `retrain/` (checkpoint
 `{Path(results['checkpoint']).name}`, TensorBoard logs, `curves.png`), `gradcam/index.html`
 (misclassified images and their GradCAMs).
 """
+
+
+def budget_line(results: dict[str, Any]) -> str:
+    b = results.get("budget")
+    if not b:
+        return ""
+    return (f"\n- budget: {b['used_s']:.0f} s used of {b['budget_s']:.0f} s; it bought "
+            f"{b['trials']} trials of up to {b['epochs']} epochs and a "
+            f"{results['retrain_epochs']}-epoch retrain")
 
 
 def resumed(results: dict[str, Any]) -> str:

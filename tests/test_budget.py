@@ -391,3 +391,78 @@ def test_help_under_a_config_marks_the_searched_keys(tmp_path):
     assert "--width WIDTH searched" not in text
     named = run_cli("cifar_ray", "plan", "-h")
     assert named.stdout.startswith("usage: cifar-ray plan"), named.stdout[:200]
+
+
+def test_a_resumed_search_takes_its_budget_and_time_used_from_its_experiment(tmp_path):
+    from cifar_ray.pipeline import BUDGET_FILE, budget_clock
+
+    cfg = _search_cfg()
+    cfg.tune.budget = "30m"
+    experiment = tmp_path / cfg.tune.name
+    experiment.mkdir()
+    with pytest.raises(UserError, match="was started without a budget"):
+        budget_clock(cfg, tmp_path, True, None, None)
+    sized = _size(1800)
+    (experiment / BUDGET_FILE).write_text(json.dumps({"sized": sized_to_dict(sized),
+                                                      "used_s": 600.0}))
+    clock = budget_clock(cfg, tmp_path, True, None, None)
+    assert clock.sized == sized and clock.used() == pytest.approx(600.0, abs=1.0)
+    (experiment / BUDGET_FILE).write_text('{"sized": {"budget_s": 1}, "used_s": 1}')
+    with pytest.raises(UserError, match="is damaged"):
+        budget_clock(cfg, tmp_path, True, None, None)
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tests.test_hostile import QUICK  # noqa: E402
+
+JSONISH = st.recursive(st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers()
+                       | st.text(max_size=8),
+                       lambda inner: st.lists(inner, max_size=3)
+                       | st.dictionaries(st.sampled_from(["optim.lr", "trainer.batch_size",
+                                                          "val/acc", "training_iteration",
+                                                          "data", "x"]), inner, max_size=4),
+                       max_leaves=12)
+FILE = st.one_of(st.binary(max_size=300), JSONISH.map(lambda v: json.dumps(v).encode()))
+
+
+@hypothesis_settings(**QUICK)
+@given(config=FILE, params=FILE, result=st.lists(FILE, max_size=4), link=st.booleans())
+def test_any_warm_start_folder_is_seeds_or_one_line(config, params, result, link):
+    """Whatever an earlier run's files hold (bytes, JSON of any shape, a link where a file
+    was): its trials are seeds in the space, or the folder is refused in one line."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp) / "search" / "run_trial_0"
+        trial.mkdir(parents=True)
+        (Path(tmp) / "search" / "cifar_ray_config.json").write_bytes(config)
+        (trial / "params.json").write_bytes(params)
+        (trial / "result.json").write_bytes(b"\n".join(result))
+        if link:
+            (trial / "params.json").unlink()
+            (trial / "params.json").symlink_to(Path(tmp) / "search" / "cifar_ray_config.json")
+        try:
+            found = gather([tmp], [], _search_cfg())
+        except UserError as exc:
+            assert "\n" not in str(exc)
+            return
+        assert all(outside(s.config, _search_cfg().space()) is None for s in found.seeds)
+
+
+@hypothesis_settings(**QUICK)
+@given(text=st.text(max_size=30))
+def test_any_budget_or_try_text_is_read_or_one_line(text):
+    try:
+        seconds = parse_budget(text)
+        assert seconds is None or 0 < seconds <= 30 * 86400
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+    cfg = _search_cfg()
+    try:
+        config = parse_try(text, cfg.space(), cfg.training_config())
+        assert outside(config, {k: cfg.space()[k] for k in config}) is None
+    except ConfigError as exc:
+        assert "\n" not in str(exc)

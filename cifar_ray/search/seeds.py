@@ -154,7 +154,7 @@ def trial_seed(trial: Path, source: str) -> Seed | None:
         except ValueError:
             continue
         value = row.get(METRIC) if isinstance(row, dict) else None
-        if isinstance(value, (int, float)) and math.isfinite(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             best = value if best is None else max(best, value)
             epochs = max(epochs, int(row.get("training_iteration") or 0))
     if best is None:
