@@ -86,6 +86,9 @@ def test_the_retrain_gets_the_epochs_the_time_left_buys():
                            (3600 - 29.0, 1), (4000.0, 1), (0.0, 24)]:
         clock.used = lambda used=used: used  # the time spent, as the clock would read it
         assert clock.retrain_epochs() == expected, used
+    short = BudgetClock(_size(600, retrain=100))  # the search left more than planned:
+    short.used = lambda: 0.0  # the retrain gets it, up to the user's 100
+    assert short.retrain_epochs() == (600 - 30) // 12 > short.sized.retrain_epochs
     clock.used = lambda: 3000.0
     clock.measured([20.0, 24.0, 22.0], [30.0])  # trials measured slower: the deadline moves
     assert (clock.epoch_s, clock.startup_s) == (22.0, 30.0)

@@ -107,11 +107,8 @@ def size_run(budget_s: float, costs: Costs, epochs_cap: int, trials_cap: int,
     wanted = min(trials_cap, max(4, 2 * concurrent))
     for epochs in range(epochs_cap, 0, -1):
         g = min(grace, epochs)
-        per_trial = costs.startup_s + costs.epoch_s * expected_epochs(
-            0, asha_rungs(epochs, g, factor), factor, epochs)
-        fit = int(search_s * concurrent // per_trial)
-        longest = costs.startup_s + epochs * costs.epoch_s
-        if (fit >= wanted and longest <= search_s) or epochs == 1:
+        fit = trials_that_fit(search_s, costs, epochs, g, factor, concurrent)
+        if fit >= wanted or epochs == 1:
             break
     trials = max(1, min(trials_cap, fit))
     chosen = {"tune.num_samples": (trials_cap, trials), "trainer.epochs": (epochs_cap, epochs),
@@ -119,6 +116,19 @@ def size_run(budget_s: float, costs: Costs, epochs_cap: int, trials_cap: int,
     return Sized(budget_s, epochs, g, retrain, trials, trials_cap, concurrent, costs,
                  bounds={key: cap for key, (cap, _) in chosen.items()},
                  capped=[key for key, (cap, used) in chosen.items() if used >= cap])
+
+
+def trials_that_fit(search_s: float, costs: Costs, epochs: int, grace: int, factor: int,
+                    concurrent: int) -> int:
+    """Trials that end within `search_s`, `concurrent` at once. The first ones train all
+    `epochs`: ASHA has no one to compare them with yet (and does not pause them, ray#32634);
+    the later ones as many as its rungs are expected to leave them."""
+    full = costs.startup_s + epochs * costs.epoch_s
+    if full > search_s:
+        return 0
+    later = costs.startup_s + costs.epoch_s * expected_epochs(
+        0, asha_rungs(epochs, grace, factor), factor, epochs)
+    return concurrent + int((search_s - full) * concurrent // later)
 
 
 def _ceil_text(seconds: float) -> str:
@@ -191,9 +201,10 @@ class BudgetClock:
             self.startup_s = statistics.median(startups)
 
     def retrain_epochs(self) -> int:
-        """The retrain's epochs that the time left buys (at most the planned ones, at least 1)."""
+        """The retrain's epochs that the time left buys (at most the user's, at least 1)."""
         left = self.left() - self.sized.costs.finish_s
-        return max(1, min(self.sized.retrain_epochs, int(left // self.retrain_epoch_s)))
+        cap = self.sized.bounds.get("retrain.retrain_epochs", self.sized.retrain_epochs)
+        return max(1, min(cap, int(left // self.retrain_epoch_s)))
 
     def text(self) -> str:
         return (f"budget: {format_duration(self.used())} of {format_duration(self.sized.budget_s)}"
@@ -201,9 +212,9 @@ class BudgetClock:
 
 
 def calibrate(width: int, batch: int, size: int, device: str, threads: int,
-              steps: int = 3) -> float:
-    """Seconds per training image of ResNet-9 here: `steps` timed Adam steps on random
-    images after one untimed, as a trial's worker trains (`threads` CPU threads)."""
+              steps: int = 6) -> float:
+    """Seconds per training image of ResNet-9 here: the median of `steps` timed Adam steps on
+    random images after one untimed, as a trial's worker trains (`threads` CPU threads)."""
     import torch
     from torch.nn import functional as F
 
@@ -217,20 +228,18 @@ def calibrate(width: int, batch: int, size: int, device: str, threads: int,
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
-        start = 0.0
-        for step in range(steps + 1):
-            if step == 1:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
                 loss = F.nll_loss(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / (steps * batch)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:]) / batch  # a step another process slowed: not it
     finally:
         torch.set_num_threads(previous)
 
