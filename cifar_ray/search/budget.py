@@ -120,9 +120,8 @@ def size_run(budget_s: float, costs: Costs, epochs_cap: int, trials_cap: int,
 
 def trials_that_fit(search_s: float, costs: Costs, epochs: int, grace: int, factor: int,
                     concurrent: int) -> int:
-    """Trials that end within `search_s`, `concurrent` at once. The first ones train all
-    `epochs`: ASHA has no one to compare them with yet (and does not pause them, ray#32634);
-    the later ones as many as its rungs are expected to leave them."""
+    """Trials that end within `search_s`, `concurrent` at once: the first train all `epochs`
+    (ASHA has no one to compare them with yet), the later as many as its rungs leave them."""
     full = costs.startup_s + epochs * costs.epoch_s
     if full > search_s:
         return 0
@@ -213,8 +212,8 @@ class BudgetClock:
 
 def calibrate(width: int, batch: int, size: int, device: str, threads: int,
               steps: int = 6) -> float:
-    """Seconds per training image of ResNet-9 here: the median of `steps` timed Adam steps on
-    random images after one untimed, as a trial's worker trains (`threads` CPU threads)."""
+    """Seconds per training image of ResNet-9 here: the median of `steps` Adam steps on random
+    images after one untimed, on `threads` CPU threads as a trial's worker."""
     import torch
     from torch.nn import functional as F
 
@@ -239,7 +238,7 @@ def calibrate(width: int, batch: int, size: int, device: str, threads: int,
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        return statistics.median(times[1:]) / batch  # a step another process slowed: not it
+        return statistics.median(times[1:]) / batch
     finally:
         torch.set_num_threads(previous)
 
