@@ -137,10 +137,10 @@ def size_to_budget(cfg: SearchConfig, given: Resources, epoch_seconds: float | N
     seconds = parse_budget(cfg.tune.budget)
     if seconds is None:
         return None
-    if not given.here and not epoch_seconds:
+    if not given.here and not (epoch_seconds and cfg.tune.max_concurrent):
         raise UserError("--budget on a cluster (or on GPUs this machine lacks) needs "
-                        "--plan-epoch-seconds S: one trial-epoch's seconds there (python -m "
-                        "cifar_ray.bench --sections train on a worker measures it)")
+                        "--max-concurrent N (trials at once there) and --plan-epoch-seconds S "
+                        "(one trial-epoch's seconds there: python -m cifar_ray.bench on a worker)")
     images = image_counts(cfg)
     if images is None:
         raise UserError(f"--budget: no training images under {cfg.data.data_dir}/train to size "

@@ -139,6 +139,10 @@ def test_the_deadline_stops_a_trial_whose_next_epoch_would_end_past_it():
     assert not stopper.stop_all()
     clock.left = 0.0
     assert stopper.stop_all() and stopper.stopped == {"a", "b", "c"}
+    silent = DeadlineStopper(clock, max_t=5, live=lambda: ["d"])  # no trial has reported:
+    assert not silent.stop_all()  # two epochs' grace before the search ends with no result
+    clock.left = -21.0
+    assert silent.stop_all() and silent.stopped == {"d"}
 
 
 def _searcher(alg: str, clock, seeds=(), tries=()):

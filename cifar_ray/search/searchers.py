@@ -85,7 +85,10 @@ class DeadlineStopper(Stopper):
         return False
 
     def stop_all(self) -> bool:
-        if self.clock is None or self.clock.search_left() > 0:
+        left = self.clock.search_left() if self.clock is not None else 1.0
+        # Until a trial has reported, it may run an epoch over: a search with no result
+        # could not choose, and the whole budget would be lost.
+        if left > 0 or (not self._reported and left > -2 * self.clock.epoch_s):
             return False
         self.stopped.update(self.live())
         return True
