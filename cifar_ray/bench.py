@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-epochs", type=int, default=0, help="0: 24 on CUDA, 1 on CPU")
     parser.add_argument("--search-trials", type=int, default=0, help="0: 8 on CUDA, 2 on CPU")
     parser.add_argument("--search-epochs", type=int, default=0, help="0: 4 on CUDA, 1 on CPU")
-    parser.add_argument("--budgets", type=lambda t: t.split(","), default=["5m"],
+    parser.add_argument("--budgets", type=_budgets, default=["5m"],
                         help="budget section: a search per budget, e.g. 5m,10m,20m")
     parser.add_argument("--search-shares", type=_floats, default=[0.25],
                         help="GPU share per trial for each search (CUDA), e.g. 1,0.5,0.25")
@@ -122,6 +122,18 @@ def _numbers(kind: type, ok: Callable[[Any], bool], rule: str) -> Callable[[str]
 
 _ints = _numbers(int, lambda v: v >= 1, "batch sizes must be >= 1")
 _floats = _numbers(float, lambda v: 0 < v <= 1, "GPU shares must be in (0, 1]")
+
+
+def _budgets(text: str) -> list[str]:
+    from cifar_ray.search.budget import parse_budget
+
+    budgets = [b.strip() for b in text.split(",")]
+    try:
+        if all(parse_budget(b) for b in budgets):
+            return budgets
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    raise argparse.ArgumentTypeError(f"expected budgets such as 5m,10m, got '{text}'")
 
 
 def _names(text: str) -> list[str]:

@@ -45,16 +45,16 @@ from cifar_ray.search.budget import (
     DECIDED,
     RETRAIN_EPOCH_S,
     BudgetClock,
-    calibrate,
     Sized,
-    apply_sized,
+    calibrate,
+    parse_budget,
     plan_lines,
     sized_from_dict,
 )
 from cifar_ray.search.plan import asha_rungs, make_plan, space_lines
-from cifar_ray.search.settings import SearchConfig, describe, format_value
-from cifar_ray.search.rounds import Session, run_rounds
+from cifar_ray.search.rounds import Session, rounds_of, run_rounds
 from cifar_ray.search.seeds import SEEDS_FILE, Seeds, remembered, save_seeds
+from cifar_ray.search.settings import SearchConfig, describe, format_value
 from cifar_ray.search.tuner import (
     STOPPED_BY_BUDGET,
     storage_dir,
@@ -103,8 +103,7 @@ def run(cfg: SearchConfig, out: Path, asked: Asked) -> int:
     resume, overwrite = asked.resume, asked.overwrite
     with storage_lock(cfg, out):
         check_search_dir(out, cfg, resume, overwrite)
-        clock = None if asked.more else budget_clock(cfg, out, resume, asked.sized,
-                                                     asked.started_at)
+        clock = budget_clock(cfg, out, resume, asked.sized, asked.started_at)
         seeds_file = storage_dir(cfg, out) / cfg.tune.name / SEEDS_FILE
         if resume:
             asked.seeds = remembered(seeds_file, asked.seeds)
@@ -133,7 +132,7 @@ def search_to_report(cfg: SearchConfig, out: Path, prepared: Prepared, asked: As
     results = summarise(cfg, out, searched, final)
     results["total_seconds"] = round(results["search_seconds"]
                                      + time.perf_counter() - after_search, 1)
-    if clock:
+    if clock and not asked.more:
         results["budget"] = budget_results(clock, searched)
         clock.save()
     report(cfg, out, results, searched, final["gradcam"])
@@ -148,17 +147,18 @@ def budget_clock(cfg: SearchConfig, out: Path, resume: bool, sized: Sized | None
     """This session's clock: a new budget's, or a resumed search's, with the seconds its
     earlier sessions used (the time between them not counted)."""
     path = storage_dir(cfg, out) / cfg.tune.name / BUDGET_FILE
+    if resume and len(rounds_of(path.parent)) > 1:
+        return None  # extended with --more: its budget was spent on what it first ran
     if resume and cfg.tune.budget:
         try:
             saved = json.loads(path.read_text())
             sized, used = sized_from_dict(saved["sized"]), float(saved["used_s"])
         except FileNotFoundError:
-            raise UserError(f"--resume --budget: the search in {path.parent} was started "
-                            "without a budget; resume it without --budget") from None
+            raise UserError(f"--resume: {path} is missing: the budget's time used is not "
+                            "known; start again with --overwrite") from None
         except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
             raise UserError(f"--resume: {path} is damaged ({type(exc).__name__}); start again "
                             "with --overwrite") from None
-        apply_sized(cfg, sized)
         clock = BudgetClock(sized, used, started_at)
     elif sized is None:
         return None
@@ -299,7 +299,7 @@ def search(cfg: SearchConfig, out: Path, prepared: Prepared, data: list, resume:
     write_trials_csv(rows, list(cfg.search), out / "trials.csv")
     print(startup_summary(rows, seconds))
     best = choose(rows, storage_dir(cfg, out) / cfg.tune.name)
-    if clock:
+    if clock and not more:  # a --more command's retrain: --retrain-epochs
         retrain_in_time_left(cfg, clock, best, prepared.sizes, scaling["use_gpu"])
     print(f"best trial {best['trial_id']}: val_acc={best['best_val_acc']:.4f} "
           f"{describe(best['config'])}; "
@@ -510,8 +510,8 @@ def check_same_search(experiment: Path, cfg: SearchConfig) -> None:
     except (OSError, ValueError, RecursionError) as exc:
         raise UserError(f"--resume: {experiment / SAVED_CONFIG} is damaged ({exc}); start "
                         "again with --overwrite") from None
-    budget = saved.get("tune", {}).get("budget")
-    if budget and budget == cfg.tune.budget:  # what the budget decided, as it decided it
+    budget = keep_budget(saved, cfg)
+    if budget:  # what the budget decided, as it decided it
         for key in DECIDED[:2]:  # the retrain's: from the time left (or --retrain-epochs)
             section, name = key.split(".")
             if isinstance(value := saved.get(section, {}).get(name), int):
@@ -528,6 +528,20 @@ def check_same_search(experiment: Path, cfg: SearchConfig) -> None:
                 raise UserError(f"--resume: the search was started with {shown_name(key)} = "
                                 f"{shown_name(before)}, not {shown_name(after)}: resume with the "
                                 "same settings, or start again with --overwrite")
+
+
+def keep_budget(saved: dict[str, Any], cfg: SearchConfig) -> str:
+    """A resumed search keeps the budget it started with (given again or not); another one is
+    refused in one line. Returns that budget ('' for none)."""
+    before = saved.get("tune", {}).get("budget") or ""
+    given = cfg.tune.budget
+    if before and (not given or parse_budget(given) == parse_budget(str(before))):
+        cfg.tune.budget = before
+    elif given:
+        was = f"--budget {before}" if before else "no budget"
+        raise UserError(f"--resume: the search was started with {was}, not --budget {given}: "
+                        "resume without --budget (a resumed search keeps its own)")
+    return cfg.tune.budget
 
 
 def check_saved_state(experiment: Path) -> None:

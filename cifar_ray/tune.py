@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     tracking.take_credentials(cfg.tracking, local_ray=cfg.tune.address == "local")
     configure_auth(cfg.tune.address)  # before Ray is imported, by the space's check first
     cfg.check_space()
-    if args.plan_epoch_seconds is not None and args.plan_epoch_seconds <= 0:
-        raise UserError(f"--plan-epoch-seconds must be > 0, got {args.plan_epoch_seconds}")
+    if args.plan_epoch_seconds is not None and not 0 < args.plan_epoch_seconds <= 86400:
+        raise UserError(f"--plan-epoch-seconds must be in (0, 86400], got {args.plan_epoch_seconds}")
     seeds = gather(args.warm_start, args.tries, cfg)
     budgeted = bool(cfg.tune.budget) and not args.resume  # a resumed search keeps its sizing
     given = resources(cfg) if args.plan or budgeted else None

@@ -55,8 +55,9 @@ def test_what_a_budget_buys_fits_it_and_never_passes_the_users_values(budget_s):
     assert 1 <= sized.trials <= 100 and 1 <= sized.grace_period <= sized.epochs
     # The search's share holds a trial to its first rung, and the parts add up to the budget.
     search = sized.search_end() - COSTS.setup_s
-    assert search >= COSTS.startup_s + sized.grace_period * COSTS.epoch_s
-    assert COSTS.setup_s + search + sized.retrain_s() + COSTS.finish_s == pytest.approx(budget_s)
+    # The first trials, which ASHA cannot yet compare, train every epoch within the share.
+    assert COSTS.startup_s + sized.epochs * COSTS.epoch_s <= search
+    assert sized.retrain_s() <= 0.35 * (budget_s - 50) or sized.retrain_epochs == 1
 
 
 def test_more_budget_buys_no_less():
@@ -369,7 +370,7 @@ def test_the_plan_says_what_will_be_searched_and_what_a_budget_buys(tmp_path):
     assert too_small.returncode == 2
     assert too_small.stderr.strip().splitlines()[-1].startswith(
         "error: --budget 60 s is too small here for one trial to reach its first rung and a "
-        "one-epoch retrain: give at least --budget 3m")
+        "one-epoch retrain: give at least --budget 2m (given)")
 
 
 def test_bad_head_start_and_budget_flags_answer_before_torch(tmp_path):
@@ -407,7 +408,7 @@ def test_a_resumed_search_takes_its_budget_and_time_used_from_its_experiment(tmp
     cfg.tune.budget = "30m"
     experiment = tmp_path / cfg.tune.name
     experiment.mkdir()
-    with pytest.raises(UserError, match="was started without a budget"):
+    with pytest.raises(UserError, match="cifar_ray_budget.json is missing"):
         budget_clock(cfg, tmp_path, True, None, None)
     sized = _size(1800)
     (experiment / BUDGET_FILE).write_text(json.dumps({"sized": sized_to_dict(sized),
@@ -473,3 +474,29 @@ def test_any_budget_or_try_text_is_read_or_one_line(text):
         assert outside(config, {k: cfg.space()[k] for k in config}) is None
     except ConfigError as exc:
         assert "\n" not in str(exc)
+
+
+def test_a_resumed_search_keeps_its_budget_given_again_or_not():
+    from cifar_ray.pipeline import keep_budget
+
+    saved = {"tune": {"budget": "20m"}}
+    for given in ("", "20m", "20 min", "1200s"):
+        cfg = _search_cfg()
+        cfg.tune.budget = given
+        assert keep_budget(saved, cfg) == "20m" and cfg.tune.budget == "20m"
+    cfg.tune.budget = "30m"
+    with pytest.raises(UserError, match=r"started with --budget 20m, not --budget 30m"):
+        keep_budget(saved, cfg)
+    with pytest.raises(UserError, match=r"started with no budget, not --budget 30m"):
+        keep_budget({"tune": {}}, cfg)
+
+
+def test_an_earlier_trials_odd_epoch_counts_are_no_crash(tmp_path):
+    run = _run(tmp_path / "a", {})
+    trial = run / "search" / "run_trial_0"
+    trial.mkdir()
+    (trial / "params.json").write_text(json.dumps({"optim.lr": 0.01, "trainer.batch_size": 64}))
+    (trial / "result.json").write_text(
+        '{"val/acc": 0.4, "training_iteration": [1]}\n{"val/acc": 0.5, "training_iteration": '
+        'Infinity}\n{"val/acc": 0.6, "training_iteration": 1e300}\n')
+    assert [(s.value, s.epochs) for s in gather([str(run)], [], _search_cfg()).seeds] == [(0.6, 0)]

@@ -581,6 +581,7 @@ def test_a_budget_stops_running_trials_at_its_deadline_and_more_adds_trials(
     results = json.loads((out / "results.json").read_text())
     budget = results["budget"]
     assert budget["trials_stopped_by_budget"] == len(stopped) and budget["epochs"] == 20
+    assert budget["used_s"] < 1.5 * 120  # kept, give or take (docs/benchmarks.md: how close)
     assert 1 <= results["retrain_epochs"] < 30  # the time left bought fewer than the cap
     assert results["test_acc"] > 0.5  # the best was retrained, and learned
     assert "stopped by the budget" in (out / "report.html").read_text()

@@ -21,9 +21,9 @@ MAX_BUDGET_S = 30 * 86400
 # Seconds besides the epochs' images: to the first trial, a trial's start-up, the retrain's
 # start + test + GradCAM + report, an epoch's checkpoint and report (docs/benchmarks.md,
 # "A deadline"); a search's trials replace the start-up and epoch as they report.
-OVERHEADS = {"cpu": {"setup": 20.0, "startup": 22.0, "finish": 35.0, "epoch": 1.5},
+OVERHEADS = {"cpu": {"setup": 12.0, "startup": 22.0, "finish": 20.0, "epoch": 1.5},
              "gpu": {"setup": 30.0, "startup": 45.0, "finish": 40.0, "epoch": 1.0}}
-RETRAIN_EPOCH_S = 0.5  # a retrain epoch's besides its images (no validation, no report)
+RETRAIN_EPOCH_S = 1.0  # a retrain epoch's besides its images (no validation, no report)
 RETRAIN_SHARE = 0.35  # of the budget's epochs at most, when the user's retrain_epochs cost more
 DECIDED = ("trainer.epochs", "tune.grace_period", "retrain.retrain_epochs")  # by the budget
 
@@ -78,8 +78,8 @@ class Sized:
     trials_cap: int
     concurrent: int
     costs: Costs
-    bounds: dict[str, int] = field(default_factory=dict)  # the user's values it decides within
-    capped: list[str] = field(default_factory=list)  # those it reached
+    bounds: dict[str, int] = field(default_factory=dict)  # the user's values: upper bounds
+    capped: list[str] = field(default_factory=list)
 
     def retrain_s(self) -> float:
         return self.retrain_epochs * self.costs.retrain_epoch_s
@@ -215,7 +215,6 @@ def calibrate(width: int, batch: int, size: int, device: str, threads: int,
     """Seconds per training image of ResNet-9 here: the median of `steps` Adam steps on random
     images after one untimed, on `threads` CPU threads as a trial's worker."""
     import torch
-    from torch.nn import functional as F
 
     from cifar_ray.model import ResNet9
 
@@ -223,24 +222,35 @@ def calibrate(width: int, batch: int, size: int, device: str, threads: int,
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
-        model = ResNet9(10, width).to(device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        x = torch.randn(batch, 3, size, size, device=device)
-        y = torch.randint(0, 10, (batch,), device=device)
-        times = []
-        for _ in range(steps + 1):
-            start = time.perf_counter()
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = F.nll_loss(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times[1:]) / batch
+        return _median_step(ResNet9(10, width).to(device).train(), batch, size, device, steps)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"timing the network at batch {batch} ran out of GPU memory: give "
+                        "--plan-epoch-seconds S (one trial-epoch's seconds)") from None
     finally:
         torch.set_num_threads(previous)
+        if device == "cuda":
+            torch.cuda.empty_cache()  # none kept from the trials' GPUs
+
+
+def _median_step(model, batch: int, size: int, device: str, steps: int) -> float:
+    import torch
+    from torch.nn import functional as F
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = F.nll_loss(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) / batch
 
 
 def estimate_costs(cfg, images: tuple[int, int], concurrent: int, gpus_per_worker: float,

@@ -47,36 +47,47 @@ def rounds_of(experiment: Path) -> list[Path]:
 
 
 def run_rounds(cfg, out: Path, session: Session, resume: bool, interrupted) -> tuple[list, float, int]:
-    """Every round's trials as rows (search.tuner.summarise_trials, with "round" and
-    "origin"), the search's seconds and its sessions. A new search runs its first round;
-    --resume finishes the last one; --more adds a round after them."""
+    """Every round's trials as rows (with "round" and "origin"), the search's seconds and
+    sessions. --resume finishes the last round (under its budget, if any); --more adds one
+    after them, which no budget bounds."""
     t = cfg.tune
     experiment = Path(cfg.tune.storage or out).expanduser().resolve() / t.name
     known = rounds_of(experiment) if resume else [experiment]
     seeds = session.seeds or Seeds()
     rows: list[dict[str, Any]] = []
     for k, where in enumerate(known[:-1]):
-        rows += marked(summarise_trials(finished_results(where), list(cfg.search),
-                                        cfg.trainer.epochs), k, seeds)
-    last = Round(known[-1], t.num_samples, t.search_seed, seeds.seeds,
-                 first_configs(cfg, seeds, []))
-    seconds, sessions, new = one_round(cfg, out, session, last, resume, interrupted)
-    rows += marked(new, len(known) - 1, seeds)
+        rows += marked(summarise_trials(ended(where), list(cfg.search), cfg.trainer.epochs),
+                       k, seeds, first_configs(cfg, seeds, rows))
+    first = first_configs(cfg, seeds, rows)
+    last = Round(known[-1], t.num_samples, t.search_seed, seeds.seeds, first)
+    seconds, sessions, new = one_round(cfg, out, session, last, resume, interrupted,
+                                       session.clock)
+    rows += marked(new, len(known) - 1, seeds, first)
     if session.more:
-        more = Round(experiment / f"more-{len(known)}", session.more, t.search_seed + len(known),
-                     seeds=[*own_seeds(rows, str(out)), *seeds.seeds],
-                     first=first_configs(cfg, seeds, rows),
+        number = 1 + max((int(ROUND.fullmatch(p.name)[1]) for p in known[1:]), default=0)
+        first = first_configs(cfg, seeds, rows)
+        more = Round(experiment / f"more-{number}", session.more, t.search_seed + number,
+                     seeds=[*own_seeds(rows, str(out)), *seeds.seeds], first=first,
                      curves={r["trial_id"]: r["curve"] for r in rows})
         print(f"--more: {session.more} more trials in {more.where.name}/, starting from the "
               f"{len(rows)} so far")
-        more_seconds, _, new = one_round(cfg, out, session, more, False, interrupted)
-        rows += marked(new, len(known), seeds)
+        more_seconds, _, new = one_round(cfg, out, session, more, False, interrupted, None)
+        rows += marked(new, number, seeds, first)
         seconds += more_seconds
     return rows, seconds, sessions
 
 
+def ended(where: Path):
+    """An earlier round's ResultGrid; UserError if its saved state cannot be read."""
+    try:
+        return finished_results(where)
+    except Exception as exc:  # Ray's own words for a state it cannot read
+        raise UserError(f"--resume: the search's round {where} cannot be read "
+                        f"({type(exc).__name__}); start again with --overwrite") from None
+
+
 def one_round(cfg, out: Path, session: Session, round_: Round, resume: bool,
-              interrupted) -> tuple[float, int, list]:
+              interrupted, clock) -> tuple[float, int, list]:
     from cifar_ray.search.progress import SearchConsole
     from cifar_ray.search.searchers import DeadlineStopper
 
@@ -84,8 +95,8 @@ def one_round(cfg, out: Path, session: Session, round_: Round, resume: bool,
     console = SearchConsole(plan, out, tune_space(cfg), session.verbose, cfg.tune.max_failures,
                             interrupted)
     stopper = None
-    if session.clock is not None:
-        stopper = DeadlineStopper(session.clock, cfg.trainer.epochs, console.running)
+    if clock is not None:
+        stopper = DeadlineStopper(clock, cfg.trainer.epochs, console.running)
     console.stopper = stopper
     grid = run_search(cfg, out, resume, session.concurrent, session.scaling, session.data,
                       console, session.verbose, stopper, round_)
@@ -108,17 +119,14 @@ def own_seeds(rows: list[dict[str, Any]], source: str) -> list[Seed]:
             if r["best_val_acc"] is not None]
 
 
-def marked(rows: list[dict[str, Any]], k: int, seeds: Seeds) -> list[dict[str, Any]]:
-    """Each row's round, and where its sample came from: --try, the earlier best, or the
-    searcher."""
-    best = seeds.best()
-    for row in rows:
-        row["round"] = k
-        row["origin"] = "searcher"
-        if any(ran(row, tried) for tried in seeds.tries):
-            row["origin"] = "--try"
-        elif best is not None and row["config"] == best.config:
-            row["origin"] = "earlier best"
+def marked(rows: list[dict[str, Any]], k: int, seeds: Seeds,
+           first: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's round, and where its sample came from: the round's first trials ran its
+    `first` configs (--try's, the earlier best); the others the searcher's."""
+    for i, row in enumerate(rows):
+        row["round"], row["origin"] = k, "searcher"
+        if i < len(first) and ran(row, first[i]):
+            row["origin"] = "--try" if first[i] in seeds.tries else "earlier best"
     return rows
 
 

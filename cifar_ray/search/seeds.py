@@ -24,8 +24,7 @@ SAME_DATA = ("dataset", "image_size")
 
 @dataclass
 class Seed:
-    """One earlier trial: its sample in config keys, and the best validation accuracy it
-    reached (the value the search goes by), from `source` (a run's output dir)."""
+    """An earlier trial: its sample, its best validation accuracy, from `source` (a run)."""
 
     config: dict[str, Any]
     value: float
@@ -122,8 +121,7 @@ def read_json(path: Path, limit: int) -> Any:
 
 
 def experiments_of(folder: Path) -> list[Path]:
-    """The search experiments an output dir (or an experiment folder) holds: those with the
-    project's saved config, and their --more rounds."""
+    """The search experiments (and --more rounds) an output dir or experiment folder holds."""
     found = [folder] if (folder / SAVED_CONFIG).is_file() else []
     if not found and folder.is_dir():
         found = sorted(p.parent for p in folder.glob(f"*/{SAVED_CONFIG}"))
@@ -136,9 +134,8 @@ def experiments_of(folder: Path) -> list[Path]:
 
 
 def trial_seed(trial: Path, source: str) -> Seed | None:
-    """An earlier trial's sample and best validation accuracy, from Tune's params.json and
-    result.json (a half-written last line from a killed run is left out); None if it
-    reported nothing."""
+    """An earlier trial from Tune's params.json and result.json (a killed run's half-written
+    line left out); None if it reported nothing."""
     params = read_json(trial / "params.json", MAX_SMALL_BYTES)
     if not isinstance(params, dict):
         raise ValueError(f"{trial / 'params.json'} is not a trial's sample")
@@ -154,12 +151,18 @@ def trial_seed(trial: Path, source: str) -> Seed | None:
         except ValueError:
             continue
         value = row.get(METRIC) if isinstance(row, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        if finite(value):
             best = value if best is None else max(best, value)
-            epochs = max(epochs, int(row.get("training_iteration") or 0))
+            epoch = row.get("training_iteration")
+            epochs = max(epochs, int(epoch) if finite(epoch) and epoch < 2**31 else 0)
     if best is None:
         return None
     return Seed({k: plain(v) for k, v in params.items()}, float(best), epochs, source)
+
+
+def finite(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def read_run(folder: Path, cfg, space: dict[str, tuple[str, list]], found: Seeds) -> None:
