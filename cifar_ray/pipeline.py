@@ -51,7 +51,7 @@ from cifar_ray.search.budget import (
     plan_lines,
     sized_from_dict,
 )
-from cifar_ray.search.plan import asha_rungs, make_plan, space_lines
+from cifar_ray.search.plan import asha_rungs, image_counts, make_plan, space_lines
 from cifar_ray.search.rounds import Session, rounds_of, run_rounds
 from cifar_ray.search.seeds import SEEDS_FILE, Seeds, remembered, save_seeds
 from cifar_ray.search.settings import SearchConfig, describe, format_value
@@ -171,14 +171,18 @@ def budget_clock(cfg: SearchConfig, out: Path, resume: bool, sized: Sized | None
 def retrain_in_time_left(cfg: SearchConfig, clock: BudgetClock, best: dict[str, Any],
                          sizes: tuple[int, int], use_gpu: bool) -> None:
     """The retrain's epochs from the time the search left; on this machine its cost is
-    measured again, at the best configuration, now that no trial shares the machine."""
+    measured again, at the best configuration, now that no trial shares the machine (on a
+    cluster, from the trials' epochs)."""
+    images = min(cfg.data.limit_train or sum(sizes), sum(sizes))
     if cfg.tune.address == "local":
         final = overlay(cfg, best["config"])
         batch = final.trainer.batch_size if use_gpu else min(final.trainer.batch_size, 128)
         per_image = calibrate(final.model.width, batch, final.data.image_size,
                               "cuda" if use_gpu else "cpu", cfg.tune.cpus_per_worker)
-        images = min(cfg.data.limit_train or sum(sizes), sum(sizes))
         clock.retrain_epoch_s = per_image * images + RETRAIN_EPOCH_S
+    else:
+        train, val = image_counts(cfg, sizes) or sizes
+        clock.retrain_epoch_s = clock.epoch_s * images / (train + val / 3)
     epochs = clock.retrain_epochs()
     cfg.retrain.retrain_epochs = epochs
     print(f"{clock.text()}; the {format_duration(max(0.0, clock.left()))} left buy a "
