@@ -302,7 +302,8 @@ def search(cfg: SearchConfig, out: Path, prepared: Prepared, data: list, resume:
         rows, seconds, sessions = run_rounds(cfg, out, session, resume, interrupted)
     write_trials_csv(rows, list(cfg.search), out / "trials.csv")
     print(startup_summary(rows, seconds))
-    best = choose(rows, storage_dir(cfg, out) / cfg.tune.name)
+    best = choose(rows, storage_dir(cfg, out) / cfg.tune.name,
+                  "the budget ran out first: give a larger --budget" if clock else "")
     if clock and not more:  # a --more command's retrain: --retrain-epochs
         retrain_in_time_left(cfg, clock, best, prepared.sizes, scaling["use_gpu"])
     print(f"best trial {best['trial_id']}: val_acc={best['best_val_acc']:.4f} "
@@ -311,12 +312,12 @@ def search(cfg: SearchConfig, out: Path, prepared: Prepared, data: list, resume:
     return Searched(rows, best, scaling, setup_seconds, seconds, sessions, seeds)
 
 
-def choose(rows: list[dict[str, Any]], experiment: Path) -> dict[str, Any]:
+def choose(rows: list[dict[str, Any]], experiment: Path, why: str = "") -> dict[str, Any]:
     """The trial of the best validation accuracy at any epoch, over every round (the first
     of equals): its row, and under "config" its sample, in config keys, as Tune drew it."""
     scored = [r for r in rows if r["best_val_acc"] is not None]
     if not scored:
-        raise UserError(f"no trial reported {METRIC}; see the errors in {experiment}")
+        raise UserError(f"no trial reported {METRIC}; {why or 'see the errors in ' + str(experiment)}")
     return dict(max(scored, key=lambda r: r["best_val_acc"] * (1 if MODE == "max" else -1)))
 
 
