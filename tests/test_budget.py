@@ -500,3 +500,15 @@ def test_an_earlier_trials_odd_epoch_counts_are_no_crash(tmp_path):
         '{"val/acc": 0.4, "training_iteration": [1]}\n{"val/acc": 0.5, "training_iteration": '
         'Infinity}\n{"val/acc": 0.6, "training_iteration": 1e300}\n')
     assert [(s.value, s.epochs) for s in gather([str(run)], [], _search_cfg()).seeds] == [(0.6, 0)]
+
+
+def test_a_searchs_rounds_are_those_tune_saved_in_order(tmp_path):
+    from cifar_ray.search.rounds import rounds_of
+
+    for name, saved in [("more-10", True), ("more-2", True), ("more-3", False), ("more-x", True),
+                        ("more-01", True)]:
+        (tmp_path / name).mkdir()
+        if saved:
+            (tmp_path / name / "experiment_state-1.json").write_text("{}")
+    (tmp_path / "more-4").symlink_to(tmp_path / "more-2")
+    assert rounds_of(tmp_path) == [tmp_path, tmp_path / "more-2", tmp_path / "more-10"]

@@ -42,7 +42,8 @@ class Session:
 def rounds_of(experiment: Path) -> list[Path]:
     """The search's experiments so far, in order: the first and its --more rounds."""
     more = [(int(m[1]), p) for p in experiment.glob("more-*")
-            if (m := ROUND.fullmatch(p.name)) and p.is_dir() and not p.is_symlink()]
+            if (m := ROUND.fullmatch(p.name)) and p.is_dir() and not p.is_symlink()
+            and any(p.glob("experiment_state-*.json"))]  # a round killed before Tune saved it: none
     return [experiment, *(p for _, p in sorted(more))]
 
 
@@ -64,7 +65,8 @@ def run_rounds(cfg, out: Path, session: Session, resume: bool, interrupted) -> t
                                        session.clock)
     rows += marked(new, len(known) - 1, seeds, first)
     if session.more:
-        number = 1 + max((int(ROUND.fullmatch(p.name)[1]) for p in known[1:]), default=0)
+        number = 1 + max((int(m[1]) for p in experiment.glob("more-*")
+                          if (m := ROUND.fullmatch(p.name))), default=0)
         first = first_configs(cfg, seeds, rows)
         more = Round(experiment / f"more-{number}", session.more, t.search_seed + number,
                      seeds=[*own_seeds(rows, str(out)), *seeds.seeds], first=first,
