@@ -53,7 +53,8 @@ def table(report: dict[str, Any]) -> str:
                      f"{row['module_images_s']:,.0f} images/s (ratio {row['framework_ratio']:.3f}), "
                      f"module under DDP {row['module_ddp_images_s']:,.0f}")
     for budget, row in report.get("by_budget", {}).items():
-        lines.append(f"  budget {budget}: wall {row['wall_s']:.0f} s ({row['overrun']:+.1%}), "
+        lines.append(f"  budget {budget}: wall {row['wall_s']:.0f} s ({row['overrun']:+.1%}; "
+                     f"{row['wall_over_plan']:+.1%} against the plan's end), "
                      f"{row['trials']} trials (planned {row['trials_planned']}), retrain "
                      f"{row['retrain_epochs']} epochs (planned {row['retrain_epochs_planned']}), "
                      f"epoch {row['epoch_s_measured']:.1f} s (planned {row['epoch_s_planned']:.1f})")

@@ -360,6 +360,8 @@ def bench_budget(data_dir: Path, on_gpu: bool, budgets: list[str], timeout: floa
         out["by_budget"][budget] = {
             "budget_s": b["budget_s"], "wall_s": round(wall, 1),
             "overrun": round(wall / b["budget_s"] - 1, 3), "used_s": b["used_s"],
+            "planned_s": b.get("planned_s"),
+            "wall_over_plan": round(wall / b.get("planned_s", b["budget_s"]) - 1, 3),
             "trials_planned": b["planned_trials"], "trials": b["trials"],
             "stopped_by_budget": b["trials_stopped_by_budget"], "epochs": b["epochs"],
             "epoch_s_planned": b["epoch_s_planned"], "epoch_s_measured": b["epoch_s_measured"],

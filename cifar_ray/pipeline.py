@@ -193,6 +193,7 @@ def retrain_in_time_left(cfg: SearchConfig, clock: BudgetClock, best: dict[str, 
 def budget_results(clock: BudgetClock, searched: Searched) -> dict[str, Any]:
     s = clock.sized
     return {"budget_s": s.budget_s, "used_s": round(clock.used(), 1),
+            "planned_s": round(s.expected_s or s.budget_s, 1),
             "planned_trials": s.trials, "trials": len(searched.rows),
             "trials_stopped_by_budget": sum(r["status"] == STOPPED_BY_BUDGET
                                             for r in searched.rows),

@@ -80,6 +80,7 @@ class Sized:
     costs: Costs
     bounds: dict[str, int] = field(default_factory=dict)  # the user's values: upper bounds
     capped: list[str] = field(default_factory=list)
+    expected_s: float = 0.0  # the whole run's, as planned: the budget, or less where caps bind
 
     def retrain_s(self) -> float:
         return self.retrain_epochs * self.costs.retrain_epoch_s
@@ -111,22 +112,35 @@ def size_run(budget_s: float, costs: Costs, epochs_cap: int, trials_cap: int,
         if fit >= wanted or epochs == 1:
             break
     trials = max(1, min(trials_cap, fit))
+    # Where the caps bind, the search ends early and the retrain takes what it leaves.
+    full, later = trial_seconds(costs, epochs, g, factor)
+    searching = min(search_s, full + max(0, trials - concurrent) * later / concurrent)
+    spare = usable - searching
+    retrain_then = max(1, min(retrain_cap, int(spare // costs.retrain_epoch_s)))
+    expected = (costs.setup_s + searching + retrain_then * costs.retrain_epoch_s
+                + costs.finish_s)
     chosen = {"tune.num_samples": (trials_cap, trials), "trainer.epochs": (epochs_cap, epochs),
               "retrain.retrain_epochs": (retrain_cap, retrain)}
     return Sized(budget_s, epochs, g, retrain, trials, trials_cap, concurrent, costs,
                  bounds={key: cap for key, (cap, _) in chosen.items()},
-                 capped=[key for key, (cap, used) in chosen.items() if used >= cap])
+                 capped=[key for key, (cap, used) in chosen.items() if used >= cap],
+                 expected_s=min(budget_s, expected))
+
+
+def trial_seconds(costs: Costs, epochs: int, grace: int, factor: int) -> tuple[float, float]:
+    """(A first trial's seconds, a later one's): the first train all `epochs` (ASHA has no
+    one to compare them with yet), the later as many as its rungs are expected to leave."""
+    later = expected_epochs(0, asha_rungs(epochs, grace, factor), factor, epochs)
+    return (costs.startup_s + epochs * costs.epoch_s,
+            costs.startup_s + later * costs.epoch_s)
 
 
 def trials_that_fit(search_s: float, costs: Costs, epochs: int, grace: int, factor: int,
                     concurrent: int) -> int:
-    """Trials that end within `search_s`, `concurrent` at once: the first train all `epochs`
-    (ASHA has no one to compare them with yet), the later as many as its rungs leave them."""
-    full = costs.startup_s + epochs * costs.epoch_s
+    """Trials that end within `search_s`, `concurrent` at once."""
+    full, later = trial_seconds(costs, epochs, grace, factor)
     if full > search_s:
         return 0
-    later = costs.startup_s + costs.epoch_s * expected_epochs(
-        0, asha_rungs(epochs, grace, factor), factor, epochs)
     return concurrent + int((search_s - full) * concurrent // later)
 
 
@@ -139,8 +153,11 @@ def plan_lines(sized: Sized, started_at: float | None = None) -> list[str]:
     """The plan's budget block: what the budget buys and, given the start, when the run ends."""
     c = sized.costs
     search = sized.search_end() - c.setup_s
-    ends = (f"; ends by {time.strftime('%H:%M', time.localtime(started_at + sized.budget_s))}"
+    expected = sized.expected_s or sized.budget_s
+    ends = (f"; ends by {time.strftime('%H:%M', time.localtime(started_at + expected))}"
             if started_at is not None else "")
+    if expected < 0.95 * sized.budget_s:
+        ends += f" (about {format_duration(expected)}: your upper bounds leave the rest)"
     lines = [f"  budget       {format_duration(sized.budget_s)} for the whole run{ends}: "
              f"search {format_duration(search)}, retrain {format_duration(sized.retrain_s())}, "
              f"start {format_duration(c.setup_s)}, test + GradCAM + report "
