@@ -167,4 +167,4 @@ def test_plan_flags_are_checked():
                            "--plan-epoch-seconds", "-3"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: --plan-epoch-seconds must be > 0, got -3.0"
+    assert proc.stderr.strip() == "error: --plan-epoch-seconds must be in (0, 86400], got -3.0"
