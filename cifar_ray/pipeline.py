@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cifar_ray import tracking
-from cifar_ray.config import overlay, plain
+from cifar_ray.config import overlay
 from cifar_ray.console import CONSOLE_MARK, format_duration
 from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.sources import load_dataset
@@ -53,7 +53,7 @@ from cifar_ray.search.budget import (
 )
 from cifar_ray.search.plan import asha_rungs, image_counts, make_plan, space_lines
 from cifar_ray.search.rounds import Session, rounds_of, run_rounds
-from cifar_ray.search.seeds import SEEDS_FILE, Seeds, remembered, save_seeds
+from cifar_ray.search.seeds import SAVED_CONFIG, SEEDS_FILE, Seeds, remembered, save_seeds
 from cifar_ray.search.settings import SearchConfig, describe, format_value
 from cifar_ray.search.tuner import (
     STOPPED_BY_BUDGET,
@@ -498,7 +498,6 @@ def start_fresh_or_resume(out: Path, cfg: SearchConfig, resume: bool, overwrite:
         write_json(experiment / SAVED_CONFIG, cfg.to_dict())
 
 
-SAVED_CONFIG = "cifar_ray_config.json"  # the settings a search started with, for --resume
 # What --resume may change: where and how fast it runs, not what its trials train.
 RESUMABLE = ("data.data_dir", "data.num_workers", "trainer.output_dir", "trainer.progress_bar",
              "tune.address", "tune.storage", "tune.max_concurrent", "tune.cpus_per_worker",

@@ -14,7 +14,7 @@ from cifar_ray.config import YamlLoader, overlay, plain
 from cifar_ray.errors import ConfigError, UserError
 from cifar_ray.names import METRIC, shown_name
 
-SAVED_CONFIG = "cifar_ray_config.json"  # the settings a search started with (pipeline)
+SAVED_CONFIG = "cifar_ray_config.json"  # the settings a search started with (for --resume)
 MAX_RESULT_BYTES = 64 * 2**20  # a trial's result.json: about 2 KB an epoch, MAX_EPOCHS of them
 MAX_SMALL_BYTES = 2**20  # a config, a trial's params.json
 MAX_RUN_TRIALS = 10_000  # search.settings.MAX_TRIALS
