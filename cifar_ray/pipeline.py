@@ -360,7 +360,12 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
     final.trainer.progress_bar = False
     final.data.val_size = 0  # train on train + validation; the test set is touched once
     init = None
-    if cfg.retrain.init == "checkpoint":
+    if cfg.retrain.init == "checkpoint" and not best["checkpoint"] and cfg.tune.budget:
+        # The deadline may end a trial before its epoch's checkpoint is saved: the budget's
+        # retrain still runs, from scratch.
+        print(f"trial {best['trial_id']} left no checkpoint (the budget ended it): the retrain "
+              "starts from scratch")
+    elif cfg.retrain.init == "checkpoint":
         if not best["checkpoint"]:
             raise UserError(f"trial {best['trial_id']} left no checkpoint to retrain from; "
                             "use retrain.init: scratch")
