@@ -66,6 +66,19 @@ class AugmentConfig:
     pad_to: int = setting(40, "pad to this size before the random crop back to 32 (at 32 pixels: "
                               "scaled with data.image_size)")
     flip_p: float = setting(0.5, "probability of a horizontal flip")
+    vflip_p: float = setting(0.0, "probability of a vertical flip (for images with no up: "
+                                  "parts, cells, aerial photos)")
+    rot90_p: float = setting(0.0, "probability of a rotation by 90, 180 or 270 degrees (one of "
+                                  "the three, equally likely)")
+    color_p: float = setting(0.0, "probability of a random brightness and contrast change")
+    brightness: float = setting(0.2, "with color_p: up to this fraction of white added or taken "
+                                     "away")
+    contrast: float = setting(0.2, "with color_p: contrast multiplied by 1 +- up to this")
+    affine_p: float = setting(0.0, "probability of a small rotation and scaling, the corners "
+                                   "filled with the mean")
+    rotate: float = setting(10.0, "with affine_p: the largest rotation, in degrees either way")
+    scale: float = setting(0.1, "with affine_p: the largest change of scale, either way "
+                                "(0.1: 0.9x to 1.1x)")
     cutout_p: float = setting(0.5, "probability of cutting one hole out of an image")
     cutout_size: int = setting(8, "side of the square cutout hole, filled with the data set's mean "
                                   "(at 32 pixels: scaled with data.image_size)")
@@ -377,7 +390,12 @@ def validate(cfg: Config) -> None:
           f"halves it three times), got {d.image_size}")
     check(32 <= a.pad_to <= 64, f"augment.pad_to must be in [32, 64], got {a.pad_to}")
     check(0 <= a.flip_p <= 1, f"augment.flip_p must be in [0, 1], got {a.flip_p}")
-    check(0 <= a.cutout_p <= 1, f"augment.cutout_p must be in [0, 1], got {a.cutout_p}")
+    for name in ("cutout_p", "vflip_p", "rot90_p", "color_p", "affine_p"):
+        check(0 <= getattr(a, name) <= 1, f"augment.{name} must be in [0, 1], got {getattr(a, name)}")
+    check(0 <= a.brightness <= 1, f"augment.brightness must be in [0, 1], got {a.brightness}")
+    check(0 <= a.contrast <= 1, f"augment.contrast must be in [0, 1], got {a.contrast}")
+    check(0 <= a.rotate <= 45, f"augment.rotate must be in [0, 45] degrees, got {a.rotate}")
+    check(0 <= a.scale <= 0.5, f"augment.scale must be in [0, 0.5], got {a.scale}")
     check(1 <= a.cutout_size <= 32, f"augment.cutout_size must be in [1, 32], got {a.cutout_size}")
     check(a.engine in ENGINES, f"augment.engine must be one of {ENGINES}, got '{a.engine}'")
     # 1024 is 16 times the classic width, 1.7 billion parameters: a bound, not a recipe.

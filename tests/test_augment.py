@@ -1,9 +1,13 @@
 """The augmentation recipe, each rule checked on both engines (Albumentations, per image; the
 batched tensor ops, here on CPU tensors): normalised float CHW, crops that are shifts within the
-pad and uniform over them, the flip rate, one square hole filled with the mean; device batches
-that cover each epoch once; and a run that learns with the tensor engine."""
+pad and uniform over them, the flip rates, rotations by 90, 180 and 270 degrees, brightness and
+contrast, small rotations and scalings, one square hole filled with the mean; the default recipe
+untouched by the optional ones; device batches that cover each epoch once; and a run that learns
+with the tensor engine."""
 
 import json
+import math
+import pickle
 from collections import Counter
 
 import numpy as np
@@ -11,13 +15,15 @@ import pytest
 import torch
 
 from cifar_ray.config import AugmentConfig
-from cifar_ray.data.augment import augment_batch, normalize, scaled, train_transform
+from cifar_ray.data.augment import (augment_batch, denormalize, normalize, scaled,
+                                    train_transform)
 from cifar_ray.data.cifar_files import SPECS
 from cifar_ray.data.datamodule import DeviceBatches
 from tests.conftest import FAST_FLAGS, run_cli
 
 NORM = SPECS["cifar10"].norm
 ENGINES = ["albumentations", "tensors"]
+ONLY = dict(pad_to=32, flip_p=0, cutout_p=0)  # no crop, flip or hole: one transform at a time
 
 
 def _batch(n: int, seed: int = 0) -> torch.Tensor:
@@ -81,6 +87,144 @@ def test_flip_rate_is_the_configured_probability(engine, p):
     kept = torch.tensor([torch.allclose(o, reference, atol=1e-5) for o in out])
     assert bool((flipped | kept).all())
     assert abs(flipped.float().mean().item() - p) < 0.06
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("p", [0.0, 0.3, 1.0])
+def test_vertical_flip_rate_is_the_configured_probability(engine, p):
+    image = _batch(1)[0]
+    reference = normalize(image[None], NORM)[0]
+    out = augmented(engine, image, 600, **ONLY, vflip_p=p)
+    flipped = torch.tensor([torch.allclose(o, reference.flip(-2), atol=1e-5) for o in out])
+    kept = torch.tensor([torch.allclose(o, reference, atol=1e-5) for o in out])
+    assert bool((flipped | kept).all())
+    assert abs(flipped.float().mean().item() - p) < 0.06
+
+
+def _turns(out: torch.Tensor, reference: torch.Tensor) -> list[int | None]:
+    """Each output's k such that it is `reference` turned by k * 90 degrees; None if none."""
+    return [next((k for k in range(4) if torch.allclose(o, reference.rot90(k, (1, 2)), atol=1e-5)),
+                 None) for o in out]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rot90_turns_by_90_180_or_270_degrees_equally_often(engine):
+    image = _batch(1)[0]
+    reference = normalize(image[None], NORM)[0]
+    always = Counter(_turns(augmented(engine, image, 600, **ONLY, rot90_p=1), reference))
+    assert set(always) == {1, 2, 3} and all(150 < c < 250 for c in always.values())  # 200 each
+    half = Counter(_turns(augmented(engine, image, 600, **ONLY, rot90_p=0.5), reference))
+    assert None not in half and 250 < half[0] < 350  # about half unrotated
+    assert all(60 < half[k] < 140 for k in (1, 2, 3))  # the rest split three ways
+
+
+def _pixels(out: torch.Tensor) -> torch.Tensor:
+    """Normalised (B, 3, H, W) -> grey levels in [0, 1], (B, H, W)."""
+    return denormalize(out, NORM).mean(dim=-1)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_brightness_and_contrast_are_uniform_over_their_ranges(engine):
+    """On two grey levels 80 and 176 (none clipped), each output's levels are p * alpha + beta:
+    alpha ~ U(0.8, 1.2), beta ~ U(-0.1, 0.1) of the full range."""
+    low, high = 80 / 255, 176 / 255
+    image = torch.full((3, 32, 32), 80, dtype=torch.uint8)
+    image[:, 16:] = 176
+    aug = dict(ONLY, color_p=1, brightness=0.1, contrast=0.2)
+    levels = _pixels(augmented(engine, image, 1000, **aug))
+    top, bottom = levels[:, :16].mean(dim=(1, 2)), levels[:, 16:].mean(dim=(1, 2))
+    alpha = (bottom - top) / (high - low)
+    beta = (top + bottom) / 2 - alpha * (low + high) / 2
+    for x, centre, half_width in ((alpha, 1.0, 0.2), (beta, 0.0, 0.1)):
+        # Albumentations truncates pixels to uint8 after the change: allow a few levels of 255.
+        assert abs(x.mean().item() - centre) < 0.1 * half_width + 0.01
+        assert abs(x.std().item() / (half_width / math.sqrt(3)) - 1) < 0.1  # uniform's spread
+        assert centre - 1.05 * half_width - 0.01 < x.min() < centre - 0.9 * half_width
+        assert centre + 0.9 * half_width < x.max() < centre + 1.05 * half_width + 0.01
+    bright = _pixels(augmented(engine, torch.full((3, 32, 32), 250, dtype=torch.uint8), 100,
+                               **ONLY, color_p=1, brightness=0.2, contrast=0))
+    assert bright.max() <= 1 + 1e-5 and (bright > 1 - 1e-5).float().mean() > 0.3  # clipped at white
+    unchanged = augmented(engine, image, 20, **ONLY, color_p=1, brightness=0, contrast=0)
+    torch.testing.assert_close(unchanged, normalize(image[None], NORM).expand(20, -1, -1, -1),
+                               atol=1e-5, rtol=1e-5)
+
+
+def _dot_angles(engine: str, n: int) -> torch.Tensor:
+    """Degrees about the centre of a white dot 12 pixels above it, after rotations of up to 30."""
+    image = torch.zeros((3, 32, 32), dtype=torch.uint8)
+    image[:, 3:5, 15:17] = 255  # centred on (row 3.5, col 15.5); the centre is (15.5, 15.5)
+    weight = (_pixels(augmented(engine, image, n, **ONLY, affine_p=1, rotate=30, scale=0)) - 0.6)
+    weight = weight.clamp(min=0)  # the dot only: not black, nor the mean-grey corners
+    ys, xs = torch.arange(32.0)[None, :, None], torch.arange(32.0)[None, None, :]
+    row = (weight * ys).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))
+    col = (weight * xs).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))
+    return torch.rad2deg(torch.atan2(col - 15.5, 15.5 - row))
+
+
+def _square_sides(engine: str, n: int) -> torch.Tensor:
+    """(n, 2) sides across and down, in units of 16 pixels, of a centred 16-pixel white square
+    scaled by up to 20%: the grey summed along the middle rows and columns, clear of the mean
+    grey filling the border of a zoom-out."""
+    image = torch.zeros((3, 32, 32), dtype=torch.uint8)
+    image[:, 8:24, 8:24] = 255
+    grey = _pixels(augmented(engine, image, n, **ONLY, affine_p=1, rotate=0, scale=0.2))
+    across = grey[:, 15:17, 4:28].sum(dim=2).mean(dim=1)
+    down = grey[:, 4:28, 15:17].sum(dim=1).mean(dim=1)
+    return torch.stack([across, down], dim=1) / 16
+
+
+def test_affine_rotations_and_scales_spread_the_same_in_both_engines():
+    angles = {engine: _dot_angles(engine, 400) for engine in ENGINES}
+    for a in angles.values():  # uniform on [-30, 30]: mean |angle| 15, reaching both ends
+        assert abs(a.abs().mean().item() - 15) < 1.5 and a.abs().max() < 32
+        assert a.min() < -27 and a.max() > 27
+    assert abs(angles["tensors"].abs().mean() - angles["albumentations"].abs().mean()) < 1.5
+    sides = {engine: _square_sides(engine, 400) for engine in ENGINES}
+    for s in sides.values():  # uniform on [0.8, 1.2], the same both ways (one scale per image)
+        assert (s[:, 0] - s[:, 1]).abs().max() < 0.03
+        assert abs(s.mean().item() - 1) < 0.02
+        assert abs(s[:, 0].std().item() / (0.2 / math.sqrt(3)) - 1) < 0.1
+        assert 0.77 < s.min() < 0.83 and 1.17 < s.max() < 1.23
+    assert abs(sides["tensors"].mean() - sides["albumentations"].mean()) < 0.02
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_affine_leaves_the_image_at_zero_range_and_fills_corners_with_the_mean(engine):
+    image = _batch(1)[0]
+    torch.testing.assert_close(augmented(engine, image, 10, **ONLY, affine_p=1, rotate=0, scale=0),
+                               normalize(image[None], NORM).expand(10, -1, -1, -1),
+                               atol=1e-4, rtol=1e-4)
+    white = torch.full((3, 32, 32), 255, dtype=torch.uint8)
+    out = augmented(engine, white, 200, **ONLY, affine_p=1, rotate=30, scale=0)
+    corners = out[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]  # (B, 3, 4)
+    level = normalize(white[None], NORM)[0, :, 0, 0][None, :, None]
+    assert bool(((corners >= -1e-5) & (corners <= level + 1e-4)).all())  # mean to white
+    assert (corners == 0).all(dim=1).float().mean() > 0.8  # the mean, unless nearly upright
+
+
+def test_the_default_recipe_draws_as_before():
+    """The optional transforms, at probability 0, draw no random numbers: the default batch and
+    the generator's state after it are those of the crop, flip and cutout alone."""
+    batch = _batch(16)
+    gen = torch.Generator().manual_seed(3)
+    out = augment_batch(batch, AugmentConfig(), NORM, generator=gen)
+    off = AugmentConfig(vflip_p=0, rot90_p=0, color_p=0, affine_p=0)
+    again = augment_batch(batch, off, NORM, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)
+    replay = torch.Generator().manual_seed(3)
+    for high in (8, 8, None, 24, 24, None):  # crop top and left, flip, hole top and left, cutout
+        if high is None:
+            torch.rand(16, generator=replay)
+        else:
+            torch.randint(0, high + 1, (16,), generator=replay)
+    assert torch.equal(gen.get_state(), replay.get_state())
+
+
+def test_the_full_recipe_pickles_for_dataloader_workers():
+    aug = AugmentConfig(vflip_p=0.5, rot90_p=0.5, color_p=0.5, affine_p=0.5)
+    image = _batch(1)[0].permute(1, 2, 0).numpy()
+    transform = pickle.loads(pickle.dumps(train_transform(aug, NORM, seed=0)))
+    assert transform(image=image)["image"].shape == (3, 32, 32)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
