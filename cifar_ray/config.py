@@ -21,6 +21,8 @@ from cifar_ray.errors import ConfigError
 DATASETS = ("cifar10", "cifar100", "folder")  # folder: your own images (image_folders.py)
 DEVICES = ("auto", "cpu", "cuda")  # see runtime.py
 ENGINES = ("auto", "albumentations", "tensors")  # see augment.py
+BALANCES = ("none", "weights", "sampler")
+TTAS = ("off", "hflip", "flips")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 COMPILE_MODES = ("off", "default", "reduce-overhead")  # see module.py
 MAX_WIDTH = 1024
@@ -54,11 +56,15 @@ class DataConfig:
                                       "and optionally val/<class>/", DATASETS)
     data_dir: str = setting("data", "folder holding cifar-10-batches-py/ (downloaded there if "
                                     "missing), or the class folders")
-    val_size: int = setting(5000, "training images held out for validation (0: none)")
+    val_size: int = setting(-1, "training images held out for validation, stratified by class "
+                                "(-1: a tenth, 5,000 of CIFAR-10's; 0: none)")
     limit_train: int = setting(0, "use only the first N training images after the split (0: all)")
     num_workers: int = setting(-1, "DataLoader worker processes (-1: one per CPU the run was given)")
     image_size: int = setting(32, "side in pixels every image is resized to (a multiple of 8 from 8 "
                                   f"to {MAX_IMAGE_SIZE}; 32: CIFAR's own, the classic ResNet-9)")
+    balance: str = setting("none", "for imbalanced classes: weights: each class's loss weighted by "
+                                   "1 / its share; sampler: batches drawn with each class equally "
+                                   "likely", BALANCES)
 
 
 @dataclass
@@ -100,6 +106,17 @@ class OptimConfig:
     pct_start: float = setting(5 / 24, "fraction of the steps spent warming up to the peak")
     div_factor: float = setting(100.0, "initial lr = lr / div_factor")
     final_div_factor: float = setting(100.0, "final lr = initial lr / final_div_factor")
+    label_smoothing: float = setting(0.0, "share of each training target spread over all classes")
+    ema_decay: float = setting(0.0, "an exponential moving average of the weights, updated each "
+                                    "step with this decay, is what is validated, tested and saved "
+                                    "(0: off)")
+
+
+@dataclass
+class EvalConfig:
+    tta: str = setting("off", "test-time augmentation: average the model over the image and its "
+                              "horizontal flip (hflip), or its four flips (flips), in validation, "
+                              "test, GradCAM, predict, the app and the export", TTAS)
 
 
 @dataclass
@@ -122,6 +139,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -273,6 +291,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config {path}: a value cannot be read ({exc})") from None
 
 
+def purpose_of(path: str | Path) -> str:
+    """What a config file is for: its opening comment, as one paragraph ("" without one)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(4096).splitlines()
+    except OSError:
+        return ""
+    lines = []
+    for line in head:
+        if not line.startswith("#") or (lines and line.strip() == "#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(lines).strip()
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cfg: Any) -> None:
     """One flag per leaf field (`--val-size`, `--lr`, ...), default None = 'not given'; its
     help shows `cfg`'s value (the dataclass default, or what --config set: see parse_command)."""
@@ -381,7 +414,10 @@ def validate(cfg: Config) -> None:
     check_finite(cfg)
     d, a, m, o, t = cfg.data, cfg.augment, cfg.model, cfg.optim, cfg.trainer
     check(d.dataset in DATASETS, f"data.dataset must be one of {DATASETS}, got '{d.dataset}'")
-    check(d.val_size >= 0, f"data.val_size must be >= 0, got {d.val_size}")
+    check(d.val_size >= -1, f"data.val_size must be -1 (a tenth), 0 (none) or a count, got "
+                            f"{d.val_size}")
+    check(d.balance in BALANCES, f"data.balance must be one of {BALANCES}, got '{d.balance}'")
+    check(cfg.eval.tta in TTAS, f"eval.tta must be one of {TTAS}, got '{cfg.eval.tta}'")
     check(d.limit_train >= 0, f"data.limit_train must be >= 0, got {d.limit_train}")
     check(-1 <= d.num_workers <= MAX_WORKERS,
           f"data.num_workers must be in [-1, {MAX_WORKERS}], got {d.num_workers}")
@@ -405,6 +441,10 @@ def validate(cfg: Config) -> None:
     check(0 < o.pct_start < 1, f"optim.pct_start must be in (0, 1), got {o.pct_start}")
     check(o.div_factor > 0, f"optim.div_factor must be > 0, got {o.div_factor}")
     check(o.final_div_factor > 0, f"optim.final_div_factor must be > 0, got {o.final_div_factor}")
+    check(0 <= o.label_smoothing < 1,
+          f"optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+    check(o.ema_decay == 0 or 0.5 <= o.ema_decay < 1,
+          f"optim.ema_decay must be 0 (off) or in [0.5, 1), got {o.ema_decay}")
     check(1 <= t.epochs <= MAX_EPOCHS, f"trainer.epochs must be in [1, {MAX_EPOCHS}], got {t.epochs}")
     check(1 <= t.batch_size <= MAX_BATCH,
           f"trainer.batch_size must be in [1, {MAX_BATCH}], got {t.batch_size}")

@@ -85,7 +85,7 @@ def compute_cams(module: LitResNet9, images: torch.Tensor, class_ids: list[int],
         with torch.inference_mode(False), torch.enable_grad():
             # Requiring the input's gradient makes the layer's output require one too.
             x = images.to(device).clone().requires_grad_(True)  # (B, 3, H, W)
-            log_probs = module(x)  # (B, classes)
+            log_probs = module.model(x)  # (B, classes): the image as it is, not eval.tta's views
             ids = torch.as_tensor(class_ids, device=device).view(-1, 1)
             score = log_probs.gather(1, ids).sum()  # each image's own class: grad-cam's target
             (grads,) = torch.autograd.grad(score, saved[0])  # (B, C, h, w)

@@ -19,6 +19,7 @@ from cifar_ray import cli
 from cifar_ray.data.augment import Standardize
 from cifar_ray.errors import NO_SPACE, UserError, cli_entry
 from cifar_ray.files import atomic_path, write_bytes, write_json
+from cifar_ray.model import averaged_views
 from cifar_ray.module import LitResNet9, load_module
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -26,16 +27,18 @@ INPUT, OUTPUT = "images", "probabilities"
 
 
 class Deployable(nn.Module):
-    """ResNet-9 with its normalisation in front and probabilities out."""
+    """ResNet-9 with its normalisation in front, its test-time flips (eval.tta) and
+    probabilities out."""
 
     def __init__(self, module: LitResNet9):
         super().__init__()
         self.standardize = Standardize(module.normalization)
         self.model = module.model
         self.image_size = module.image_size
+        self.tta = module.tta
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, s, s) in [0, 1]
-        return self.model(self.standardize(images)).exp()  # (N, classes)
+        return averaged_views(self.model, self.standardize(images), self.tta).exp()
 
 
 def export_onnx(model: Deployable, classes: list[str], target: Path) -> None:

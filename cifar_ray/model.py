@@ -63,3 +63,22 @@ class ResNet9(nn.Module):
         x = self.layer3_R(x)
         x = self.pool(x).flatten(1)  # (B, 8w)
         return F.log_softmax(self.fc(x), dim=1)  # (B, classes) log-probabilities
+
+
+def flip_views(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The views test-time augmentation averages: the image; with "hflip" its mirror image;
+    with "flips" also its upside-down and both."""
+    if tta == "off":
+        return [x]
+    views = [x, x.flip(3)]
+    return views + [x.flip(2), x.flip(2).flip(3)] if tta == "flips" else views
+
+
+def averaged_views(model: nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """(B, classes) log-probabilities of `model` averaged over `flip_views`: the mean of the
+    views' log-probabilities (their logits, up to a constant each), normalised again."""
+    views = flip_views(x, tta)
+    if len(views) == 1:
+        return model(x)
+    out = model(torch.cat(views))  # one pass: one launch per layer, not one per view
+    return F.log_softmax(out.unflatten(0, (len(views), -1)).mean(0), dim=1)

@@ -1,5 +1,6 @@
-"""The LightningModule: ResNet-9 + NLL loss, Adam with weight decay, OneCycleLR, torchmetrics
-(a metric object per stage: `train/acc`, `val/acc`, `test/acc`, ...). A training step never
+"""The LightningModule: ResNet-9 + cross-entropy (label smoothing, class weights), Adam with
+weight decay, OneCycleLR, torchmetrics (training: `train/acc`; validation and test: a confusion
+matrix, whence `val/acc`, `val/balanced_acc`, `val/f1`, ...), test-time flips. A training step never
 waits for the GPU (docs/internals.md). `load_module` is the one way a checkpoint is read
 back: weights_only=True, then the model rebuilt from its hyperparameters."""
 
@@ -26,6 +27,7 @@ from cifar_ray.config import (
     MAX_CLASSES,
     Config,
     DataConfig,
+    EvalConfig,
     ModelConfig,
     OptimConfig,
 )
@@ -33,7 +35,7 @@ from cifar_ray.data.arrays import Normalization
 from cifar_ray.data.cifar_files import SPECS
 from cifar_ray.errors import CheckpointError, ConfigError
 from cifar_ray.names import shown_name
-from cifar_ray.model import ResNet9
+from cifar_ray.model import ResNet9, averaged_views
 from cifar_ray.pl import pl
 
 
@@ -45,17 +47,20 @@ class LitResNet9(pl.LightningModule):
     def __init__(self, model: dict[str, Any] | None = None, optim: dict[str, Any] | None = None,
                  data: dict[str, Any] | None = None, seed: int = 1,
                  class_names: list[str] | None = None, norm: dict[str, list] | None = None,
-                 schedule: dict[str, int] | None = None):
+                 schedule: dict[str, int] | None = None, eval: dict[str, Any] | None = None):
         super().__init__()
         self.save_hyperparameters()
         num_classes = len(class_names) if class_names else 10
         self.model = ResNet9(num_classes, ModelConfig(**(model or {})).width)
         # No argument checks: they read values back from the device on every update.
-        self.train_acc, self.val_acc, self.test_acc = (
-            MulticlassAccuracy(num_classes, average="micro", validate_args=False) for _ in range(3))
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        # Validation's and test's scores all come from one confusion matrix (`scores`).
+        self.val_confusion, self.test_confusion = (
+            MulticlassConfusionMatrix(num_classes, validate_args=False) for _ in range(2))
         self.train_loss, self.val_loss, self.test_loss = (
             MeanMetric(nan_strategy="disable") for _ in range(3))
-        self.test_confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
+        # data.balance "weights": set from the training labels in `setup`; not saved.
+        self.register_buffer("class_weights", torch.ones(num_classes), persistent=False)
         self.test_report: dict[str, Any] = {}
         self.compile_mode = "off"  # how to run the training forward on CUDA (see `setup`)
         self._compiled = None
@@ -73,7 +78,7 @@ class LitResNet9(pl.LightningModule):
         """`norm`: the data set's normalisation (ImageArrays.norm); CIFAR's own by default."""
         norm = norm or SPECS[cfg.data.dataset].norm
         module = cls(model=asdict(cfg.model), optim=asdict(cfg.optim), data=asdict(cfg.data),
-                     seed=cfg.trainer.seed, class_names=list(class_names),
+                     eval=asdict(cfg.eval), seed=cfg.trainer.seed, class_names=list(class_names),
                      norm={"mean": list(norm.mean), "std": list(norm.std)},
                      schedule=schedule_of(cfg))
         module.compile_mode = cfg.trainer.compile  # how it runs, not what it is: no hparam
@@ -83,6 +88,14 @@ class LitResNet9(pl.LightningModule):
     def data_config(self) -> DataConfig:
         """The data section it was trained with."""
         return DataConfig(**(self.hparams.data or {}))
+
+    @property
+    def optim_config(self) -> OptimConfig:
+        return OptimConfig(**(self.hparams.optim or {}))
+
+    @property
+    def tta(self) -> str:  # EvalConfig.tta (older checkpoints have none: off)
+        return EvalConfig(**(self.hparams.get("eval") or {})).tta
 
     @property
     def image_size(self) -> int:
@@ -116,51 +129,79 @@ class LitResNet9(pl.LightningModule):
             if self.compile_mode != "off" and self._compiled is None:
                 # Not a child module: state dicts and checkpoints stay the plain model's.
                 object.__setattr__(self, "_compiled", torch.compile(self.model, mode=self.compile_mode))
+        data = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and self.data_config.balance == "weights" and data is not None:
+            self.class_weights.copy_(class_weights(data.train_set.labels, self.num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Training steps alone run compiled (one batch shape); the rest runs the plain model.
-        if self._compiled is not None and self.training and torch.is_grad_enabled():
-            return self._compiled(x)
-        return self.model(x)
-
-    def _step(self, batch, batch_idx: int, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = batch
-        log_probs = self(x)  # (B, classes)
-        losses = F.nll_loss(log_probs, y, reduction="none")  # (B,)
-        mean_loss, accuracy = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
-        # update(), not the metrics' forward(), which would also compute each batch's value.
-        mean_loss.update(losses.detach())
-        accuracy.update(log_probs.detach(), y)
-        if batch_idx == 0:
-            # Metric objects, computed once per epoch (and across ranks) by Lightning.
-            self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True,
-                     prog_bar=stage != "test")
-            self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return losses.mean(), log_probs
+        if self.training:
+            if self._compiled is not None and torch.is_grad_enabled():
+                return self._compiled(x)
+            return self.model(x)
+        return averaged_views(self.model, x, self.tta)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, batch_idx, "train")[0]
+        x, y = batch
+        log_probs = self(x)  # (B, classes)
+        optim = self.optim_config
+        # cross_entropy of log-probabilities: log_softmax leaves them as they are.
+        losses = F.cross_entropy(log_probs, y, weight=self.class_weights, reduction="none",
+                                 label_smoothing=optim.label_smoothing)  # (B,)
+        # update(), not the metrics' forward(), which would also compute each batch's value.
+        self.train_loss.update(losses.detach())
+        self.train_acc.update(log_probs.detach(), y)
+        if batch_idx == 0:
+            # Metric objects, computed once per epoch (and across ranks) by Lightning.
+            self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return losses.mean()
+
+    def _evaluate(self, batch, stage: str) -> None:
+        x, y = batch
+        log_probs = self(x)
+        getattr(self, f"{stage}_loss").update(F.nll_loss(log_probs, y, reduction="none"))
+        getattr(self, f"{stage}_confusion").update(log_probs, y)
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, batch_idx, "val")
+        self._evaluate(batch, "val")
 
     def test_step(self, batch, batch_idx: int) -> None:
-        _, log_probs = self._step(batch, batch_idx, "test")
-        self.test_confusion.update(log_probs, batch[1])
+        self._evaluate(batch, "test")
+
+    def _log_scores(self, stage: str) -> torch.Tensor:
+        """Logs `stage`'s loss and scores (over all ranks); returns its confusion matrix."""
+        confusion = getattr(self, f"{stage}_confusion")
+        matrix = confusion.compute()
+        confusion.reset()
+        self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"), prog_bar=stage == "val")
+        for name, value in scores(matrix).items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "acc")
+        return matrix
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val")
 
     def on_test_epoch_end(self) -> None:
-        self.test_report = self.class_report(self.test_confusion.compute())
-        self.test_confusion.reset()
+        self.test_report = self.class_report(self._log_scores("test").cpu())
 
     def class_report(self, confusion: torch.Tensor) -> dict[str, Any]:
-        """Per-class accuracy and the confusion matrix (rows: true, columns: predicted) from a
-        confusion matrix: the one definition the test stage and the GradCAM report share."""
-        per_class = confusion.diagonal() / confusion.sum(1).clamp(min=1)
-        return {"per_class_acc": dict(zip(self.class_names, per_class.tolist())),
+        """Each class's precision, recall (its accuracy), F1 and support, the scores and the
+        confusion matrix (rows: true): what the test stage and the GradCAM report share."""
+        tp, support, predicted = confusion.diagonal(), confusion.sum(1), confusion.sum(0)
+        recall = tp / support.clamp(min=1)
+        precision = tp / predicted.clamp(min=1)
+        f1 = 2 * tp / (support + predicted).clamp(min=1)
+        per_class = {name: {"precision": p, "recall": r, "f1": f, "support": int(n)}
+                     for name, p, r, f, n in zip(self.class_names, precision.tolist(),
+                                                 recall.tolist(), f1.tolist(), support.tolist())}
+        return {"per_class_acc": dict(zip(self.class_names, recall.tolist())),
+                "per_class": per_class,
+                **{name: float(value) for name, value in scores(confusion).items()},
                 "confusion_matrix": confusion.tolist()}
 
     def configure_optimizers(self):
-        optim = OptimConfig(**(self.hparams.optim or {}))
+        optim = self.optim_config
         optimizer = torch.optim.Adam(self.parameters(), **adam_options(optim.lr, optim.weight_decay))
         # estimated_stepping_batches comes from the real train loader (and any batch limit).
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -168,6 +209,38 @@ class LitResNet9(pl.LightningModule):
             pct_start=optim.pct_start, div_factor=optim.div_factor,
             final_div_factor=optim.final_div_factor, anneal_strategy="linear", three_phase=False)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+SCORES = ("acc", "balanced_acc", "f1")  # logged per stage as "val/acc", ...
+
+
+def scores(confusion: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Accuracy, balanced accuracy (the mean of the classes' recalls) and macro F1 from a
+    confusion matrix (rows: true), over the classes the targets hold."""
+    confusion = confusion.float()
+    tp, support, predicted = confusion.diagonal(), confusion.sum(1), confusion.sum(0)
+    present = support > 0
+    count = present.sum().clamp(min=1)
+    recall = tp / support.clamp(min=1)
+    f1 = 2 * tp / (support + predicted).clamp(min=1)
+    return {"acc": tp.sum() / confusion.sum().clamp(min=1),
+            "balanced_acc": (recall * present).sum() / count,
+            "f1": (f1 * present).sum() / count}
+
+
+def class_weights(labels, num_classes: int) -> torch.Tensor:
+    """data.balance "weights": each class's loss weight, 1 / (its share x classes)."""
+    counts = torch.bincount(torch.as_tensor(labels).long(), minlength=num_classes).float()
+    weights = len(labels) / (num_classes * counts.clamp(min=1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights))
+
+
+def averaging(cfg: Config) -> list[pl.Callback]:
+    """optim.ema_decay: Lightning's EMA of the weights, which validation runs with and
+    checkpoints hold as their weights (the raw ones beside them, for a resume)."""
+    if not cfg.optim.ema_decay:
+        return []
+    return [pl.callbacks.EMAWeightAveraging(decay=cfg.optim.ema_decay)]
 
 
 def schedule_of(cfg: Config) -> dict[str, int]:
@@ -336,7 +409,7 @@ def load_module(path: str | Path) -> LitResNet9:
     return module.eval()
 
 
-SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig}
+SECTIONS = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "eval": EvalConfig}
 
 
 def in_sections(hparams: Mapping[str, Any]) -> dict[str, Any]:

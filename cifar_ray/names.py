@@ -1,7 +1,10 @@
 """The names the stages and commands agree on, without torch: the metric the search goes by,
 report keys, checkpoint files, GradCAM's layers and figures."""
 
-METRIC = "val/acc"  # what ASHA, the checkpoints and the choice of the best trial go by
+METRIC = "val/acc"  # what ASHA, the checkpoints and the choice of the best go by, by default
+# ... and what they may go by instead (tune.metric): imbalanced classes want one of the others.
+METRICS = {"val/acc": "validation accuracy", "val/balanced_acc": "validation balanced accuracy",
+           "val/f1": "validation macro F1"}
 MODE = "max"  # ... and which way: higher is better
 STARTUP = "time/startup_s"  # trial function start -> this worker's first training step
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside each Ray checkpoint

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cifar_ray import tracking
-from cifar_ray.config import overlay
+from cifar_ray.config import overlay, purpose_of
 from cifar_ray.console import CONSOLE_MARK, format_duration
 from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.sources import load_dataset
@@ -95,6 +95,7 @@ class Asked:
     started_at: float | None = None  # when the command started (unix time): the budget's zero
     seeds: Seeds | None = None  # --warm-start's trials and --try's configs
     more: int = 0  # --more N: trials added after the search's last round
+    config_file: str = ""  # --config, or the one tune chose for this machine
 
 
 def run(cfg: SearchConfig, out: Path, asked: Asked) -> int:
@@ -130,6 +131,9 @@ def search_to_report(cfg: SearchConfig, out: Path, prepared: Prepared, asked: As
         after_search = time.perf_counter()
         final = retrain_remotely(cfg, searched, out, data, stop)
     results = summarise(cfg, out, searched, final)
+    if asked.config_file:
+        results["config_file"] = asked.config_file
+        results["purpose"] = shown_name(purpose_of(asked.config_file), 400)
     results["total_seconds"] = round(results["search_seconds"]
                                      + time.perf_counter() - after_search, 1)
     if clock and not asked.more:
@@ -304,22 +308,24 @@ def search(cfg: SearchConfig, out: Path, prepared: Prepared, data: list, resume:
     write_trials_csv(rows, list(cfg.search), out / "trials.csv")
     print(startup_summary(rows, seconds))
     best = choose(rows, storage_dir(cfg, out) / cfg.tune.name,
-                  "the budget ran out first: give a larger --budget" if clock else "")
+                  "the budget ran out first: give a larger --budget" if clock else "",
+                  cfg.tune.metric)
     if clock and not more:  # a --more command's retrain: --retrain-epochs
         retrain_in_time_left(cfg, clock, best, prepared.sizes, scaling["use_gpu"])
-    print(f"best trial {best['trial_id']}: val_acc={best['best_val_acc']:.4f} "
+    print(f"best trial {best['trial_id']}: {cfg.tune.metric}={best['best_score']:.4f} "
           f"{describe(best['config'])}; "
           f"retraining for {cfg.retrain.retrain_epochs} epochs on train + validation")
     return Searched(rows, best, scaling, setup_seconds, seconds, sessions, seeds)
 
 
-def choose(rows: list[dict[str, Any]], experiment: Path, why: str = "") -> dict[str, Any]:
-    """The trial of the best validation accuracy at any epoch, over every round (the first
+def choose(rows: list[dict[str, Any]], experiment: Path, why: str = "",
+           metric: str = METRIC) -> dict[str, Any]:
+    """The trial of the best score (tune.metric) at any epoch, over every round (the first
     of equals): its row, and under "config" its sample, in config keys, as Tune drew it."""
-    scored = [r for r in rows if r["best_val_acc"] is not None]
+    scored = [r for r in rows if r["best_score"] is not None]
     if not scored:
-        raise UserError(f"no trial reported {METRIC}; {why or 'see the errors in ' + str(experiment)}")
-    return dict(max(scored, key=lambda r: r["best_val_acc"] * (1 if MODE == "max" else -1)))
+        raise UserError(f"no trial reported {metric}; {why or 'see the errors in ' + str(experiment)}")
+    return dict(max(scored, key=lambda r: r["best_score"] * (1 if MODE == "max" else -1)))
 
 
 def retrain_remotely(cfg: SearchConfig, searched: Searched, out: Path, data: list,
@@ -374,7 +380,7 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
     results = training.run(final, arrays=arrays, init_checkpoint=init, overwrite=True,
                            hparams=best["config"],
                            mlflow=tracking.retrain_logger(cfg.tracking, best["config"]),
-                           line_prefix=CONSOLE_MARK + "retrain ")
+                           line_prefix=CONSOLE_MARK + "retrain ", metric=cfg.tune.metric)
     report = explain.analyse(results["checkpoint"], final.data.data_dir, out / "gradcam",
                              split="test", arrays=arrays)
     return {"retrain": results, "gradcam": report}
@@ -385,10 +391,12 @@ def summarise(cfg: SearchConfig, out: Path, searched: Searched,
     """results.json's contents (without total_seconds, which the caller measures)."""
     best, rows, retrain = searched.best, searched.rows, final["retrain"]
     results = {
-        "best_config": best["config"], "best_val_acc": best["best_val_acc"],
+        "best_config": best["config"], "metric": cfg.tune.metric, "best_score": best["best_score"],
+        "runner_up": runner_up(rows, best),
         "best_trial": best["trial_id"], "num_trials": len(rows),
         "trials_stopped_early": sum(r["status"] == "stopped early" for r in rows),
-        **{key: retrain[key] for key in ("test_acc", "test_loss", "per_class_acc", "checkpoint")},
+        **{key: retrain[key] for key in ("test_acc", "test_balanced_acc", "test_f1", "test_loss",
+                                         "per_class_acc", "per_class", "checkpoint")},
         "gradcam_dir": final["gradcam"]["output_dir"],
         "retrain_epochs": cfg.retrain.retrain_epochs, "retrain_init": cfg.retrain.init,
         "search_alg": cfg.tune.search_alg,
@@ -408,13 +416,21 @@ def summarise(cfg: SearchConfig, out: Path, searched: Searched,
     return results
 
 
+def runner_up(rows: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any] | None:
+    """The second-best trial (the report shows the best's margin over it), if any."""
+    others = [r for r in rows if r["best_score"] is not None and r["trial_id"] != best["trial_id"]]
+    second = max(others, key=lambda r: r["best_score"], default=None)
+    return None if second is None else {"trial": second["trial_id"],
+                                        "best_score": second["best_score"]}
+
+
 def seeded_results(seeds: Seeds | None) -> dict[str, Any]:
     """results.json's account of the head start: seeded trials, those skipped, --try."""
     if seeds is None:
         return {}
     best = seeds.best()
     return {"trials": len(seeds.seeds), "from": sorted({s.source for s in seeds.seeds}),
-            "best_val_acc": best.value if best else None,
+            "best_score": best.value if best else None,
             "skipped": sum(seeds.skipped.values()), "skipped_why": dict(seeds.skipped),
             "tries": [" ".join(f"{k}={v}" for k, v in t.items()) for t in seeds.tries]}
 
@@ -430,8 +446,8 @@ def report(cfg: SearchConfig, out: Path, results: dict[str, Any], searched: Sear
     write_text(out / "summary.md", summary_markdown(results))
     tracking.log_artifacts(cfg.tracking, results["mlflow_run_id"], [results["checkpoint"], page])
     best = searched.best
-    print(f"\ndone: best {describe(best['config'])} (val_acc {best['best_val_acc']:.4f}); "
-          f"test_acc={results['test_acc']:.4f}\n"
+    print(f"\ndone: best {describe(best['config'])} ({t.metric} {best['best_score']:.4f}); "
+          f"test_acc={results['test_acc']:.4f} test_balanced_acc={results['test_balanced_acc']:.4f}\n"
           f"  report:  {page}\n"
           f"  results: {out / 'results.json'}\n  summary: {out / 'summary.md'}\n"
           f"  model:   {results['checkpoint']}\n"
@@ -574,9 +590,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 - trials: {results['num_trials']} ({results['trials_stopped_early']} stopped early by ASHA)
 - best configuration: {', '.join(f'{key} = {format_value(value)}' for key, value in best.items())}
-- best validation accuracy during the search: {results['best_val_acc']:.4f}
+- best {results['metric']} during the search: {results['best_score']:.4f}
 - retrained for {results['retrain_epochs']} epochs on train + validation (init: {results['retrain_init']})
-- **test accuracy: {results['test_acc']:.4f}** (test loss {results['test_loss']:.4f})
+- **test accuracy: {results['test_acc']:.4f}** (balanced {results['test_balanced_acc']:.4f}, macro F1 {results['test_f1']:.4f}, test loss {results['test_loss']:.4f})
 - search time: {results['search_seconds']:.0f} s, total: {results['total_seconds']:.0f} s{resumed(results)}{budget_line(results)}
 
 The whole run on one page: `report.html`. Files: `trials.csv`, `retrain/` (checkpoint

@@ -5,6 +5,8 @@ keys against validation accuracy (Optuna's visualisations), the trials, the retr
 from __future__ import annotations
 
 import html
+import math
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import numpy as np
 
 from cifar_ray.console import format_duration
 from cifar_ray.files import save_figure, write_text
-from cifar_ray.names import GRADCAM_FIGURES
+from cifar_ray.names import GRADCAM_FIGURES, METRIC, shown_name
 from cifar_ray.search.settings import format_value, optuna_distribution
 
 FOLDER = "report"
@@ -61,11 +63,14 @@ def optuna_study(rows: list[dict[str, Any]], space: dict[str, tuple[str, list]])
     study = optuna.create_study(direction="maximize")
     distributions = {key: optuna_distribution(*spec) for key, spec in space.items()}
     for row in rows:
-        if row["best_val_acc"] is not None:
+        if row["best_score"] is not None:
             study.add_trial(optuna.trial.create_trial(
                 params={key: row[key] for key in space}, distributions=distributions,
-                value=row["best_val_acc"]))
+                value=row["best_score"]))
     return study
+
+
+MIN_IMPORTANCE_TRIALS = 10
 
 
 def plot_search_space(study, keys: list[str], folder: Path) -> dict[str, str]:
@@ -90,6 +95,10 @@ def plot_search_space(study, keys: list[str], folder: Path) -> dict[str, str]:
     for name, draw in figures.items():
         if scored < 2:
             missing[name] = f"needs at least 2 scored trials ({scored} here)"
+            continue
+        if name == "importance.png" and scored < MIN_IMPORTANCE_TRIALS:
+            missing[name] = (f"left out below {MIN_IMPORTANCE_TRIALS} scored trials ({scored} "
+                             "here): from so few, fANOVA's importances are noise")
             continue
         if name == "parallel_coordinates.png" and len(keys) < 2:
             missing[name] = "needs at least 2 searched keys"
@@ -153,13 +162,15 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}.note{{
 <h1>Search report</h1>
 <h2>Outcome</h2>
 {outcome_table(results)}
+<h3>The test set, class by class</h3>
+{class_table(results)}
 <h2>Trials</h2>
 {_figure(f"{FOLDER}/curves.png", "Validation accuracy of every trial against epoch; dotted: ASHA's rungs, x: where ASHA stopped a trial; red: the best trial")}
 {figure("parallel_coordinates.png", "Parallel coordinates: each line a trial, its searched values, coloured by its best validation accuracy")}
 {figure("slices.png", "Each searched key against the best validation accuracy of each trial (log axes for log-sampled keys)")}
 {figure("importance.png", "Hyperparameter importance by " + IMPORTANCE)}
 <h2>Trials table</h2>
-{trials_table(rows, keys, best_id)}
+{trials_table(rows, keys, best_id, results.get("metric", METRIC))}
 <h2>The retrain</h2>
 {_figure("retrain/curves.png", "The retrain's training loss and accuracy (trained on train + validation: no validation curves)")}
 <h2>Mistakes of the retrained model (GradCAM)</h2>
@@ -173,11 +184,23 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}.note{{
 
 
 def outcome_table(results: dict[str, Any]) -> str:
-    best = results["best_config"]
+    best, metric = results["best_config"], results.get("metric", METRIC)
+    images = sum(c["support"] for c in (results.get("per_class") or {}).values())
+    low, high = wilson(results["test_acc"], images)
+    second = results.get("runner_up")
+    margin = (f"; {results['best_score'] - second['best_score']:+.4f} over the runner-up, "
+              f"trial {second['trial']}" if second else "; no runner-up")
     return _table(["", ""], [
+        *([["config", f"{results['config_file']}: {results.get('purpose') or '(no comment)'}"]]
+          if results.get("config_file") else []),
         ["best configuration", ", ".join(f"{k} = {format_value(v)}" for k, v in best.items())],
-        ["best trial", f"{results['best_trial']}: validation accuracy {results['best_val_acc']:.4f}"],
-        ["test accuracy", f"{results['test_acc']:.4f} (loss {results['test_loss']:.4f}), after "
+        ["best trial", f"{results['best_trial']}: {metric} {results['best_score']:.4f} (what "
+                       f"the search went by){margin}"],
+        ["test set", f"{images:,} images: accuracy {results['test_acc']:.4f}, 95% interval "
+                     f"{low:.3f} to {high:.3f}"],
+        ["test accuracy", f"{results['test_acc']:.4f} (balanced accuracy "
+                          f"{results['test_balanced_acc']:.4f}, macro F1 {results['test_f1']:.4f}, "
+                          f"loss {results['test_loss']:.4f}), after "
                           f"a retrain of {results['retrain_epochs']} epochs on train + "
                           f"validation (init: {results['retrain_init']})"],
         ["trials", f"{results['num_trials']} ({results['trials_stopped_early']} stopped early "
@@ -187,7 +210,25 @@ def outcome_table(results: dict[str, Any]) -> str:
         *head_start_rows(results), *budget_rows(results),
         ["files", "results.json, summary.md, trials.csv, "
                   f"checkpoint {results['checkpoint']}"],
+        ["next", next_commands(results["checkpoint"])],
     ])
+
+
+def wilson(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of an accuracy measured on n images (95% at z = 1.96)."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def next_commands(checkpoint: str) -> str:
+    """What to do with the model: classify, export, serve (the checkpoint's path quoted)."""
+    ckpt = shlex.quote(shown_name(checkpoint, 500))
+    return (f"python -m cifar_ray.predict --checkpoint {ckpt} IMAGE ... ; "
+            f"python -m cifar_ray.export --checkpoint {ckpt} --format onnx ; "
+            f"python -m cifar_ray.app --checkpoint {ckpt}")
 
 
 def budget_rows(results: dict[str, Any]) -> list[list[str]]:
@@ -210,7 +251,7 @@ def head_start_rows(results: dict[str, Any]) -> list[list[str]]:
     seeded, rows = results.get("seeded") or {}, []
     if seeded.get("trials"):
         rows.append(["seeded", f"{seeded['trials']} earlier trials from "
-                               f"{', '.join(seeded['from'])} (best {seeded['best_val_acc']:.4f}); "
+                               f"{', '.join(seeded['from'])} (best {seeded['best_score']:.4f}); "
                                f"{seeded['skipped']} outside this search, not used"])
     if seeded.get("tries"):
         rows.append(["--try", "; ".join(seeded["tries"])])
@@ -220,14 +261,23 @@ def head_start_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def trials_table(rows: list[dict[str, Any]], keys: list[str], best_id: str) -> str:
+def class_table(results: dict[str, Any]) -> str:
+    """Each class's precision, recall, F1 and images in the test set."""
+    per_class = results.get("per_class") or {}
+    return _table(["class", "precision", "recall", "F1", "test images"],
+                  [[shown_name(name), f"{c['precision']:.3f}", f"{c['recall']:.3f}",
+                    f"{c['f1']:.3f}", str(c["support"])] for name, c in per_class.items()])
+
+
+def trials_table(rows: list[dict[str, Any]], keys: list[str], best_id: str,
+                 metric: str = METRIC) -> str:
     """Every trial, the best first, its row highlighted."""
-    ranked = sorted(rows, key=lambda r: -1 if r["best_val_acc"] is None else r["best_val_acc"],
+    ranked = sorted(rows, key=lambda r: -1 if r["best_score"] is None else r["best_score"],
                     reverse=True)
     return _table(
-        ["trial", *keys, "epochs", "best val acc", "status", "from", "start-up s"],
+        ["trial", *keys, "epochs", f"best {metric}", "status", "from", "start-up s"],
         [[r["trial_id"], *(_cell(r[k]) for k in keys), str(r["epochs"]),
-          _cell(r["best_val_acc"]), r["status"], origin(r), _cell(r["startup_s"])]
+          _cell(r["best_score"]), r["status"], origin(r), _cell(r["startup_s"])]
          for r in ranked],
         highlight=next((i for i, r in enumerate(ranked) if r["trial_id"] == best_id), None))
 

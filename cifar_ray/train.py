@@ -3,7 +3,7 @@
 Reads (or downloads) the data set, trains ResNet-9 with validation each epoch, reloads the best
 checkpoint safely and tests it once, then writes into the output dir:
 
-    best.ckpt        best validation accuracy (last epoch when there is no validation set)
+    best.ckpt        best --metric (validation accuracy; the last epoch without validation)
     last.ckpt        the latest epoch
     tensorboard/     TensorBoard event files (`tensorboard --logdir <output-dir>`)
     curves.png       loss and accuracy against epoch
@@ -22,6 +22,7 @@ from cifar_ray import cli
 from cifar_ray.config import Config, add_config_flags, parse_command
 from cifar_ray.data.sources import load_dataset
 from cifar_ray.errors import Interrupted, cli_entry
+from cifar_ray.names import METRIC, METRICS
 from cifar_ray.output_dir import check_resume_or_overwrite, output_dir_lock, resume_point
 from cifar_ray.signals import raise_on_signals
 
@@ -46,6 +47,9 @@ def build_parser(cfg: Config, module: str = "train",
                             help="continue an interrupted run from last.ckpt in the output dir")
         parser.add_argument("--overwrite", action="store_true",
                             help="replace a finished run already in the output dir")
+        parser.add_argument("--metric", choices=tuple(METRICS), default=METRIC,
+                            help="what best.ckpt goes by, as a search's tune.metric "
+                                 "(default: %(default)s)")
     return parser
 
 
@@ -59,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         arrays = load_dataset(cfg.data)  # downloads CIFAR when it is missing
         from cifar_ray.training import run  # torch, Lightning: only once the input is good
 
-        results = run(cfg, arrays, overwrite=args.overwrite, resume=args.resume)
-    val = f"{results['val_acc']:.4f}" if results["val_acc"] is not None else "n/a"
+        results = run(cfg, arrays, overwrite=args.overwrite, resume=args.resume,
+                      metric=args.metric)
+    val = f"{results['val_score']:.4f}" if results["val_score"] is not None else "n/a"
     print(f"done: test_acc={results['test_acc']:.4f} test_loss={results['test_loss']:.4f} "
-          f"best val_acc={val} epochs={results['epochs']} "
+          f"test_balanced_acc={results['test_balanced_acc']:.4f} "
+          f"best {results['metric']}={val} epochs={results['epochs']} "
           f"({results['train_seconds']:.0f}s, {results['train_images_per_second']:.0f} images/s); "
           f"results in {Path(results['checkpoint']).parent / 'results.json'}")
     return 0

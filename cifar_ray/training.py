@@ -14,7 +14,7 @@ from cifar_ray.console import format_duration
 from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.files import write_json
-from cifar_ray.module import LitResNet9, check_resumable, load_module
+from cifar_ray.module import LitResNet9, averaging, check_resumable, load_module
 from cifar_ray.names import METRIC, MODE
 from cifar_ray.output_dir import resume_point
 from cifar_ray.pl import pl
@@ -77,9 +77,10 @@ class EpochLines(pl.Callback):
 
 def run(cfg: Config, arrays: ImageArrays | None = None, init_checkpoint: str | Path | None = None,
         overwrite: bool = False, resume: bool = False, hparams: dict[str, Any] | None = None,
-        mlflow=None, line_prefix: str = "") -> dict[str, Any]:
+        mlflow=None, line_prefix: str = "", metric: str = METRIC) -> dict[str, Any]:
     """Train, test the best checkpoint, write the outputs; return the results. `hparams`: for
-    TensorBoard's HParams tab; `mlflow`: an MLflow logger; `line_prefix`: see EpochLines."""
+    TensorBoard's HParams tab; `mlflow`: an MLflow logger; `line_prefix`: see EpochLines;
+    `metric`: what the best checkpoint goes by (names.METRICS)."""
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     resume_from = resume_point(out, overwrite, resume)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -92,14 +93,15 @@ def run(cfg: Config, arrays: ImageArrays | None = None, init_checkpoint: str | P
         check_resumable(resume_from, cfg, data.classes)
     if init_checkpoint is not None:  # the best trial's: the same network, through every gate
         module.load_state_dict(load_module(init_checkpoint).state_dict())
-    trainer, best_checkpoint, history = build(cfg, data, out, hparams, mlflow, line_prefix)
+    trainer, best_checkpoint, history = build(cfg, data, out, hparams, mlflow, line_prefix, metric)
     start = time.perf_counter()
     # weights_only: resuming reads tensors and plain values only, like every load here.
     trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
     train_seconds = time.perf_counter() - start
     results = test_best(cfg, data, trainer, out / "best.ckpt", history, train_seconds)
     score = best_checkpoint.best_model_score
-    results["val_acc"] = float(score) if len(data.val_set) and score is not None else None
+    results["val_score"] = float(score) if len(data.val_set) and score is not None else None
+    results["metric"] = metric
     results["mlflow_run_id"] = mlflow.run_id if mlflow else None
     plot_curves(history.rows, out / "curves.png")
     write_json(out / "results.json", results)
@@ -107,14 +109,14 @@ def run(cfg: Config, arrays: ImageArrays | None = None, init_checkpoint: str | P
 
 
 def build(cfg: Config, data: CifarDataModule, out: Path, hparams: dict[str, Any] | None,
-          mlflow, line_prefix: str) -> tuple[pl.Trainer, pl.callbacks.ModelCheckpoint,
+          mlflow, line_prefix: str, metric: str = METRIC) -> tuple[pl.Trainer, pl.callbacks.ModelCheckpoint,
                                               EpochHistory]:
     """The Trainer with its checkpoints, logs and callbacks (see `run` for the arguments)."""
     has_val = len(data.val_set) > 0
-    # best.ckpt: the best val/acc (without validation, the latest epoch); last.ckpt: every
+    # best.ckpt: the best `metric` (without validation, the latest epoch); last.ckpt: every
     # epoch, for --resume (Lightning's `save_last` writes it only in a best epoch).
     best = pl.callbacks.ModelCheckpoint(
-        dirpath=out, filename="best", monitor=METRIC if has_val else "epoch", mode=MODE,
+        dirpath=out, filename="best", monitor=metric if has_val else "epoch", mode=MODE,
         save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
     last = pl.callbacks.ModelCheckpoint(dirpath=out, filename="last", save_top_k=1,
                                         enable_version_counter=False)
@@ -129,7 +131,7 @@ def build(cfg: Config, data: CifarDataModule, out: Path, hparams: dict[str, Any]
         devices=cfg.trainer.devices,
         max_epochs=cfg.trainer.epochs,
         logger=[tensorboard, mlflow] if mlflow else tensorboard,
-        callbacks=[best, last, history, pl.callbacks.LearningRateMonitor("step"),
+        callbacks=[best, last, history, pl.callbacks.LearningRateMonitor("step"), *averaging(cfg),
                    *([] if cfg.trainer.progress_bar else [EpochLines(line_prefix)])],
         enable_checkpointing=True,
         limit_val_batches=1.0 if has_val else 0,
@@ -148,8 +150,11 @@ def test_best(cfg: Config, data: CifarDataModule, trainer: pl.Trainer, best_path
     return {
         "test_acc": tested["test/acc"],
         "test_loss": tested["test/loss"],
-        "val_acc": None,
+        "test_balanced_acc": tested["test/balanced_acc"],
+        "test_f1": tested["test/f1"],
+        "val_score": None,
         "per_class_acc": best.test_report["per_class_acc"],
+        "per_class": best.test_report["per_class"],
         "confusion_matrix": best.test_report["confusion_matrix"],
         "classes": data.classes,
         "epochs": trainer.current_epoch,

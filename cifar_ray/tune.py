@@ -179,19 +179,27 @@ def print_plan(cfg: SearchConfig, given: Resources, epoch_seconds: float | None,
 # The searches `tune` chooses between when no --config is given (sized_to_this_machine).
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 FULL, QUICK = EXPERIMENTS / "search.yaml", EXPERIMENTS / "search_smoke.yaml"
+FOLDER = EXPERIMENTS / "search_folder.yaml"
 
 
 def sized_to_this_machine(argv: list[str]) -> list[str]:
     """Without --config, a local search is sized to this machine: the full search with a GPU,
-    the quick CPU search without; one line says which. Not for -h or a cluster's --address."""
+    the quick CPU search without; one line says which. Your own images (--dataset folder) get
+    their own search, never cut. Not for -h or a cluster's --address."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config")
     first.add_argument("--address", default="local")
+    first.add_argument("--dataset")
     first.add_argument("-h", "--help", action="store_true")
     given, _ = first.parse_known_args(argv)
     if given.config or given.help or given.address != "local" or not QUICK.is_file():
         return argv
     gpus = machine_resources()[1]
+    if given.dataset == "folder" and FOLDER.is_file():
+        print(f"your own images: {_shown_path(FOLDER)}, every image used"
+              + ("" if gpus else "; no GPU here, so it is slow: --plan shows how long, "
+                                 "--budget 1h fits it to an hour"), flush=True)
+        return ["--config", str(FOLDER), *argv]
     chosen, other = (FULL, QUICK) if gpus else (QUICK, FULL)
     what = (f"{gpus} GPU{'s' if gpus > 1 else ''} here: the full search" if gpus
             else "no GPU here: the quick CPU search (a few minutes)")
@@ -229,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     cfg.trainer.output_dir = str(out)
     asked = pipeline.Asked(args.resume, args.overwrite, args.verbose, sized, started, seeds,
-                           args.more)
+                           args.more, _shown_path(Path(args.config)) if args.config else "")
     with output_dir_lock(out, "cifar_ray.tune", skip=("tmp",)):
         return pipeline.run(cfg, out, asked)
 

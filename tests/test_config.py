@@ -85,15 +85,15 @@ def test_config_mistakes_are_one_line_errors(tmp_path, yaml_text, message):
 
 
 def test_flag_values_are_validated_too():
-    with pytest.raises(ConfigError, match="data.val_size must be >= 0"):
-        _resolve("--val-size", "-1")
+    with pytest.raises(ConfigError, match=r"data.val_size must be -1 \(a tenth\), 0 \(none\) or a count"):
+        _resolve("--val-size", "-2")
 
 
 def test_a_search_config_hands_out_independent_training_configs():
     cfg = SearchConfig()
     run = cfg.training_config()
     run.trainer.epochs, run.data.val_size = 1, 0
-    assert cfg.trainer.epochs == 24 and cfg.data.val_size == 5000
+    assert cfg.trainer.epochs == 24 and cfg.data.val_size == -1
     assert not hasattr(run, "search")
 
 

@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10
 
 from cifar_ray.config import Config
-from cifar_ray.data.arrays import split_train_val
+from cifar_ray.data.arrays import ImageArrays, Normalization, split_train_val
 from cifar_ray.data.cifar_files import SPECS, ensure_dataset, read_cifar
-from cifar_ray.data.datamodule import CifarDataModule, DeviceBatches
+from cifar_ray.data.datamodule import CifarDataModule, DeviceBatches, split_arrays
 from cifar_ray.errors import DataError
 from tests.cifar_fixture import dump_py2, write_cifar10, write_cifar100
 from tests.conftest import MarkerPayload
@@ -236,13 +238,41 @@ def test_no_network_says_where_to_put_the_files(tmp_path, monkeypatch):
 
 
 def test_split_is_seeded_disjoint_and_complete():
-    train, val = split_train_val(100, 20, seed=3)
+    labels = np.arange(100) % 10
+    train, val = split_train_val(labels, 20, seed=3)
     assert len(val) == 20 and len(train) == 80 and not set(train) & set(val)
     assert sorted(np.concatenate([train, val])) == list(range(100))
-    np.testing.assert_array_equal(val, split_train_val(100, 20, seed=3)[1])
-    assert not np.array_equal(val, split_train_val(100, 20, seed=4)[1])
+    np.testing.assert_array_equal(val, split_train_val(labels, 20, seed=3)[1])
+    assert not np.array_equal(val, split_train_val(labels, 20, seed=4)[1])
     with pytest.raises(DataError, match="must be smaller than the 100 training images"):
-        split_train_val(100, 100, seed=0)
+        split_train_val(labels, 100, seed=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 60), min_size=1, max_size=8), share=st.floats(0.01, 0.9),
+       seed=st.integers(0, 2**32 - 1))
+def test_the_split_is_stratified_for_any_class_counts(counts, share, seed):
+    labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
+    n = len(labels)
+    val_size = min(n - 1, max(0, round(share * n)))
+    train, val = split_train_val(labels, val_size, seed)
+    assert len(val) == val_size and sorted(np.concatenate([train, val])) == list(range(n))
+    for c, count in enumerate(counts):  # each class gives its share, off by less than one
+        assert abs((labels[val] == c).sum() - count * val_size / n) < 1
+
+
+def test_validation_is_a_stratified_tenth_by_default_with_a_warning_past_a_third(capsys):
+    labels = np.array([0] * 700 + [1] * 300)
+    images = np.zeros((1000, 8, 8, 3), np.uint8)
+    arrays = ImageArrays(images, labels, images[:10], labels[:10], ["good", "faulty"],
+                         Normalization((0.5,) * 3, (0.25,) * 3))
+    _, val_y = split_arrays(arrays, "val", -1, seed=1)
+    assert len(val_y) == 100 and (val_y == 1).sum() == 30  # a tenth, 70/30 like the data
+    cfg = Config.from_dict({"data": {"val_size": 600, "image_size": 8, "num_workers": 0}})
+    CifarDataModule(cfg, arrays).setup()
+    assert "validation holds 600 images, more than a third of the 1,000" in capsys.readouterr().err
+    CifarDataModule(Config.from_dict({"data": {"image_size": 8}}), arrays).setup()
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_datamodule_split_limit_and_no_validation(cifar10):

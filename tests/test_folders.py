@@ -6,6 +6,7 @@ search on such a set: tests/test_tune.py.)"""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -144,7 +145,7 @@ def test_training_on_class_folders_learns_and_keeps_its_normalisation(folder_run
     results = json.loads((out / "results.json").read_text())
     assert results["classes"] == FOLDER_CLASSES
     assert results["test_acc"] > 0.6  # 4 classes: chance is 0.25
-    assert results["val_acc"] is not None and results["train_images"] == 800  # val/ validated
+    assert results["val_score"] is not None and results["train_images"] == 800  # val/ validated
     from cifar_ray.module import load_module
     module = load_module(out / "best.ckpt")
     assert module.normalization == read_folders(data, quiet=True).norm
@@ -219,3 +220,20 @@ def test_a_damaged_cache_is_one_warning_and_is_rebuilt(tmp_path, capsys, damage)
     assert peak < 50_000_000, f"{peak / 1e6:.0f} MB"
     read_folders(tmp_path)  # rebuilt: read from it again
     assert "read from its cache" in capsys.readouterr().out
+
+
+def test_without_test_folder_a_stratified_fifth_of_train_is_the_test_set(tmp_path, capsys):
+    write_class_folders(tmp_path, n_train=200, n_test=10)
+    whole = read_folders(tmp_path, quiet=True)
+    shutil.rmtree(tmp_path / "test")
+    arrays = read_folders(tmp_path)
+    said = capsys.readouterr().out
+    assert "no test/ folder: a stratified 1/5 of train/ (40 images) is the test set" in said
+    assert (len(arrays.train_labels), len(arrays.test_labels)) == (160, 40)
+    share = np.bincount(whole.train_labels) / 200
+    np.testing.assert_allclose(np.bincount(arrays.test_labels) / 40, share, atol=1 / 40)
+    # The held-out images are train/'s own, none of them trained on, the same in every read.
+    train_rows = {image.tobytes() for image in arrays.train_images}
+    assert not any(image.tobytes() in train_rows for image in arrays.test_images)
+    again = read_folders(tmp_path, quiet=True)
+    np.testing.assert_array_equal(again.test_images, arrays.test_images)

@@ -168,3 +168,29 @@ def test_plan_flags_are_checked():
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --plan-epoch-seconds must be in (0, 86400], got -3.0"
+
+
+def test_your_own_images_get_their_search_every_image_used(tmp_path):
+    from tests.cifar_fixture import write_class_folders
+
+    write_class_folders(tmp_path / "parts", n_train=300, n_test=20)
+    (tmp_path / "parts" / "test").rename(tmp_path / "no-test")
+    proc = subprocess.run([sys.executable, "-m", "cifar_ray.tune", "--plan", "--dataset", "folder",
+                           "--data-dir", str(tmp_path / "parts")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    first, *rest = proc.stdout.splitlines()
+    assert first.startswith("your own images: experiments/search_folder.yaml, every image used")
+    text = "\n".join(rest)
+    # 300 less a fifth held out as the test set (no test/), less a tenth for validation
+    assert "216 training + 24 validation images per trial-epoch" in text, text
+    assert "metric       val/balanced_acc" in text and "searched     data.balance" in text
+
+
+def test_a_config_says_what_it_is_for():
+    from cifar_ray.config import purpose_of
+
+    assert purpose_of(ROOT / "experiments/search_smoke.yaml").endswith(
+        "It checks the machinery, not what the recipe reaches.")
+    assert purpose_of(ROOT / "experiments/search_folder.yaml").startswith("Your own images")
+    assert purpose_of(ROOT / "nowhere.yaml") == ""

@@ -28,16 +28,20 @@ def _rows(n: int) -> list[dict]:
         curve = [(e, 0.2 + 0.1 * e + 0.05 * i) for e in range(1, epochs + 1)]
         rows.append({"trial_id": f"t{i}", "optim.lr": 10 ** (-4 + 3 * i / max(n - 1, 1)),
                      "trainer.batch_size": [64, 128][i % 2], "augment.cutout_p": 0.25 * (i % 5),
-                     "epochs": epochs, "best_val_acc": max(a for _, a in curve),
+                     "epochs": epochs, "best_score": max(a for _, a in curve),
                      "status": "completed" if epochs == 3 else "stopped early",
                      "startup_s": 20.0 + i, "curve": curve})
     return rows
 
 
 def _results(rows: list[dict]) -> dict:
-    best = max(rows, key=lambda r: r["best_val_acc"])
+    best = max(rows, key=lambda r: r["best_score"])
     return {"best_config": {k: best[k] for k in SPACE}, "best_trial": best["trial_id"],
-            "best_val_acc": best["best_val_acc"], "test_acc": 0.81, "test_loss": 0.6,
+            "best_score": best["best_score"], "test_acc": 0.81, "test_loss": 0.6,
+            "test_balanced_acc": 0.7, "test_f1": 0.72, "metric": "val/balanced_acc",
+            "per_class": {"good": {"precision": 0.9, "recall": 0.95, "f1": 0.92, "support": 70},
+                          "<faulty>": {"precision": 0.5, "recall": 0.45, "f1": 0.47,
+                                       "support": 30}},
             "retrain_epochs": 2, "retrain_init": "checkpoint", "num_trials": len(rows),
             "trials_stopped_early": sum(r["status"] == "stopped early" for r in rows),
             "search_alg": "optuna", "search_seconds": 100.0, "training_seconds": 60.0,
@@ -53,7 +57,7 @@ def _gradcam(out: Path) -> dict:
 
 
 def test_the_report_draws_every_figure_it_shows_in_order(tmp_path):
-    rows = _rows(8)
+    rows = _rows(10)
     page = write_report(tmp_path, _results(rows), rows, SPACE, [1, 2], _gradcam(tmp_path))
     text = page.read_text()
     sources = re.findall(r'<img src="([^"]+)"', text)
@@ -70,10 +74,34 @@ def test_the_report_draws_every_figure_it_shows_in_order(tmp_path):
     assert 'href="gradcam/index.html"' in text and "fANOVA" in text
     table = text.split("<h2>Trials table</h2>")[1].split("<h2>")[0]
     ids = re.findall(r"<tr(?: class=best)?><td>(t\d+)</td>", table)
-    best = max(rows, key=lambda r: r["best_val_acc"])
-    assert len(ids) == 8 and ids[0] == best["trial_id"]  # best first, highlighted
+    best = max(rows, key=lambda r: r["best_score"])
+    assert len(ids) == 10 and ids[0] == best["trial_id"]  # best first, highlighted
     assert f"<tr class=best><td>{best['trial_id']}</td>" in table
     assert "stopped early" in table and html.escape("optim.lr = ") in text
+    assert "<th>best val/balanced_acc</th>" in table  # tune.metric names the column
+
+
+def test_the_report_shows_the_metric_and_each_class_of_the_test_set(tmp_path):
+    rows = _rows(9)
+    results = {**_results(rows), "config_file": "experiments/search_smoke.yaml",
+               "purpose": "A CPU smoke search. It checks the machinery.",
+               "runner_up": {"trial": "t6", "best_score": rows[6]["best_score"]},
+               "checkpoint": "/x/my runs/retrain/best.ckpt"}
+    text = write_report(tmp_path, results, rows, SPACE, [1, 2], _gradcam(tmp_path)).read_text()
+    outcome = text.split("<h2>Trials</h2>")[0]
+    assert "experiments/search_smoke.yaml: A CPU smoke search. It checks the machinery." in outcome
+    assert "+0.1000 over the runner-up, trial t6" in outcome
+    # 100 test images at 0.81: Wilson's 95% interval
+    assert "100 images: accuracy 0.8100, 95% interval 0.722 to 0.875" in outcome
+    assert html.escape("python -m cifar_ray.export --checkpoint '/x/my runs/retrain/best.ckpt' "
+                       "--format onnx") in outcome
+    assert "left out below 10 scored trials (9 here)" in text
+    assert "report/importance.png" not in text
+    assert "val/balanced_acc" in outcome and "balanced accuracy 0.7000" in outcome
+    assert "macro F1 0.7200" in outcome
+    classes = outcome.split("class by class")[1]
+    assert re.findall(r"<tr><td>([^<]+)</td><td>([\d.]+)</td><td>([\d.]+)</td>", classes) == [
+        ("good", "0.900", "0.950"), ("&lt;faulty&gt;", "0.500", "0.450")]  # escaped once
 
 
 def test_a_report_of_one_trial_says_what_it_cannot_draw(tmp_path):

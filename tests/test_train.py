@@ -25,14 +25,14 @@ def test_training_learns_the_planted_signal(trained_run):
     out, proc = trained_run
     results = json.loads((out / "results.json").read_text())
     assert results["test_acc"] > 0.6  # 10 classes: chance is 0.1
-    assert results["val_acc"] > 0.6
+    assert results["val_score"] > 0.6
     assert "done: test_acc=" in proc.stdout
 
 
 def test_results_json_has_every_documented_field(trained_run):
     out, _ = trained_run
     results = json.loads((out / "results.json").read_text())
-    for key in ("test_acc", "test_loss", "val_acc", "per_class_acc", "confusion_matrix", "epochs",
+    for key in ("test_acc", "test_loss", "val_score", "metric", "per_class_acc", "confusion_matrix", "epochs",
                 "train_seconds", "train_images_per_second", "checkpoint", "config", "history"):
         assert key in results, key
     assert results["epochs"] == 3 and len(results["history"]) == 3
@@ -103,7 +103,7 @@ def test_no_validation_set_keeps_the_last_epoch(cifar10, tmp_path):
     from cifar_ray.training import run
 
     results = run(cfg)
-    assert results["val_acc"] is None and (tmp_path / "noval" / "best.ckpt").is_file()
+    assert results["val_score"] is None and (tmp_path / "noval" / "best.ckpt").is_file()
     assert "val/acc" not in results["history"][0]
 
 
@@ -202,5 +202,5 @@ def test_last_checkpoint_is_each_epochs_and_best_the_best_epochs(cifar10, tmp_pa
     out = tmp_path / "run"
     assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 3, accs
     assert torch.load(out / "best.ckpt", weights_only=True)["epoch"] == accs.index(max(accs)), accs
-    assert results["val_acc"] == pytest.approx(max(accs))
+    assert results["val_score"] == pytest.approx(max(accs))
     assert sorted(p.name for p in out.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]

@@ -77,10 +77,10 @@ def test_the_readmes_main_command_as_written_runs_the_whole_search(noisy_data, t
     assert all(0 < float(t["startup_s"]) < 300 for t in trials), trials  # measured, per trial
     assert any(t["status"] == "stopped early" and int(t["epochs"]) < 3 for t in trials), trials
     results = json.loads((out / "results.json").read_text())
-    best_row = max(trials, key=lambda t: float(t["best_val_acc"] or -1))
-    assert results["best_val_acc"] == pytest.approx(float(best_row["best_val_acc"]))
+    best_row = max(trials, key=lambda t: float(t["best_score"] or -1))
+    assert results["best_score"] == pytest.approx(float(best_row["best_score"]))
     assert list(trials[0]) == ["trial_id", "optim.lr", "optim.weight_decay", "trainer.batch_size",
-                               "epochs", "best_val_acc", "status", "origin", "round",
+                               "epochs", "best_score", "status", "origin", "round",
                                "startup_s", *PHASE_COLUMNS,
                                "train_s"]
     # Each trial's start-up, phase by phase: the phases add up to it.
@@ -274,14 +274,14 @@ def _search_on_folders_resumed(class_folders, space, out, tmp_path, sys_tmp, uri
     assert " started: " not in proc.stdout  # no trial ran again
     trials = _read_trials(out)
     assert list(trials[0]) == ["trial_id", "model.width", "augment.cutout_p", "data.image_size",
-                               "epochs", "best_val_acc", "status", "origin", "round",
+                               "epochs", "best_score", "status", "origin", "round",
                                "startup_s", *PHASE_COLUMNS,
                                "train_s"]
     assert {t["model.width"] for t in trials} <= {"8", "16"}
     assert {t["data.image_size"] for t in trials} <= {"32", "48"}
     assert all(0 <= float(t["augment.cutout_p"]) <= 1 for t in trials)
     results = json.loads((out / "results.json").read_text())
-    best = max(trials, key=lambda t: float(t["best_val_acc"]))
+    best = max(trials, key=lambda t: float(t["best_score"]))
     assert results["best_config"] == {"model.width": int(best["model.width"]),
                                       "augment.cutout_p": pytest.approx(float(best["augment.cutout_p"])),
                                       "data.image_size": int(best["data.image_size"])}
@@ -292,7 +292,7 @@ def _search_on_folders_resumed(class_folders, space, out, tmp_path, sys_tmp, uri
     assert f"model.width={best['model.width']}" in proc.stdout
     assert "model.width = " in (out / "summary.md").read_text()
     # Learned on the user's images: 4 classes, chance is 0.25.
-    assert results["best_val_acc"] > 0.5 and results["test_acc"] > 0.6, results
+    assert results["best_score"] > 0.5 and results["test_acc"] > 0.6, results
     assert (out / "gradcam" / "index.html").is_file() and (out / "report.html").is_file()
     assert results["resumes"] == 1
 
@@ -576,7 +576,7 @@ def test_a_budget_stops_running_trials_at_its_deadline_and_more_adds_trials(
     assert re.search(r"budget: \d+ s of 2 min used", proc.stdout), proc.stdout[-3000:]
     trials = _read_trials(out)
     stopped = [t for t in trials if t["status"] == "stopped by the budget"]
-    assert stopped and all(t["best_val_acc"] and int(t["epochs"]) < 20 for t in stopped), trials
+    assert stopped and all(t["best_score"] and int(t["epochs"]) < 20 for t in stopped), trials
     assert [t["origin"] for t in trials].count("--try") == 1, trials
     results = json.loads((out / "results.json").read_text())
     budget = results["budget"]
@@ -596,7 +596,7 @@ def test_a_budget_stops_running_trials_at_its_deadline_and_more_adds_trials(
     assert [t["round"] for t in after].count("1") == 1
     again = json.loads((out / "results.json").read_text())
     assert again["rounds"] == 2 and again["num_trials"] == len(after)
-    best = max(after, key=lambda t: float(t["best_val_acc"] or -1))
-    assert again["best_val_acc"] == pytest.approx(float(best["best_val_acc"]))
+    best = max(after, key=lambda t: float(t["best_score"] or -1))
+    assert again["best_score"] == pytest.approx(float(best["best_score"]))
     assert (out / "report.html").stat().st_mtime_ns > page_before
     assert (out / "search" / "more-1").is_dir()

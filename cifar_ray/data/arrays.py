@@ -60,9 +60,28 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def split_train_val(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded random split of range(n) into (train indices, validation indices)."""
+VAL_SHARE = 10  # data.val_size -1: a tenth of the training images (5,000 of CIFAR's 50,000)
+
+
+def val_count(val_size: int, n: int) -> int:
+    """The validation images data.val_size asks for out of `n` training images."""
+    return n // VAL_SHARE if val_size < 0 else val_size
+
+
+def split_train_val(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of the images `labels` label into (train indices, validation indices),
+    stratified: each class gives validation its share, the largest remainders one more.
+    Written here: scikit-learn's splitter costs each trial 1.6 s of imports."""
+    labels = np.asarray(labels)
+    n = len(labels)
     if val_size >= n:
         raise DataError(f"data.val_size ({val_size}) must be smaller than the {n} training images")
+    _, counts = np.unique(labels, return_counts=True)
+    share = counts * val_size / n
+    take = np.floor(share).astype(int)
+    take[np.argsort(take - share, kind="stable")[:val_size - take.sum()]] += 1
     order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[val_size:]), np.sort(order[:val_size])
+    by_class = order[np.argsort(labels[order], kind="stable")]  # shuffled within each class
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    val = np.sort(np.concatenate([by_class[s:s + k] for s, k in zip(starts, take)]))
+    return np.setdiff1d(np.arange(n), val), val

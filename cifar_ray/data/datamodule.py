@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Iterator
 
 import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from cifar_ray.config import Config
-from cifar_ray.data.arrays import ImageArrays, Normalization, resized, split_train_val
+from cifar_ray.data.arrays import (
+    ImageArrays,
+    Normalization,
+    resized,
+    split_train_val,
+    val_count,
+)
 from cifar_ray.data.augment import (
     augment_batch,
     eval_transform,
@@ -56,8 +63,10 @@ class DeviceBatches:
     shuffled anew each epoch from `seed`; under DDP each rank takes every `world`-th image."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
+                 shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                 weights: torch.Tensor | None = None):
         self.images, self.labels = images, labels  # (N, 3, s, s) uint8, (N,) int64
+        self.weights = weights  # (N,) on the CPU: each epoch draws N images by them (balanced)
         self.batch_size, self.shuffle, self.rank, self.world = batch_size, shuffle, rank, world
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         self.count = len(range(rank, len(labels), world))  # this rank's images
@@ -69,7 +78,12 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
+        elif self.shuffle:
+            order = torch.randperm(n, generator=self.generator)
+        else:
+            order = torch.arange(n)
         order = order[self.rank::self.world].to(self.images.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]
@@ -79,8 +93,8 @@ class DeviceBatches:
 def split_arrays(arrays: ImageArrays, split: str, val_size: int,
                  seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of "train", "val" or "test". A data set's own val/ is the validation
-    set (train + val/ are trained on when `val_size` is 0); else `val_size` training images,
-    drawn with `seed`."""
+    set (train + val/ are trained on when `val_size` is 0); else `val_size` training images
+    (-1: a tenth), stratified, drawn with `seed`."""
     if split == "test":
         return arrays.test_images, arrays.test_labels
     if arrays.val_images is not None:
@@ -92,11 +106,18 @@ def split_arrays(arrays: ImageArrays, split: str, val_size: int,
         return (np.concatenate([arrays.train_images, arrays.val_images]),
                 np.concatenate([arrays.train_labels, arrays.val_labels]))
     if val_size:
-        train_idx, val_idx = split_train_val(len(arrays.train_labels), val_size, seed)
+        count = val_count(val_size, len(arrays.train_labels))
+        train_idx, val_idx = split_train_val(arrays.train_labels, count, seed)
     else:
         train_idx, val_idx = np.arange(len(arrays.train_labels)), np.arange(0)
     index = train_idx if split == "train" else val_idx
     return arrays.train_images[index], arrays.train_labels[index]
+
+
+def balanced_weights(labels: np.ndarray) -> torch.Tensor:
+    """(N,) sampling weights that make each class equally likely: 1 / its count."""
+    labels = torch.from_numpy(np.asarray(labels)).long()
+    return 1.0 / torch.bincount(labels).double()[labels]
 
 
 def available_cpus() -> int:
@@ -133,6 +154,11 @@ class CifarDataModule(pl.LightningDataModule):
         self.arrays = arrays = resized(self.arrays, d.image_size)
         train_x, train_y = split_arrays(arrays, "train", d.val_size, self.cfg.trainer.seed)
         val_x, val_y = split_arrays(arrays, "val", d.val_size, self.cfg.trainer.seed)
+        if len(val_y) * 2 > len(train_y):
+            print(f"warning: validation holds {len(val_y):,} images, more than a third of the "
+                  f"{len(train_y) + len(val_y):,} it was split from: the model trains on "
+                  f"{len(train_y):,} (data.val_size -1 holds out a tenth)", file=sys.stderr,
+                  flush=True)
         if d.limit_train:
             train_x, train_y = train_x[: d.limit_train], train_y[: d.limit_train]
         evaluate = eval_transform(self.norm)
@@ -161,13 +187,18 @@ class CifarDataModule(pl.LightningDataModule):
         batch = self.cfg.trainer.batch_size
         return batch if shuffle else max(batch, EVAL_BATCH)
 
+    def sample_weights(self, dataset: ImageArrayDataset, shuffle: bool) -> torch.Tensor | None:
+        """data.balance "sampler": training batches drawn with each class equally likely."""
+        return balanced_weights(dataset.labels) if shuffle and self.cfg.data.balance == "sampler" \
+            else None
+
     def _device_batches(self, dataset: ImageArrayDataset, shuffle: bool) -> DeviceBatches:
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         images = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).contiguous()  # (N, 3, s, s)
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         return DeviceBatches(images.to(device), torch.from_numpy(dataset.labels).long().to(device),
                              self.batch_size(shuffle), shuffle, seed=self.cfg.trainer.seed,
-                             rank=rank, world=world)
+                             rank=rank, world=world, weights=self.sample_weights(dataset, shuffle))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Device batches arrive as uint8: augment (training) or just normalise them here."""
@@ -187,7 +218,11 @@ class CifarDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         workers, batch = self.num_workers(), self.batch_size(shuffle)
-        return DataLoader(dataset, batch_size=batch, shuffle=shuffle,
+        weights = self.sample_weights(dataset, shuffle)
+        sampler = None if weights is None else WeightedRandomSampler(
+            weights, len(dataset), generator=torch.Generator().manual_seed(self.cfg.trainer.seed))
+        return DataLoader(dataset, batch_size=batch, shuffle=shuffle and sampler is None,
+                          sampler=sampler,
                           drop_last=shuffle and drop_partial(len(dataset), batch),
                           num_workers=workers, persistent_workers=workers > 0,
                           worker_init_fn=reseed_worker, pin_memory=torch.cuda.is_available())

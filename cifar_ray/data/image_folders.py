@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cifar_ray.config import MAX_CLASS_NAME, MAX_CLASSES
-from cifar_ray.data.arrays import ImageArrays, Normalization
+from cifar_ray.data.arrays import ImageArrays, Normalization, split_train_val
 from cifar_ray.errors import DataError
 from cifar_ray.files import atomic_path
 
@@ -62,10 +62,8 @@ def scan(root: Path) -> tuple[list[str], dict[str, list[tuple[Path, int]]], int]
     """Class names, and for each split present its (file, class index) pairs; plus how many
     files were skipped as not images. DataError (one line) for a layout that cannot be used."""
     if not (root / "train").is_dir():
-        raise DataError(f"{root}: no train/ folder (expected train/<class>/<images> and "
-                        "test/<class>/<images>)")
-    if not (root / "test").is_dir():
-        raise DataError(f"{root}: no test/ folder (expected test/<class>/<images>)")
+        raise DataError(f"{root}: no train/ folder (expected train/<class>/<images>, "
+                        "optionally test/ and val/ alike)")
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"{root / 'train'}: no class folders (expected train/<class>/<images>)")
@@ -209,9 +207,22 @@ def read_folders(data_dir: str | Path, quiet: bool = False, size: int = 32) -> I
     # classes come from the folders as listed now (a cache can be planted with any).
     labels = {split: np.asarray([label for _, label in pairs], dtype=np.int64)
               for split, pairs in files.items()}
-    train = arrays["train_images"]
-    return ImageArrays(train, labels["train"], arrays["test_images"], labels["test"],
-                       classes, channel_stats(train), arrays.get("val_images"), labels.get("val"))
+    train, train_labels = arrays["train_images"], labels["train"]
+    if "test" in files:
+        test, test_labels = arrays["test_images"], labels["test"]
+    else:
+        kept, held = split_train_val(train_labels, len(train_labels) // TEST_SHARE, TEST_SEED)
+        say(f"data: no test/ folder: a stratified 1/{TEST_SHARE} of train/ ({len(held):,} "
+            "images) is the test set, the same in every run; the rest is trained on")
+        train, train_labels, test, test_labels = (train[kept], train_labels[kept], train[held],
+                                                  train_labels[held])
+    return ImageArrays(train, train_labels, test, test_labels, classes, channel_stats(train),
+                       arrays.get("val_images"), labels.get("val"))
+
+
+# Without test/, this share of train/ is the test set: drawn with a fixed seed, never the run's,
+# so that no run, trial or seed ever trains on it.
+TEST_SHARE, TEST_SEED = 5, 0
 
 
 def _write_cache(arrays: dict[str, np.ndarray], places: list[Path], say) -> None:

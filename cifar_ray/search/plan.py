@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cifar_ray.config import range_text
+from cifar_ray.data.arrays import val_count
 from cifar_ray.console import format_duration
+from cifar_ray.names import METRIC, METRICS
 
 # CIFAR-10 and CIFAR-100 both have 50,000 training images (cifar_files.py reads them).
 CIFAR_TRAIN_IMAGES = 50_000
@@ -67,10 +69,12 @@ def image_counts(cfg, sizes: tuple[int, int] | None = None) -> tuple[int, int] |
         if not count.get("train"):
             return None
         total, val = count["train"], count.get("val", 0)
+        if not (root / "test").is_dir():  # image_folders holds out a fifth as the test set
+            total -= total // 5
     else:
         total, val = CIFAR_TRAIN_IMAGES, 0
     if not val:
-        val = min(d.val_size, total)
+        val = min(val_count(d.val_size, total), total)
         total -= val
     train = min(d.limit_train, total) if d.limit_train else total
     return train, val
@@ -91,6 +95,7 @@ class SearchPlan:
     epoch_seconds: float | None = None  # one trial-epoch, at this concurrency
     epoch_source: str = ""  # where epoch_seconds came from
     retrain_epoch_seconds: float | None = None  # one retrain epoch, when known apart
+    metric: str = METRIC  # tune.metric
 
     @property
     def rungs(self) -> list[int]:
@@ -148,6 +153,8 @@ class SearchPlan:
         lines = [
             "plan:",
             f"  trials       {self.trials}, {self.concurrent} at a time, each on {workers}{on}",
+            f"  metric       {self.metric} ({METRICS[self.metric]}): ASHA, the checkpoints and "
+            "the choice of the best go by it",
             f"  ASHA         compares trials at epochs {rungs} of {self.max_t}; each rung keeps "
             f"the best 1/{self.reduction_factor}",
             f"  trial-epochs at most {most} (no trial stopped), about {expected:.0f} if each rung "
@@ -189,7 +196,7 @@ def make_plan(cfg, concurrent: int, gpus_per_worker: float, epoch_seconds: float
         cpus=t.cpus_per_worker, gpus=gpus_per_worker, max_t=cfg.trainer.epochs,
         grace_period=t.grace_period, reduction_factor=t.reduction_factor,
         retrain_epochs=cfg.retrain.retrain_epochs, images=image_counts(cfg, sizes),
-        epoch_seconds=epoch_seconds, epoch_source=epoch_source)
+        epoch_seconds=epoch_seconds, epoch_source=epoch_source, metric=t.metric)
     if epoch_seconds is None and not gpus_per_worker and plan.images:
         train, val = plan.images
         per_image = training_gflop_per_image(cfg.model.width, cfg.data.image_size)

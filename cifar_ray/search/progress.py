@@ -18,7 +18,7 @@ from ray.tune import Callback
 from cifar_ray.console import CONSOLE_MARK, Console, format_duration, screen
 from cifar_ray.errors import full_disk
 from cifar_ray.files import append_line, open_log
-from cifar_ray.names import FIRST_STEP_AT, METRIC, MODE, REPORTED_AT, STARTUP
+from cifar_ray.names import FIRST_STEP_AT, MODE, REPORTED_AT, STARTUP
 from cifar_ray.search.plan import SearchPlan, expected_epochs
 from cifar_ray.search.settings import describe
 
@@ -125,6 +125,7 @@ class SearchConsole(Callback):
                  max_failures: int, stop=None):
         self.plan, self.out, self.space, self.verbose = plan, out, space, verbose
         self.max_failures, self.stop = max_failures, stop
+        self.metric = plan.metric  # tune.metric
         self.before = 0.0  # the search's seconds in earlier sessions (set_state)
         self.sessions = 1
         self.stopper = None  # the budget's DeadlineStopper, whose clock the lines show
@@ -160,7 +161,7 @@ class SearchConsole(Callback):
         # Tune's reporter is silent (event lines replace its tables); this prints its status.
         if not self.verbose:
             table = TuneTerminalReporter(AirVerbosity.DEFAULT, num_samples=self.plan.trials,
-                                         metric=METRIC, mode=MODE, config=self.space)
+                                         metric=self.metric, mode=MODE, config=self.space)
             table.setup(start_time=now, total_samples=self.plan.trials)
             self._runtime["table"] = table
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
@@ -199,9 +200,9 @@ class SearchConsole(Callback):
             return
         last = trial.last_result or {}
         epochs = int(last.get("training_iteration", 0))
-        acc = last.get(METRIC)
-        best = trial.metric_analysis.get(METRIC, {}).get(MODE) if trial.metric_analysis else None
-        scores = f"{METRIC} {acc:.4f}" if acc is not None else "no score"
+        acc = last.get(self.metric)
+        best = trial.metric_analysis.get(self.metric, {}).get(MODE) if trial.metric_analysis else None
+        scores = f"{self.metric} {acc:.4f}" if acc is not None else "no score"
         if best is not None and acc is not None and best > acc:
             scores += f", best {best:.4f}"
         if self.stopper is not None and trial.trial_id in self.stopper.stopped:

@@ -57,7 +57,8 @@ def run_rounds(cfg, out: Path, session: Session, resume: bool, interrupted) -> t
     seeds = session.seeds or Seeds()
     rows: list[dict[str, Any]] = []
     for k, where in enumerate(known[:-1]):
-        rows += marked(summarise_trials(ended(where), list(cfg.search), cfg.trainer.epochs),
+        rows += marked(summarise_trials(ended(where), list(cfg.search), cfg.trainer.epochs,
+                                        metric=t.metric),
                        k, seeds, first_configs(cfg, seeds, rows))
     first = first_configs(cfg, seeds, rows)
     last = Round(known[-1], t.num_samples, t.search_seed, seeds.seeds, first)
@@ -104,7 +105,7 @@ def one_round(cfg, out: Path, session: Session, round_: Round, resume: bool,
                       console, session.verbose, stopper, round_)
     check_stopped(interrupted, round_.where)
     rows = summarise_trials(grid, list(cfg.search), cfg.trainer.epochs,
-                            stopper.stopped if stopper else ())
+                            stopper.stopped if stopper else (), cfg.tune.metric)
     return console.seconds(), console.sessions, rows
 
 
@@ -117,8 +118,8 @@ def first_configs(cfg, seeds: Seeds, rows: list[dict[str, Any]]) -> list[dict[st
 
 
 def own_seeds(rows: list[dict[str, Any]], source: str) -> list[Seed]:
-    return [Seed(r["config"], r["best_val_acc"], r["epochs"], source) for r in rows
-            if r["best_val_acc"] is not None]
+    return [Seed(r["config"], r["best_score"], r["epochs"], source) for r in rows
+            if r["best_score"] is not None]
 
 
 def marked(rows: list[dict[str, Any]], k: int, seeds: Seeds,

@@ -37,6 +37,7 @@ class Seeds:
     seeds: list[Seed] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> trials
     tries: list[dict[str, Any]] = field(default_factory=list)
+    metric: str = METRIC  # what the seeds' values are (tune.metric)
 
     def best(self) -> Seed | None:
         return max(self.seeds, key=lambda s: s.value, default=None)
@@ -48,7 +49,7 @@ class Seeds:
             best = self.best()
             out.append(f"  seeded       {len(self.seeds)} earlier trial"
                        f"{'s' if len(self.seeds) > 1 else ''} from "
-                       f"{', '.join(sorted({s.source for s in self.seeds}))}; best {METRIC} "
+                       f"{', '.join(sorted({s.source for s in self.seeds}))}; best {self.metric} "
                        f"{best.value:.4f} at {describe(best.config)}")
         if self.skipped:
             why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
@@ -133,7 +134,7 @@ def experiments_of(folder: Path) -> list[Path]:
     return found + rounds
 
 
-def trial_seed(trial: Path, source: str) -> Seed | None:
+def trial_seed(trial: Path, source: str, metric: str = METRIC) -> Seed | None:
     """An earlier trial from Tune's params.json and result.json (a killed run's half-written
     line left out); None if it reported nothing."""
     params = read_json(trial / "params.json", MAX_SMALL_BYTES)
@@ -150,7 +151,7 @@ def trial_seed(trial: Path, source: str) -> Seed | None:
             row = json.loads(line)
         except ValueError:
             continue
-        value = row.get(METRIC) if isinstance(row, dict) else None
+        value = row.get(metric) if isinstance(row, dict) else None
         if finite(value):
             best = value if best is None else max(best, value)
             epoch = row.get("training_iteration")
@@ -185,7 +186,7 @@ def read_run(folder: Path, cfg, space: dict[str, tuple[str, list]], found: Seeds
             trials = sorted(p for p in experiment.iterdir() if p.name.startswith("run_trial_")
                             and p.is_dir() and not p.is_symlink())[:MAX_RUN_TRIALS]
             for trial in trials:
-                seed = trial_seed(trial, shown)
+                seed = trial_seed(trial, shown, found.metric)
                 if seed is None:
                     continue
                 why = "on other data" if other_data else outside(seed.config, space)
@@ -207,7 +208,7 @@ def gather(folders: list[str], tries: list[str], cfg) -> Seeds:
     """--warm-start's runs and --try's configs, checked against `cfg` (a SearchConfig);
     UserError when a run holds no trial in this search's space."""
     space = cfg.space()
-    found = Seeds()
+    found = Seeds(metric=cfg.tune.metric)
     for text in folders:
         before = len(found.seeds)
         read_run(Path(text).expanduser().resolve(), cfg, space, found)

@@ -25,6 +25,7 @@ from cifar_ray.config import (
     validate,
 )
 from cifar_ray.errors import ConfigError
+from cifar_ray.names import METRIC, METRICS
 from cifar_ray.search.budget import parse_budget
 
 # Ray Tune's helpers, by name -> the arguments each takes (`search.tune_space` calls them).
@@ -220,6 +221,9 @@ class TuneSettings:
                                         "learns from the finished trials (ASHA still stops the "
                                         "weak ones)", SEARCH_ALGS)
     search_seed: int = setting(0, "seed of the search's sampler")
+    metric: str = setting(METRIC, "what ASHA, the trials' checkpoints, the choice of the best "
+                                  "trial and the retrain's best epoch go by (balanced_acc or f1 "
+                                  "for imbalanced classes)", tuple(METRICS))
     budget: str = setting("", "the whole run's time (20m, 2h, 1.5h): the search, the retrain, "
                               "test, GradCAM and report end within it; it decides the epochs, "
                               "ASHA's rungs and the retrain's epochs, your values their upper "
@@ -291,6 +295,8 @@ class SearchConfig(Config):
               f"starting with '.') other than the output dir's own {', '.join(OUTPUT_NAMES)}; "
               f"got {t.name!r}")
         parse_budget(t.budget)
+        check(t.metric in METRICS, f"tune.metric must be one of {', '.join(METRICS)}, "
+                                   f"got {t.metric!r}")
         check("trainer.epochs" not in self.search,
               "search: trainer.epochs cannot be searched: it is ASHA's maximum, which every "
               "trial's epochs are counted against; set it with --epochs (ASHA stops weak trials "

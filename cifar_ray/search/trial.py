@@ -28,9 +28,11 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def run_trial(sample: dict[str, Any], base: dict[str, Any], scaling: dict[str, Any],
-              storage: str, max_failures: int, data: list | None = None) -> None:
+              storage: str, max_failures: int, data: list | None = None,
+              metric: str = METRIC) -> None:
     """The trial function: `sample` is Tune's draw from the search space, in config keys;
-    `data`: [an object reference to the search's ImageArrays] (a list: Ray passes it on)."""
+    `data`: [an object reference to the search's ImageArrays] (a list: Ray passes it on);
+    `metric`: tune.metric, by which its best checkpoint is kept."""
     trial_started = time.time()
     import ray.tune
     from ray.train import (
@@ -65,7 +67,7 @@ def run_trial(sample: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
             callbacks=[TuneReportCallback()],
             failure_config=FailureConfig(max_failures=max_failures),
             # Keep the best epoch's checkpoint for the retrain; Ray also keeps the latest.
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
                                                checkpoint_score_order=MODE),
         ),
     )

@@ -78,7 +78,7 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     storage = storage_dir(cfg, out)
     round_ = round_ or Round(storage / t.name, t.num_samples, t.search_seed)
     trainable = tune.with_parameters(
-        run_trial, base=trial_base_config(cfg, scaling["use_gpu"]),
+        run_trial, base=trial_base_config(cfg, scaling["use_gpu"]), metric=t.metric,
         scaling=scaling, storage=str(storage / t.name / "train_runs"), max_failures=t.max_failures,
         data=[data] if data is not None else None)
     # Trial functions and Train controllers only wait: no CPU, on the head node, so a lost
@@ -93,7 +93,7 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
         trainable,
         param_space=tune_space(cfg),
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE, num_samples=round_.samples,
+            metric=t.metric, mode=MODE, num_samples=round_.samples,
             scheduler=make_scheduler(cfg.trainer.epochs, t.grace_period, t.reduction_factor,
                                      round_.curves),
             search_alg=make_searcher(t.search_alg, round_.seed, round_.samples, concurrent,
@@ -145,20 +145,20 @@ def restored(experiment: Path, trainable, console, verbosity: int, stopper=None)
 STOPPED_BY_BUDGET = "stopped by the budget"
 
 
-def summarise_trials(grid, searched: list[str], max_t: int,
-                     budget_stopped=()) -> list[dict[str, Any]]:
-    """One row per trial: its sample (a column per searched key), epochs, best validation
-    accuracy and the checkpoint of that epoch, status (`budget_stopped`: the trials the
+def summarise_trials(grid, searched: list[str], max_t: int, budget_stopped=(),
+                     metric: str = METRIC) -> list[dict[str, Any]]:
+    """One row per trial: its sample (a column per searched key), epochs, best score (of
+    `metric`, tune.metric) and the checkpoint of that epoch, status (`budget_stopped`: the trials the
     budget's deadline stopped), start-up seconds, and its curve."""
     rows = []
     for result in grid:
         history = result.metrics_dataframe
         best_acc, best_ckpt = None, None
-        if history is not None and METRIC in history:
-            scored = history.dropna(subset=[METRIC]).sort_values(METRIC, ascending=False,
+        if history is not None and metric in history:
+            scored = history.dropna(subset=[metric]).sort_values(metric, ascending=False,
                                                                  kind="stable")
             if len(scored):
-                best_acc = float(scored[METRIC].iloc[0])
+                best_acc = float(scored[metric].iloc[0])
                 # Among equal scores Ray may keep a later epoch's: the first kept one.
                 kept = [p for p in scored.get(CHECKPOINT_PATH, []) if isinstance(p, str)
                         and (Path(p) / CHECKPOINT_FILE).is_file()]
@@ -169,9 +169,9 @@ def summarise_trials(grid, searched: list[str], max_t: int,
         spans = training_spans(history)
         epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
         curve = []  # (epoch, validation accuracy) for every epoch the trial reported
-        if history is not None and METRIC in history and "training_iteration" in history:
+        if history is not None and metric in history and "training_iteration" in history:
             curve = [(int(epoch), float(acc)) for epoch, acc
-                     in zip(history["training_iteration"], history[METRIC]) if acc == acc]
+                     in zip(history["training_iteration"], history[metric]) if acc == acc]
         status = "error" if result.error else ("completed" if epochs >= max_t else "stopped early")
         if status == "stopped early" and trial_id(result) in budget_stopped:
             status = STOPPED_BY_BUDGET
@@ -179,7 +179,7 @@ def summarise_trials(grid, searched: list[str], max_t: int,
             "trial_id": trial_id(result),
             **{key: plain(result.config.get(key)) for key in searched},
             "config": {key: plain(result.config.get(key)) for key in searched},
-            "epochs": epochs, "best_val_acc": best_acc, "status": status,
+            "epochs": epochs, "best_score": best_acc, "status": status,
             "checkpoint": best_ckpt, "startup_s": _round(first[STARTUP]),
             **{f"{phase}_s": _round(first[f"time/{phase}_s"]) for phase in PHASES},
             "train_s": _round(sum(end - start for start, end in spans)) if spans else None,
@@ -233,7 +233,7 @@ def training_seconds(rows: list[dict[str, Any]]) -> float:
 
 def write_trials_csv(rows: list[dict[str, Any]], searched: list[str], target: Path) -> None:
     buffer = io.StringIO()
-    fields = ["trial_id", *searched, "epochs", "best_val_acc", "status", "origin", "round",
+    fields = ["trial_id", *searched, "epochs", "best_score", "status", "origin", "round",
               "startup_s",
               *(f"{phase}_s" for phase in PHASES), "train_s"]
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")

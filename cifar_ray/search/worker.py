@@ -17,7 +17,7 @@ from cifar_ray.config import Config, overlay, plain
 from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.errors import CheckpointError
-from cifar_ray.module import LitResNet9, load_module
+from cifar_ray.module import LitResNet9, averaging, load_module
 from cifar_ray.names import (
     CHECKPOINT_FILE,
     CHECKPOINT_PATH,
@@ -130,7 +130,7 @@ def train(config: dict[str, Any], entered: float) -> None:
     trainer = build_trainer(
         cfg.trainer.device, cfg.trainer.precision, devices="auto" if several else 1,
         max_epochs=cfg.trainer.epochs,
-        callbacks=[reports],  # it checkpoints every epoch
+        callbacks=[reports, *averaging(cfg)],  # it checkpoints every epoch
         logger=logger,
         log_every_n_steps=1,
         plugins=[io, *([RayLightningEnvironment()] if several else [])],
