@@ -13,8 +13,8 @@ from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import write_json
 
 SECTIONS = ("framework", "compile", "augment", "gradcam", "flops", "train", "search", "budget",
-            "headstart")
-DEFAULT_SECTIONS = SECTIONS[:7]  # the last two run searches for many minutes: asked by name
+            "headstart", "recipe", "recipe_cifar", "recipe_search")
+DEFAULT_SECTIONS = SECTIONS[:7]  # the others train or search for many minutes: asked by name
 
 ROWS = [  # (key, label, format)
     ("plain_loop_images_s", "training, plain PyTorch loop", "{:,.0f} images/s"),
@@ -64,6 +64,14 @@ def table(report: dict[str, Any]) -> str:
     if "more_wall_s" in report:
         lines.append(f"  --more: a search plus its --more round {report['more_wall_s']:.0f} s, "
                      f"a new search of the same size {report['new_search_wall_s']:.0f} s")
+    for key in ("recipe_inspection", "recipe_cifar"):
+        for name, row in report.get(key, {}).items():
+            lines.append(f"  {key} {name}: " + ", ".join(
+                f"{metric} {row[metric]['mean']:.4f} ± {row[metric]['sd']:.4f}"
+                for metric in ("test_acc", "test_balanced_acc")))
+    for name, row in report.get("recipe_search", {}).items():
+        lines.append(f"  search over {name}: test_acc {row['test_acc']:.4f}, balanced "
+                     f"{row['test_balanced_acc']:.4f} ({row['wall_s']:.0f} s)")
     for share, row in report.get("by_share", {}).items():
         lines.append(f"  search at {share} GPU per trial: {row['search_wall_s']:.0f} s wall, "
                      f"{row['trial_epochs_per_s']:.2f} trial-epochs/s, start-up "
@@ -98,11 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated, of {','.join(SECTIONS)}")
     parser.add_argument("--section-timeout", type=float, default=600,
                         help="seconds a section may run before it is recorded as failed")
-    parser.add_argument("--train-epochs", type=int, default=0, help="0: 24 on CUDA, 1 on CPU")
-    parser.add_argument("--search-trials", type=int, default=0, help="0: 8 on CUDA, 2 on CPU")
-    parser.add_argument("--search-epochs", type=int, default=0, help="0: 4 on CUDA, 1 on CPU")
+    parser.add_argument("--train-epochs", type=int, default=0, help="0: 24 on CUDA, 1 on CPU (recipe: 10, recipe_cifar: 24)")
+    parser.add_argument("--search-trials", type=int, default=0,
+                        help="0: 8 on CUDA, 2 on CPU (recipe_search: 6)")
+    parser.add_argument("--search-epochs", type=int, default=0,
+                        help="0: 4 on CUDA, 1 on CPU (recipe_search: 6)")
     parser.add_argument("--budgets", type=_budgets, default=["5m"],
                         help="budget section: a search per budget, e.g. 5m,10m,20m")
+    parser.add_argument("--recipe-seeds", type=int, default=3,
+                        help="recipe sections: seeds per trick")
+    parser.add_argument("--recipe-size", type=int, default=64,
+                        help="recipe sections: the made-up inspection set's image side")
     parser.add_argument("--search-shares", type=_floats, default=[0.25],
                         help="GPU share per trial for each search (CUDA), e.g. 1,0.5,0.25")
     return parser
@@ -149,7 +163,8 @@ def _names(text: str) -> list[str]:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("width", "steps", "warmup", "train_epochs", "search_trials", "search_epochs"):
+    for name in ("width", "steps", "warmup", "train_epochs", "search_trials", "search_epochs",
+                 "recipe_seeds", "recipe_size"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.section_timeout <= 0:

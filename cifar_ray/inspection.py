@@ -23,29 +23,28 @@ def washer(rng: np.random.Generator, size: int, faulty: bool) -> np.ndarray:
     light = rng.uniform(60, 110) + rng.uniform(-25, 25) * (xx / size) + rng.uniform(-25, 25) * (yy / size)
     image = light.copy()
     cy, cx = size / 2 + rng.uniform(-6, 6, 2) * s
-    outer, inner = rng.uniform(18, 26) * s, rng.uniform(5, 9) * s
+    outer, inner = rng.uniform(20, 27) * s, rng.uniform(5, 8) * s
     r = np.hypot(yy - cy, xx - cx)
     face = (r < outer) & (r > inner)
     rings = 6 * np.sin(r * rng.uniform(1.2, 2.0) / s + rng.uniform(0, 6.3))  # machining marks
     image[face] = rng.uniform(140, 190) + rings[face]
     image[r <= inner] = light[r <= inner] * 0.4
-    if faulty:
-        angle = rng.uniform(0, np.pi)
-        length = rng.uniform(5, 11) * s
-        at = rng.uniform(inner + length / 2 + 1, outer - length / 2 - 1)
-        phi = rng.uniform(0, 2 * np.pi)
-        mid = np.array([cx + at * np.cos(phi), cy + at * np.sin(phi)])
-        step = np.array([np.cos(angle), np.sin(angle)]) * length / 2
-        scratch = np.zeros((size, size), np.float32)
-        cv2.line(scratch, tuple(np.round(mid - step).astype(int).tolist()),
-                 tuple(np.round(mid + step).astype(int).tolist()), 1.0, max(1, round(s)),
-                 cv2.LINE_AA)
-        image -= scratch * face * rng.uniform(25, 50)
-    image += rng.normal(0, 7, image.shape)  # sensor noise, as strong as the marks
+    # The scratch is drawn for every washer (the same draws either way); a faulty one shows it.
+    angle, phi, depth = rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi), rng.uniform(10, 60)
+    length = rng.uniform(7, min(13, (outer - inner) / s - 3)) * s
+    at = rng.uniform(inner + length / 2 + s, outer - length / 2 - s)
+    mid = np.array([cx + at * np.cos(phi), cy + at * np.sin(phi)])
+    step = np.array([np.cos(angle), np.sin(angle)]) * length / 2
+    scratch = np.zeros((size, size), np.float32)
+    cv2.line(scratch, tuple(np.round(mid - step).astype(int).tolist()),
+             tuple(np.round(mid + step).astype(int).tolist()), 1.0, max(1, round(2 * s)),
+             cv2.LINE_AA)
+    image -= scratch * face * depth * faulty
+    image += rng.normal(0, 6, image.shape)  # sensor noise, as strong as the machining marks
     return np.clip(cv2.GaussianBlur(image, (3, 3), rng.uniform(0.3, 0.9)), 0, 255).astype(np.uint8)
 
 
-def write_inspection_set(root: Path, n_train: int = 2400, n_test: int = 800, size: int = 64,
+def write_inspection_set(root: Path, n_train: int = 1600, n_test: int = 600, size: int = 64,
                          faulty_share: float = 0.3, seed: int = 0) -> Path:
     """train/<class>/ and test/<class>/ PNGs under `root`; returns it."""
     rng = np.random.default_rng(seed)

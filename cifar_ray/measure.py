@@ -8,12 +8,9 @@ import cProfile
 import csv
 import json
 import logging
-import os
 import pstats
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -30,6 +27,8 @@ from cifar_ray.data.augment import augment_batch, normalize, train_transform
 from cifar_ray.data.cifar_files import SPECS
 from cifar_ray.data.datamodule import ImageArrayDataset, available_cpus
 from cifar_ray.data.sources import load_dataset
+from cifar_ray import recipe_bench
+from cifar_ray.commands import ROOT, run_command
 from cifar_ray.errors import UserError
 from cifar_ray.files import write_json
 from cifar_ray.model import ResNet9
@@ -37,9 +36,6 @@ from cifar_ray.module import LitResNet9, adam_options
 from cifar_ray.names import DEFAULT_CAM_LAYER
 from cifar_ray.pl import pl
 from cifar_ray.runtime import build_trainer, resolve_device
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -237,40 +233,6 @@ def bench_augment(images: np.ndarray, labels: np.ndarray, device: torch.device,
     return {"albumentations_one_worker_images_s": one,
             "albumentations_all_workers_images_s": everyone, "albumentations_workers": workers,
             "tensor_path_images_s": gpu, "tensor_path_speedup": gpu / everyone}
-
-
-def run_command(module: str, args: list[str], timeout: float, tmp: str) -> float:
-    """Run `python -m module args` from the project root in a process group of its own
-    (ended whole if it fails or times out); its wall seconds, or UserError with its last line."""
-    env = dict(os.environ, TMPDIR=tmp)  # Ray's sockets: a short path
-    started = time.perf_counter()
-    with open(Path(tmp) / "output.log", "w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            returncode = proc.wait(timeout=timeout)
-        except BaseException:  # a time-out, this section's limit, Ctrl-C
-            end_group(proc)
-            raise
-        if returncode != 0:
-            end_group(proc)
-            log.seek(0)
-            last = (log.read().strip().splitlines() or ["(no output)"])[-1]
-            raise UserError(f"{module} failed: {last}")
-    return time.perf_counter() - started
-
-
-def end_group(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the process group `proc` leads (by its id, never by name)."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def bench_train(data_dir: Path, on_gpu: bool, epochs: int, timeout: float,
@@ -544,6 +506,7 @@ def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
         "headstart": lambda: bench_head_start(data_dir, on_gpu, 3, args.search_trials or 6,
                                               args.search_epochs or 4, args.section_timeout,
                                               record),
+        **recipe_bench.sections(args, width, data_dir, record),
         "search": lambda: bench_search(data_dir, on_gpu, args.search_shares,
                                        args.search_trials or (8 if on_gpu else 2),
                                        args.search_epochs or (4 if on_gpu else 1),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cifar_ray.inspection import write_inspection_set
-from cifar_ray.measure import ROOT, run_command
+from cifar_ray.commands import ROOT, run_command
 
 AUGMENT = ["--vflip-p", "0.5", "--rot90-p", "0.5", "--color-p", "0.5", "--affine-p", "0.5"]
 TRICKS = {
@@ -122,3 +122,18 @@ def bench_recipe_search(size: int, width: int, epochs: int, trials: int, timeout
             out["recipe_search"][name] = search_once(data_dir, config, same, timeout)
             record(out)
     return out
+
+
+def sections(args, width: int, data_dir: Path,
+             record: Callable[[dict[str, Any]], None]) -> dict[str, Callable[[], dict]]:
+    """The bench's recipe sections, from its flags (`bench -h`)."""
+    limit = args.section_timeout
+    return {
+        "recipe": lambda: bench_recipe(args.recipe_size, width, args.train_epochs or 10,
+                                       args.recipe_seeds, limit, record),
+        "recipe_cifar": lambda: bench_recipe_cifar(data_dir, width, args.train_epochs or 24,
+                                                   args.recipe_seeds, limit, record),
+        "recipe_search": lambda: bench_recipe_search(args.recipe_size, width,
+                                                     args.search_epochs or 6,
+                                                     args.search_trials or 6, limit, record),
+    }

@@ -180,6 +180,7 @@ def print_plan(cfg: SearchConfig, given: Resources, epoch_seconds: float | None,
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 FULL, QUICK = EXPERIMENTS / "search.yaml", EXPERIMENTS / "search_smoke.yaml"
 FOLDER = EXPERIMENTS / "search_folder.yaml"
+CPU_FOLDER = ["--width", "16", "--budget", "1h"]
 
 
 def sized_to_this_machine(argv: list[str]) -> list[str]:
@@ -196,10 +197,13 @@ def sized_to_this_machine(argv: list[str]) -> list[str]:
         return argv
     gpus = machine_resources()[1]
     if given.dataset == "folder" and FOLDER.is_file():
+        # Every image, never fewer: without a GPU a smaller network, fitted to an hour (the
+        # user's own --width or --budget come later in argv, and win).
+        fitted = [] if gpus else CPU_FOLDER
         print(f"your own images: {_shown_path(FOLDER)}, every image used"
-              + ("" if gpus else "; no GPU here, so it is slow: --plan shows how long, "
-                                 "--budget 1h fits it to an hour"), flush=True)
-        return ["--config", str(FOLDER), *argv]
+              + ("; no GPU here: width 16, fitted to --budget 1h (give --width or --budget to "
+                 "change them)" if fitted else ""), flush=True)
+        return ["--config", str(FOLDER), *fitted, *argv]
     chosen, other = (FULL, QUICK) if gpus else (QUICK, FULL)
     what = (f"{gpus} GPU{'s' if gpus > 1 else ''} here: the full search" if gpus
             else "no GPU here: the quick CPU search (a few minutes)")

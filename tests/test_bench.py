@@ -97,3 +97,21 @@ def test_the_head_start_is_counted_in_trial_epochs_in_the_order_they_reported(tm
     accuracies = reports_in_order(tmp_path)
     assert accuracies == [0.2, 0.5, 0.9, 0.95]
     assert trial_epochs_to(accuracies, 0.9) == 3 and trial_epochs_to(accuracies, 0.99) is None
+
+
+def test_the_made_up_inspection_set_is_class_folders_of_grayscale_washers(tmp_path):
+    import numpy as np
+
+    from cifar_ray.data.image_folders import read_folders
+    from cifar_ray.inspection import washer, write_inspection_set
+
+    arrays = read_folders(write_inspection_set(tmp_path, n_train=200, n_test=60), quiet=True,
+                          size=64)
+    assert arrays.classes == ["faulty", "good"] and arrays.image_size == 64
+    assert 0.2 < (arrays.train_labels == 0).mean() < 0.4  # about 30% faulty
+    assert (arrays.train_images[..., 0] == arrays.train_images[..., 2]).all()  # grayscale
+    # The fault is the only difference: the same draws with and without it differ in a few
+    # pixels of the washer's face, never in the rest of the photo.
+    good, bad = (washer(np.random.default_rng(5), 64, faulty) for faulty in (False, True))
+    changed = (good.astype(int) - bad.astype(int)) != 0
+    assert 0 < changed.sum() < 64 * 64 / 20

@@ -180,11 +180,14 @@ def test_your_own_images_get_their_search_every_image_used(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     first, *rest = proc.stdout.splitlines()
-    assert first.startswith("your own images: experiments/search_folder.yaml, every image used")
+    assert first == ("your own images: experiments/search_folder.yaml, every image used; no GPU "
+                     "here: width 16, fitted to --budget 1h (give --width or --budget to change "
+                     "them)")
     text = "\n".join(rest)
     # 300 less a fifth held out as the test set (no test/), less a tenth for validation
     assert "216 training + 24 validation images per trial-epoch" in text, text
     assert "metric       val/balanced_acc" in text and "searched     data.balance" in text
+    assert "budget       60 min for the whole run" in text, text
 
 
 def test_a_config_says_what_it_is_for():

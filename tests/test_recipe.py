@@ -130,6 +130,7 @@ def _train(tmp_path, cifar10, name, *flags):
     return out, json.loads((out / "results.json").read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_the_ema_weights_are_validated_tested_and_saved(tmp_path, cifar10):
     out, results, stdout = _train(tmp_path, cifar10, "ema", "--ema-decay", "0.9",
                                   "--metric", "val/balanced_acc", "--tta", "hflip")
