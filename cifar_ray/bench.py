@@ -163,10 +163,14 @@ def _names(text: str) -> list[str]:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("width", "steps", "warmup", "train_epochs", "search_trials", "search_epochs",
-                 "recipe_seeds", "recipe_size"):
+    for name in ("width", "steps", "warmup", "train_epochs", "search_trials", "search_epochs"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 1 <= args.recipe_seeds <= 100:
+        raise UserError(f"--recipe-seeds must be in [1, 100], got {args.recipe_seeds}")
+    if not (8 <= args.recipe_size <= 256 and args.recipe_size % 8 == 0):
+        raise UserError("--recipe-size must be a multiple of 8 from 8 to 256 (as "
+                        f"data.image_size), got {args.recipe_size}")
     if args.section_timeout <= 0:
         raise UserError(f"--section-timeout must be > 0, got {args.section_timeout}")
     from cifar_ray.measure import run  # torch, Lightning, Ray: only once the flags are good

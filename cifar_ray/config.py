@@ -22,7 +22,8 @@ DATASETS = ("cifar10", "cifar100", "folder")  # folder: your own images (image_f
 DEVICES = ("auto", "cpu", "cuda")  # see runtime.py
 ENGINES = ("auto", "albumentations", "tensors")  # see augment.py
 BALANCES = ("none", "weights", "sampler")
-TTAS = ("off", "hflip", "flips")
+TTA_VIEWS = {"off": 1, "hflip": 2, "flips": 4}  # eval.tta -> the views model.flip_views makes
+TTAS = tuple(TTA_VIEWS)
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 COMPILE_MODES = ("off", "default", "reduce-overhead")  # see module.py
 MAX_WIDTH = 1024
@@ -116,7 +117,8 @@ class OptimConfig:
 class EvalConfig:
     tta: str = setting("off", "test-time augmentation: average the model over the image and its "
                               "horizontal flip (hflip), or its four flips (flips), in validation, "
-                              "test, GradCAM, predict, the app and the export", TTAS)
+                              "test, GradCAM's choice of mistakes, predict, the app and the "
+                              "export", TTAS)
 
 
 @dataclass

@@ -169,6 +169,10 @@ def split_of(module: LitResNet9, checkpoint: Path, data_dir: str | Path, split: 
                         f"set in {data_dir} has {len(arrays.classes)}")
     if split == "val" and trained.val_size == 0:
         raise ConfigError("this checkpoint was trained without a validation split; use --split test")
+    if split == "val" and not module.hparams.get("eval"):
+        raise UserError(f"{checkpoint}: written by an earlier version of cifar_ray, whose "
+                        "validation split was not stratified: its validation images are not "
+                        "known now; use --split test")
     images, labels = split_arrays(arrays, split, trained.val_size, module.hparams.seed)
     return ImageArrayDataset(images, labels, eval_transform(module.normalization))
 

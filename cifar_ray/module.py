@@ -34,7 +34,7 @@ from cifar_ray.config import (
 from cifar_ray.data.arrays import Normalization
 from cifar_ray.data.cifar_files import SPECS
 from cifar_ray.errors import CheckpointError, ConfigError
-from cifar_ray.names import shown_name
+from cifar_ray.names import METRICS, shown_name
 from cifar_ray.model import ResNet9, averaged_views
 from cifar_ray.pl import pl
 
@@ -235,12 +235,19 @@ def class_weights(labels, num_classes: int) -> torch.Tensor:
     return torch.where(counts > 0, weights, torch.zeros_like(weights))
 
 
+class DeviceEMA(pl.callbacks.EMAWeightAveraging):
+    """Lightning's EMA, its copy on the training device: its `setup` runs before the model is
+    moved there, and a copy on the CPU would cost each step a copy of every weight."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._device = trainer.strategy.root_device
+        super().setup(trainer, pl_module, stage)
+
+
 def averaging(cfg: Config) -> list[pl.Callback]:
-    """optim.ema_decay: Lightning's EMA of the weights, which validation runs with and
-    checkpoints hold as their weights (the raw ones beside them, for a resume)."""
-    if not cfg.optim.ema_decay:
-        return []
-    return [pl.callbacks.EMAWeightAveraging(decay=cfg.optim.ema_decay)]
+    """optim.ema_decay: an EMA of the weights, which validation runs with and checkpoints
+    hold as their weights (the raw ones beside them, for a resume)."""
+    return [DeviceEMA(decay=cfg.optim.ema_decay)] if cfg.optim.ema_decay else []
 
 
 def schedule_of(cfg: Config) -> dict[str, int]:
@@ -248,10 +255,22 @@ def schedule_of(cfg: Config) -> dict[str, int]:
     return {"epochs": cfg.trainer.epochs, "batch_size": cfg.trainer.batch_size}
 
 
-def check_resumable(path: str | Path, cfg: Config, class_names: list[str]) -> None:
+def check_resumable(path: str | Path, cfg: Config, class_names: list[str],
+                    metric: str | None = None) -> None:
     """--resume: the checkpoint must be of the run `cfg` describes (the same network, recipe,
-    data and schedule); else one line naming the first setting that differs."""
+    data and schedule, best.ckpt kept by the same `metric`); else one line naming the first
+    setting that differs."""
     hparams = dict(load_module(path).hparams)  # every gate of a checkpoint first
+    monitors = [m for key in (read_checkpoint(path).get("callbacks") or {})
+                for m in METRICS if f"'monitor': '{m}'" in str(key)]
+    if metric and monitors and metric not in monitors:
+        raise CheckpointError(f"--resume: {path} kept best.ckpt by {monitors[0]}, not {metric}: "
+                              f"resume with --metric {monitors[0]}, or start again with "
+                              "--overwrite")
+    if not hparams.get("eval"):
+        raise CheckpointError(f"--resume: {path} was written by an earlier version of cifar_ray, "
+                              "whose validation split was not stratified: start again with "
+                              "--overwrite")
     if hparams.get("seed") != cfg.trainer.seed or len(hparams.get("class_names") or "") != \
             len(class_names):
         raise CheckpointError(f"--resume: {path} was trained with another seed (split) or "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cifar_ray import tracking
-from cifar_ray.config import overlay, purpose_of
+from cifar_ray.config import overlay
 from cifar_ray.console import CONSOLE_MARK, format_duration
 from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.sources import load_dataset
@@ -96,6 +96,7 @@ class Asked:
     seeds: Seeds | None = None  # --warm-start's trials and --try's configs
     more: int = 0  # --more N: trials added after the search's last round
     config_file: str = ""  # --config, or the one tune chose for this machine
+    purpose: str = ""  # what that file says it is for (config.purpose_of)
 
 
 def run(cfg: SearchConfig, out: Path, asked: Asked) -> int:
@@ -132,8 +133,8 @@ def search_to_report(cfg: SearchConfig, out: Path, prepared: Prepared, asked: As
         final = retrain_remotely(cfg, searched, out, data, stop)
     results = summarise(cfg, out, searched, final)
     if asked.config_file:
-        results["config_file"] = asked.config_file
-        results["purpose"] = shown_name(purpose_of(asked.config_file), 400)
+        results["config_file"] = shown_name(asked.config_file, 400)
+        results["purpose"] = shown_name(asked.purpose, 400)
     results["total_seconds"] = round(results["search_seconds"]
                                      + time.perf_counter() - after_search, 1)
     if clock and not asked.more:
@@ -551,6 +552,10 @@ def check_same_search(experiment: Path, cfg: SearchConfig) -> None:
             before = old.get(name) if name else old
             after = new.get(name) if name else new
             if before != after and not key.startswith(RESUMABLE):
+                if isinstance(old, dict) and name not in old or old is None:
+                    raise UserError(f"--resume: the search was started by an earlier version "
+                                    f"of cifar_ray, without {shown_name(key)}: start again "
+                                    "with --overwrite")
                 raise UserError(f"--resume: the search was started with {shown_name(key)} = "
                                 f"{shown_name(before)}, not {shown_name(after)}: resume with the "
                                 "same settings, or start again with --overwrite")

@@ -1,6 +1,6 @@
 """One page for a whole search: `report.html` in its output dir, its figures in `report/`
 (works offline, from disk): the outcome, every trial's curve with ASHA's rungs, the searched
-keys against validation accuracy (Optuna's visualisations), the trials, the retrain, GradCAM."""
+keys against the score the search went by (tune.metric; Optuna's visualisations), the trials, the retrain, GradCAM."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from cifar_ray.console import format_duration
 from cifar_ray.files import save_figure, write_text
-from cifar_ray.names import GRADCAM_FIGURES, METRIC, shown_name
+from cifar_ray.names import GRADCAM_FIGURES, METRIC, METRICS, shown_name
 from cifar_ray.search.settings import format_value, optuna_distribution
 
 FOLDER = "report"
@@ -25,7 +25,7 @@ IMPORTANCE = ("fANOVA (Optuna's FanovaImportanceEvaluator: the share of the accu
 
 
 def plot_trial_curves(rows: list[dict[str, Any]], best_id: str, rungs: list[int],
-                      target: Path) -> None:
+                      target: Path, metric: str = METRIC) -> None:
     from cifar_ray.plots import plt  # configured there
     from matplotlib.ticker import MaxNLocator
 
@@ -47,8 +47,8 @@ def plot_trial_curves(rows: list[dict[str, Any]], best_id: str, rungs: list[int]
     if rungs:
         ax.plot([], [], color="grey", linestyle=":", label="ASHA rungs")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(f"Validation accuracy of the {len(rows)} trials")
+    ax.set_ylabel(METRICS[metric])
+    ax.set_title(f"{METRICS[metric].capitalize()} of the {len(rows)} trials")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, not on them
@@ -73,7 +73,8 @@ def optuna_study(rows: list[dict[str, Any]], space: dict[str, tuple[str, list]])
 MIN_IMPORTANCE_TRIALS = 10
 
 
-def plot_search_space(study, keys: list[str], folder: Path) -> dict[str, str]:
+def plot_search_space(study, keys: list[str], folder: Path,
+                      metric: str = METRIC) -> dict[str, str]:
     """Optuna's figures of the searched keys against accuracy; {file name: why it is missing}
     for any that could not be drawn (too few trials, one key only)."""
     from cifar_ray.plots import plt  # configured there
@@ -81,7 +82,7 @@ def plot_search_space(study, keys: list[str], folder: Path) -> dict[str, str]:
     from optuna.visualization import matplotlib as vis
 
     missing = {}
-    value = "validation accuracy"
+    value = METRICS[metric]
     figures = {
         "parallel_coordinates.png": lambda: vis.plot_parallel_coordinate(study, target_name=value),
         "slices.png": lambda: vis.plot_slice(study, target_name=value),
@@ -144,8 +145,10 @@ def write_report(out: Path, results: dict[str, Any], rows: list[dict[str, Any]],
     folder.mkdir(parents=True, exist_ok=True)
     keys = list(space)
     best_id = results["best_trial"]
-    plot_trial_curves(rows, best_id, rungs, folder / "curves.png")
-    missing = plot_search_space(optuna_study(rows, space), keys, folder)
+    metric = results.get("metric", METRIC)
+    what = METRICS[metric]
+    plot_trial_curves(rows, best_id, rungs, folder / "curves.png", metric)
+    missing = plot_search_space(optuna_study(rows, space), keys, folder, metric)
 
     def figure(name: str, caption: str) -> str:
         if name in missing:
@@ -165,9 +168,9 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}.note{{
 <h3>The test set, class by class</h3>
 {class_table(results)}
 <h2>Trials</h2>
-{_figure(f"{FOLDER}/curves.png", "Validation accuracy of every trial against epoch; dotted: ASHA's rungs, x: where ASHA stopped a trial; red: the best trial")}
-{figure("parallel_coordinates.png", "Parallel coordinates: each line a trial, its searched values, coloured by its best validation accuracy")}
-{figure("slices.png", "Each searched key against the best validation accuracy of each trial (log axes for log-sampled keys)")}
+{_figure(f"{FOLDER}/curves.png", f"{what.capitalize()} of every trial against epoch; dotted: ASHA's rungs, x: where ASHA stopped a trial; red: the best trial")}
+{figure("parallel_coordinates.png", f"Parallel coordinates: each line a trial, its searched values, coloured by its best {what}")}
+{figure("slices.png", f"Each searched key against the best {what} of each trial (log axes for log-sampled keys)")}
 {figure("importance.png", "Hyperparameter importance by " + IMPORTANCE)}
 <h2>Trials table</h2>
 {trials_table(rows, keys, best_id, results.get("metric", METRIC))}
@@ -191,7 +194,8 @@ def outcome_table(results: dict[str, Any]) -> str:
     margin = (f"; {results['best_score'] - second['best_score']:+.4f} over the runner-up, "
               f"trial {second['trial']}" if second else "; no runner-up")
     return _table(["", ""], [
-        *([["config", f"{results['config_file']}: {results.get('purpose') or '(no comment)'}"]]
+        *([["config", f"{shown_name(results['config_file'])}: "
+                      f"{results.get('purpose') or '(no comment)'}"]]
           if results.get("config_file") else []),
         ["best configuration", ", ".join(f"{k} = {format_value(v)}" for k, v in best.items())],
         ["best trial", f"{results['best_trial']}: {metric} {results['best_score']:.4f} (what "

@@ -13,7 +13,8 @@ from typing import Any
 from cifar_ray.errors import UserError
 
 # The metrics the HParams dashboard shows for each run: the tags Lightning logs them under.
-HPARAM_METRICS = ("val/acc", "val/loss", "train/acc", "train/loss", "test/acc")
+HPARAM_METRICS = ("val/acc", "val/balanced_acc", "val/f1", "val/loss", "train/acc", "train/loss",
+                  "test/acc")
 INSTALL_MLFLOW = "tracking.mlflow_uri needs MLflow: pip install 'cifar_ray[mlflow]'"
 
 

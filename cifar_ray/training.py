@@ -90,7 +90,7 @@ def run(cfg: Config, arrays: ImageArrays | None = None, init_checkpoint: str | P
     data.setup()
     module = LitResNet9.from_config(cfg, data.classes, data.norm)
     if resume_from is not None:
-        check_resumable(resume_from, cfg, data.classes)
+        check_resumable(resume_from, cfg, data.classes, metric)
     if init_checkpoint is not None:  # the best trial's: the same network, through every gate
         module.load_state_dict(load_module(init_checkpoint).state_dict())
     trainer, best_checkpoint, history = build(cfg, data, out, hparams, mlflow, line_prefix, metric)

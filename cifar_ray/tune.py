@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cifar_ray import cli, pipeline, tracking
-from cifar_ray.config import add_config_flags, parse_command
+from cifar_ray.config import add_config_flags, parse_command, purpose_of
 from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.output_dir import check_resume_or_overwrite, output_dir_lock
 from cifar_ray.search.cluster import (
@@ -191,6 +191,7 @@ def sized_to_this_machine(argv: list[str]) -> list[str]:
     first.add_argument("--config")
     first.add_argument("--address", default="local")
     first.add_argument("--dataset")
+    first.add_argument("--resume", action="store_true")
     first.add_argument("-h", "--help", action="store_true")
     given, _ = first.parse_known_args(argv)
     if given.config or given.help or given.address != "local" or not QUICK.is_file():
@@ -199,7 +200,7 @@ def sized_to_this_machine(argv: list[str]) -> list[str]:
     if given.dataset == "folder" and FOLDER.is_file():
         # Every image, never fewer: without a GPU a smaller network, fitted to an hour (the
         # user's own --width or --budget come later in argv, and win).
-        fitted = [] if gpus else CPU_FOLDER
+        fitted = [] if gpus or given.resume else CPU_FOLDER  # a resume keeps its own
         print(f"your own images: {_shown_path(FOLDER)}, every image used"
               + ("; no GPU here: width 16, fitted to --budget 1h (give --width or --budget to "
                  "change them)" if fitted else ""), flush=True)
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.trainer.output_dir).expanduser().resolve()
     cfg.trainer.output_dir = str(out)
     asked = pipeline.Asked(args.resume, args.overwrite, args.verbose, sized, started, seeds,
-                           args.more, _shown_path(Path(args.config)) if args.config else "")
+                           args.more, _shown_path(Path(args.config)) if args.config else "",
+                           purpose_of(args.config) if args.config else "")
     with output_dir_lock(out, "cifar_ray.tune", skip=("tmp",)):
         return pipeline.run(cfg, out, asked)
 

@@ -69,12 +69,16 @@ def test_a_failing_section_is_recorded_and_the_others_still_run(noisy_data, tmp_
 
 def test_help_and_bad_flags_answer_before_torch_is_imported(tmp_path):
     calls = [["--help"], ["--sections", "framework,warp", "--data-dir", str(tmp_path)],
-             ["--width", "-1", "--data-dir", str(tmp_path)]]
+             ["--width", "-1", "--data-dir", str(tmp_path)],
+             ["--recipe-size", "0", "--data-dir", str(tmp_path)],
+             ["--recipe-seeds", "0", "--data-dir", str(tmp_path)]]
     codes, imported, stderr = mains_in_a_fresh_process("bench", calls)
-    assert codes == [0, 2, 2] and imported == [], (codes, imported, stderr)
+    assert codes == [0, 2, 2, 2, 2] and imported == [], (codes, imported, stderr)
     errors = stderr.strip().splitlines()
-    assert errors[-2].endswith("unknown section(s) warp; valid: " + ", ".join(SECTIONS)), stderr
-    assert errors[-1] == "error: --width must be >= 0, got -1", stderr
+    assert errors[-4].endswith("unknown section(s) warp; valid: " + ", ".join(SECTIONS)), stderr
+    assert errors[-3] == "error: --width must be >= 0, got -1", stderr
+    assert errors[-2].startswith("error: --recipe-size must be a multiple of 8 from 8 to 256")
+    assert errors[-1] == "error: --recipe-seeds must be in [1, 100], got 0", stderr
 
 
 def test_bench_refuses_cuda_where_there_is_none(tmp_path):

@@ -237,3 +237,11 @@ def test_without_test_folder_a_stratified_fifth_of_train_is_the_test_set(tmp_pat
     assert not any(image.tobytes() in train_rows for image in arrays.test_images)
     again = read_folders(tmp_path, quiet=True)
     np.testing.assert_array_equal(again.test_images, arrays.test_images)
+
+
+def test_without_test_folder_too_few_images_is_one_line(tmp_path):
+    for i, name in enumerate(["x", "x", "y", "y"]):  # 4 images: a fifth of them is none
+        (tmp_path / "train" / name).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (60 * i, 0, 0)).save(tmp_path / "train" / name / f"{i}.png")
+    with pytest.raises(DataError, match="no test/ folder, and train/ has too few images"):
+        read_folders(tmp_path, quiet=True)

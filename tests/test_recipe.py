@@ -148,6 +148,11 @@ def test_the_ema_weights_are_validated_tested_and_saved(tmp_path, cifar10):
     for name in ("test_balanced_acc", "test_f1"):
         assert 0 < results[name] <= 1
     assert set(results["per_class"]) == set(results["classes"])
+    from cifar_ray.errors import CheckpointError
+    from cifar_ray.module import check_resumable
+
+    with pytest.raises(CheckpointError, match="kept best.ckpt by val/balanced_acc, not val/acc"):
+        check_resumable(out / "last.ckpt", Config(), results["classes"], "val/acc")
 
 
 @pytest.mark.parametrize("command, flags, words", [
@@ -186,3 +191,28 @@ def test_the_onnx_export_averages_the_flips_at_any_batch_size(tmp_path):
     with torch.no_grad():
         expected = module((torch.from_numpy(pixels) - 0.5) / 0.25).exp().numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_what_an_earlier_version_wrote_is_not_resumed_onto_another_split(tmp_path):
+    from dataclasses import asdict
+
+    from cifar_ray.errors import CheckpointError, UserError
+    from cifar_ray.module import check_resumable
+    from cifar_ray.pipeline import check_same_search
+    from cifar_ray.search.settings import SearchConfig
+
+    cfg = Config.from_dict({"model": {"width": 8}, "data": {"val_size": 5000}})
+    module = _module()
+    old = {"model": asdict(cfg.model), "optim": asdict(cfg.optim), "data": asdict(cfg.data),
+           "seed": 1, "class_names": ["good", "faulty"], "schedule": {"epochs": 24, "batch_size": 512}}
+    del old["data"]["balance"], old["optim"]["label_smoothing"], old["optim"]["ema_decay"]
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": old}, tmp_path / "old.ckpt")
+    assert load_module(tmp_path / "old.ckpt").tta == "off"  # still loads, to predict or export
+    with pytest.raises(CheckpointError, match="written by an earlier version of cifar_ray"):
+        check_resumable(tmp_path / "old.ckpt", cfg, ["good", "faulty"])
+    saved = SearchConfig().to_dict()
+    del saved["data"]["balance"]
+    (tmp_path / "cifar_ray_config.json").write_text(json.dumps(saved))
+    with pytest.raises(UserError, match="started by an earlier version of cifar_ray, without "
+                                        "data.balance"):
+        check_same_search(tmp_path, SearchConfig())

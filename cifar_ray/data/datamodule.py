@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from cifar_ray.config import Config
+from cifar_ray.config import TTA_VIEWS, Config
 from cifar_ray.data.arrays import (
     ImageArrays,
     Normalization,
@@ -154,7 +154,7 @@ class CifarDataModule(pl.LightningDataModule):
         self.arrays = arrays = resized(self.arrays, d.image_size)
         train_x, train_y = split_arrays(arrays, "train", d.val_size, self.cfg.trainer.seed)
         val_x, val_y = split_arrays(arrays, "val", d.val_size, self.cfg.trainer.seed)
-        if len(val_y) * 2 > len(train_y):
+        if arrays.val_images is None and len(val_y) * 2 > len(train_y):
             print(f"warning: validation holds {len(val_y):,} images, more than a third of the "
                   f"{len(train_y) + len(val_y):,} it was split from: the model trains on "
                   f"{len(train_y):,} (data.val_size -1 holds out a tenth)", file=sys.stderr,
@@ -183,9 +183,10 @@ class CifarDataModule(pl.LightningDataModule):
         return engine == "tensors"
 
     def batch_size(self, shuffle: bool) -> int:
-        """Training batches (shuffled) are the config's size; evaluation's at least EVAL_BATCH."""
+        """Training batches (shuffled) are the config's size; evaluation's at least EVAL_BATCH
+        images, each view of eval.tta counted (model.averaged_views passes them at once)."""
         batch = self.cfg.trainer.batch_size
-        return batch if shuffle else max(batch, EVAL_BATCH)
+        return batch if shuffle else max(1, max(batch, EVAL_BATCH) // TTA_VIEWS[self.cfg.eval.tta])
 
     def sample_weights(self, dataset: ImageArrayDataset, shuffle: bool) -> torch.Tensor | None:
         """data.balance "sampler": training batches drawn with each class equally likely."""

@@ -212,6 +212,9 @@ def read_folders(data_dir: str | Path, quiet: bool = False, size: int = 32) -> I
         test, test_labels = arrays["test_images"], labels["test"]
     else:
         kept, held = split_train_val(train_labels, len(train_labels) // TEST_SHARE, TEST_SEED)
+        if not len(held):
+            raise DataError(f"{root}: no test/ folder, and train/ has too few images to hold "
+                            "some out as the test set: add test/<class>/ folders")
         say(f"data: no test/ folder: a stratified 1/{TEST_SHARE} of train/ ({len(held):,} "
             "images) is the test set, the same in every run; the rest is trained on")
         train, train_labels, test, test_labels = (train[kept], train_labels[kept], train[held],

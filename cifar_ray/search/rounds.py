@@ -54,7 +54,7 @@ def run_rounds(cfg, out: Path, session: Session, resume: bool, interrupted) -> t
     t = cfg.tune
     experiment = Path(cfg.tune.storage or out).expanduser().resolve() / t.name
     known = rounds_of(experiment) if resume else [experiment]
-    seeds = session.seeds or Seeds()
+    seeds = session.seeds or Seeds(metric=t.metric)
     rows: list[dict[str, Any]] = []
     for k, where in enumerate(known[:-1]):
         rows += marked(summarise_trials(ended(where), list(cfg.search), cfg.trainer.epochs,

@@ -247,6 +247,7 @@ def remembered(path: Path, given: Seeds | None) -> Seeds | None:
         raise UserError(f"--resume: {path} is damaged ({type(exc).__name__}); start again "
                         "with --overwrite") from None
     if given is not None:
+        found.metric = given.metric
         found.seeds += given.seeds
         found.tries += [t for t in given.tries if t not in found.tries]
         for reason, n in given.skipped.items():
