@@ -185,7 +185,8 @@ def test_your_own_images_get_their_search_every_image_used(tmp_path):
                      "them)")
     text = "\n".join(rest)
     # 300 less a fifth held out as the test set (no test/), less a tenth for validation
-    assert "216 training + 24 validation images per trial-epoch" in text, text
+    assert "216 training + 24 validation images per trial-epoch; no test/ folder: a stratified " \
+        "fifth of train/ is the test set" in text, text
     assert "metric       val/balanced_acc" in text and "searched     data.balance" in text
     assert "budget       60 min for the whole run" in text, text
 

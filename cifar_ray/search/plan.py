@@ -61,7 +61,7 @@ def image_counts(cfg, sizes: tuple[int, int] | None = None) -> tuple[int, int] |
     if sizes:
         total, val = sizes
     elif d.dataset == "folder":
-        from cifar_ray.data.image_folders import is_image
+        from cifar_ray.data.image_folders import TEST_SHARE, is_image
 
         root = Path(d.data_dir).expanduser()
         count = {split: sum(1 for p in (root / split).rglob("*") if p.is_file() and is_image(p))
@@ -69,8 +69,8 @@ def image_counts(cfg, sizes: tuple[int, int] | None = None) -> tuple[int, int] |
         if not count.get("train"):
             return None
         total, val = count["train"], count.get("val", 0)
-        if not (root / "test").is_dir():  # image_folders holds out a fifth as the test set
-            total -= total // 5
+        if not (root / "test").is_dir():  # image_folders holds out a share as the test set
+            total -= total // TEST_SHARE
     else:
         total, val = CIFAR_TRAIN_IMAGES, 0
     if not val:
@@ -96,6 +96,7 @@ class SearchPlan:
     epoch_source: str = ""  # where epoch_seconds came from
     retrain_epoch_seconds: float | None = None  # one retrain epoch, when known apart
     metric: str = METRIC  # tune.metric
+    test_held: bool = False  # class folders without test/: a fifth of train/ held out
 
     @property
     def rungs(self) -> list[int]:
@@ -163,7 +164,8 @@ class SearchPlan:
         if self.images:
             train, val = self.images
             lines.append(f"  data         {train:,} training + {val:,} validation images per "
-                         "trial-epoch")
+                         "trial-epoch" + ("; no test/ folder: a stratified fifth of train/ is "
+                                          "the test set" if self.test_held else ""))
         lines.append(f"  retrain      {self.retrain_epochs} epochs of the best configuration on "
                      "train + validation, then the test and GradCAM")
         if self.epoch_seconds is None:
@@ -190,13 +192,14 @@ def make_plan(cfg, concurrent: int, gpus_per_worker: float, epoch_seconds: float
               sizes: tuple[int, int] | None = None) -> SearchPlan:
     """The plan of `cfg` (a SearchConfig) with `concurrent` trials at once; without
     `epoch_seconds` or a GPU, the epoch is estimated from FLOPs on `cpus_total` cores."""
-    t = cfg.tune
+    t, d = cfg.tune, cfg.data
     plan = SearchPlan(
         trials=t.num_samples, concurrent=concurrent, workers=t.workers_per_trial,
         cpus=t.cpus_per_worker, gpus=gpus_per_worker, max_t=cfg.trainer.epochs,
         grace_period=t.grace_period, reduction_factor=t.reduction_factor,
         retrain_epochs=cfg.retrain.retrain_epochs, images=image_counts(cfg, sizes),
-        epoch_seconds=epoch_seconds, epoch_source=epoch_source, metric=t.metric)
+        epoch_seconds=epoch_seconds, epoch_source=epoch_source, metric=t.metric,
+        test_held=d.dataset == "folder" and not (Path(d.data_dir).expanduser() / "test").is_dir())
     if epoch_seconds is None and not gpus_per_worker and plan.images:
         train, val = plan.images
         per_image = training_gflop_per_image(cfg.model.width, cfg.data.image_size)
