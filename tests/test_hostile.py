@@ -481,7 +481,7 @@ def test_resume_with_other_training_settings_is_one_line(tmp_path):
 def test_train_resume_with_more_epochs_is_one_line(tmp_path, tiny_data):
     out = tmp_path / "out"
     out.mkdir()
-    module = LitResNet9(model={"width": 8}, class_names=list("abcdefghij"),
+    module = LitResNet9(model={"width": 8}, class_names=list("abcdefghij"), eval={"tta": "off"},
                         schedule={"epochs": 2, "batch_size": 512})
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
                out / "last.ckpt")
