@@ -280,7 +280,7 @@ def test_a_small_checkpoint_claiming_the_widest_network_builds_nothing(tmp_path)
                           capture_output=True, text=True, timeout=300)
     assert "refused:" in proc.stdout and "is none" in proc.stdout, proc.stderr[-2000:]
     peak = int(proc.stdout.split("peak MB")[1])
-    assert peak < 1500, peak  # the network alone would be 6,900 MB
+    assert peak < 2000, peak  # imports alone are ~1.5 GB; the network would be 6,900 MB
 
 
 def test_a_checkpoint_naming_more_classes_than_a_data_set_may_have_is_refused(tmp_path):
