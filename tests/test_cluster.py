@@ -147,7 +147,11 @@ def test_search_on_two_nodes_survives_losing_one(noisy_data, tmp_path, sys_tmp, 
         second.kill()  # the whole node disappears mid-search
         lost_at = time.time()
 
-        driver.wait(timeout=900)
+        try:
+            driver.wait(timeout=600)  # a minute or two here; a hang shows the driver's log
+        except subprocess.TimeoutExpired:
+            pytest.fail("the search did not end within 600 s of the loss:\n"
+                        + (tmp_path / "driver.log").read_text()[-6000:])
         log.close()
         output = (tmp_path / "driver.log").read_text()
         assert driver.returncode == 0, output[-4000:]
