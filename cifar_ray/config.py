@@ -26,7 +26,7 @@ TTA_VIEWS = {"off": 1, "hflip": 2, "flips": 4}  # eval.tta -> the views model.fl
 TTAS = tuple(TTA_VIEWS)
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 COMPILE_MODES = ("off", "default", "reduce-overhead")  # see module.py
-MAX_WIDTH = 1024
+MAX_WIDTH, MAX_RES_BLOCKS = 1024, 8
 # A data set's classes (a confusion matrix is classes squared) and a class name's length.
 MAX_CLASSES, MAX_CLASS_NAME = 1000, 200
 # Upper bounds of counts that fork processes or size allocations: far past any real run.
@@ -98,6 +98,8 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     width: int = setting(64, "channels of the prep layer; later layers are 2x, 4x, 8x (64 = ResNet-9)")
+    res_blocks: int = setting(1, "the depth: residual blocks after the second and after the "
+                                 "fourth convolution (1: ResNet-9; 0: five layers; 2: thirteen)")
 
 
 @dataclass
@@ -438,6 +440,8 @@ def validate(cfg: Config) -> None:
     check(a.engine in ENGINES, f"augment.engine must be one of {ENGINES}, got '{a.engine}'")
     # 1024 is 16 times the classic width, 1.7 billion parameters: a bound, not a recipe.
     check(1 <= m.width <= MAX_WIDTH, f"model.width must be in [1, {MAX_WIDTH}], got {m.width}")
+    check(0 <= m.res_blocks <= MAX_RES_BLOCKS,
+          f"model.res_blocks must be in [0, {MAX_RES_BLOCKS}], got {m.res_blocks}")
     check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     check(0 < o.pct_start < 1, f"optim.pct_start must be in (0, 1), got {o.pct_start}")

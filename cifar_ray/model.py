@@ -11,6 +11,8 @@ side s (32 for CIFAR; any multiple of 8):
     fc        Linear 8w->classes, log-softmax                      (B, classes)
 
 With w = 64 and 10 classes: 6,573,130 parameters, whatever s. Convolutions carry no bias.
+`res_blocks` (model.res_blocks) sets the depth: that many ResBlocks in place of each of
+layer1_R and layer3_R (1: ResNet-9, its module names kept; 0: five layers; 2: thirteen).
 """
 
 from __future__ import annotations
@@ -41,16 +43,24 @@ class ResBlock(nn.Module):
         return x + self.conv2(self.conv1(x))
 
 
+def res_stage(channels: int, blocks: int) -> nn.Module:
+    """`blocks` ResBlocks in a row: one is the block itself (ResNet-9's names, its checkpoints
+    load); none is an empty Sequential, which passes its input on (GradCAM can still hook it)."""
+    if blocks == 1:
+        return ResBlock(channels, channels)
+    return nn.Sequential(*(ResBlock(channels, channels) for _ in range(blocks)))
+
+
 class ResNet9(nn.Module):
-    def __init__(self, num_classes: int = 10, width: int = 64):
+    def __init__(self, num_classes: int = 10, width: int = 64, res_blocks: int = 1):
         super().__init__()
         w = width
         self.prep = conv_bn(3, w)
         self.layer1_X = conv_bn(w, 2 * w, pool=True)
-        self.layer1_R = ResBlock(2 * w, 2 * w)
+        self.layer1_R = res_stage(2 * w, res_blocks)
         self.layer2_X = conv_bn(2 * w, 4 * w, pool=True)
         self.layer3_X = conv_bn(4 * w, 8 * w, pool=True)
-        self.layer3_R = ResBlock(8 * w, 8 * w)
+        self.layer3_R = res_stage(8 * w, res_blocks)
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(8 * w, num_classes)
 

@@ -51,7 +51,8 @@ class LitResNet9(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         num_classes = len(class_names) if class_names else 10
-        self.model = ResNet9(num_classes, ModelConfig(**(model or {})).width)
+        shape = ModelConfig(**(model or {}))
+        self.model = ResNet9(num_classes, shape.width, shape.res_blocks)
         # No argument checks: they read values back from the device on every update.
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         # Validation's and test's scores all come from one confusion matrix (`scores`).

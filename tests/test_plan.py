@@ -102,19 +102,20 @@ def test_the_cpu_warning_for_the_full_network_and_not_for_the_small_configs():
     assert make_plan(_config("experiments/search.yaml"), 4, 0.25).cpu_warning() is None
 
 
-@pytest.mark.parametrize("size", [32, 64])
-def test_the_flop_count_is_torchs(size):
+@pytest.mark.parametrize("size, res_blocks", [(32, 1), (64, 1), (32, 0), (32, 3)])
+def test_the_flop_count_is_torchs(size, res_blocks):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from cifar_ray.model import ResNet9
 
-    model = ResNet9(width=16)
+    model = ResNet9(width=16, res_blocks=res_blocks)
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(2, 3, size, size)).sum().backward()
     convs = sum(v for op, v in counter.get_flop_counts()["Global"].items()
                 if "convolution" in str(op))
-    assert training_gflop_per_image(16, size) == pytest.approx(convs / 2 / 1e9, rel=0.01)
+    assert training_gflop_per_image(16, size, res_blocks) == pytest.approx(convs / 2 / 1e9,
+                                                                          rel=0.01)
 
 
 def test_expected_epochs_counts_what_is_left():

@@ -13,6 +13,7 @@ from cifar_ray.config import range_text
 from cifar_ray.data.arrays import val_count
 from cifar_ray.console import format_duration
 from cifar_ray.names import METRIC, METRICS
+from cifar_ray.search.objectives import OBJECTIVES
 
 # CIFAR-10 and CIFAR-100 both have 50,000 training images (cifar_files.py reads them).
 CIFAR_TRAIN_IMAGES = 50_000
@@ -42,16 +43,35 @@ def expected_epochs(epoch: int, rungs: list[int], reduction_factor: int, max_t: 
     return total + alive * (max_t - position)
 
 
-def training_gflop_per_image(width: int, size: int = 32) -> float:
+def training_gflop_per_image(width: int, size: int = 32, res_blocks: int = 1) -> float:
     """Training FLOPs (forward + backward, 3x the forward) of ResNet-9 at `width` per `size`
-    square image: its eight 3x3 convolutions (model.py), whose positions grow with the pixels.
-    Width 16 at 32: 0.144, as torch's FLOP counter."""
-    w = width
-    convs = [(32 * 32, 3, w), (32 * 32, w, 2 * w), (16 * 16, 2 * w, 2 * w), (16 * 16, 2 * w, 2 * w),
-             (16 * 16, 2 * w, 4 * w), (8 * 8, 4 * w, 8 * w), (4 * 4, 8 * w, 8 * w),
-             (4 * 4, 8 * w, 8 * w)]  # (output positions, in, out) before each pooling
-    forward = sum(2 * positions * c_in * c_out * 9 for positions, c_in, c_out in convs)
-    return 3 * forward * (size / 32) ** 2 / 1e9
+    square image: its 3x3 convolutions (model.py; two per residual block), whose positions
+    grow with the pixels. Width 16 at 32: 0.143, as torch's FLOP counter."""
+    w, n = width, res_blocks
+    convs = [(32 * 32, 3, w), (32 * 32, w, 2 * w), *[(16 * 16, 2 * w, 2 * w)] * (2 * n),
+             (16 * 16, 2 * w, 4 * w), (8 * 8, 4 * w, 8 * w),
+             *[(4 * 4, 8 * w, 8 * w)] * (2 * n)]  # (output positions, in, out) before pooling
+    flops = [2 * positions * c_in * c_out * 9 for positions, c_in, c_out in convs]
+    # No gradient for the image itself: the first convolution's backward is half the others'.
+    return (3 * sum(flops) - flops[0]) * (size / 32) ** 2 / 1e9
+
+
+SHAPE_KEYS = ("model.width", "data.image_size", "model.res_blocks")  # what the FLOPs follow
+
+
+def mean_gflop_per_image(cfg) -> float:
+    """training_gflop_per_image averaged over the searched values of SHAPE_KEYS (a choice's
+    values, a randint's range, else the config's own): what an average trial costs."""
+    space = cfg.space()
+    values = []
+    for key in SHAPE_KEYS:
+        section, name = key.split(".")
+        kind, args = space.get(key, ("choice", [getattr(getattr(cfg, section), name)]))
+        values.append(list(range(args[0], args[1])) if kind == "randint" else
+                      args if kind == "choice" else [getattr(getattr(cfg, section), name)])
+    grid = [training_gflop_per_image(w, s, n) for w in values[0] for s in values[1]
+            for n in values[2]]
+    return sum(grid) / len(grid)
 
 
 def image_counts(cfg, sizes: tuple[int, int] | None = None) -> tuple[int, int] | None:
@@ -96,6 +116,8 @@ class SearchPlan:
     epoch_source: str = ""  # where epoch_seconds came from
     retrain_epoch_seconds: float | None = None  # one retrain epoch, when known apart
     metric: str = METRIC  # tune.metric
+    objectives: tuple = ()  # tune.objectives, when several
+    pick: str = ""  # tune.pick
     test_held: bool = False  # class folders without test/: a fifth of train/ held out
 
     @property
@@ -144,6 +166,14 @@ class SearchPlan:
                 + ("!! Going on; Ctrl-C stops the search cleanly.\n" if starting else "")
                 + bar)
 
+    def objective_lines(self) -> list[str]:
+        if not self.objectives:
+            return []
+        lines = ["  objectives   " + ", ".join(f"{n} ({OBJECTIVES[n][0]})" for n in self.objectives)
+                 + ": each trial measures what its model costs before it trains"]
+        return lines + [f"  pick         the most accurate trial with {self.pick}"] if self.pick \
+            else lines
+
     def text(self) -> str:
         """The plan block every search prints before its first trial."""
         on = f"{self.cpus:g} CPU{'s' if self.cpus != 1 else ''}"
@@ -156,8 +186,10 @@ class SearchPlan:
             f"  trials       {self.trials}, {self.concurrent} at a time, each on {workers}{on}",
             f"  metric       {self.metric} ({METRICS[self.metric]}): ASHA, the checkpoints and "
             "the choice of the best go by it",
+            *self.objective_lines(),
             f"  ASHA         compares trials at epochs {rungs} of {self.max_t}; each rung keeps "
-            f"the best 1/{self.reduction_factor}",
+            f"the best 1/{self.reduction_factor}"
+            + (" by Pareto rank, ties by crowding distance" if self.objectives else ""),
             f"  trial-epochs at most {most} (no trial stopped), about {expected:.0f} if each rung "
             f"keeps 1/{self.reduction_factor}",
         ]
@@ -199,10 +231,11 @@ def make_plan(cfg, concurrent: int, gpus_per_worker: float, epoch_seconds: float
         grace_period=t.grace_period, reduction_factor=t.reduction_factor,
         retrain_epochs=cfg.retrain.retrain_epochs, images=image_counts(cfg, sizes),
         epoch_seconds=epoch_seconds, epoch_source=epoch_source, metric=t.metric,
+        objectives=tuple(cfg.objectives()) if len(cfg.objectives()) > 1 else (), pick=t.pick,
         test_held=d.dataset == "folder" and not (Path(d.data_dir).expanduser() / "test").is_dir())
     if epoch_seconds is None and not gpus_per_worker and plan.images:
         train, val = plan.images
-        per_image = training_gflop_per_image(cfg.model.width, cfg.data.image_size)
+        per_image = mean_gflop_per_image(cfg)
         cores_total = cpus_total or os.cpu_count() or 1
         cores = t.workers_per_trial * t.cpus_per_worker
         # Trials at once share the cores when they ask for more than there are.
@@ -210,8 +243,10 @@ def make_plan(cfg, concurrent: int, gpus_per_worker: float, epoch_seconds: float
         plan.epoch_seconds = per_image * (train + val / 3) / (shared * CPU_GFLOPS_PER_CORE)
         plan.retrain_epoch_seconds = (per_image * (train + val)
                                       / (min(cores, cores_total) * CPU_GFLOPS_PER_CORE))
-        plan.epoch_source = (f"estimated: {per_image:.2f} GFLOP per training image at width "
-                             f"{cfg.model.width}, {CPU_GFLOPS_PER_CORE:g} GFLOP/s per CPU core, "
+        shape = ("averaged over the searched shapes" if set(SHAPE_KEYS) & set(cfg.search)
+                 else f"at width {cfg.model.width}")
+        plan.epoch_source = (f"estimated: {per_image:.2f} GFLOP per training image {shape}, "
+                             f"{CPU_GFLOPS_PER_CORE:g} GFLOP/s per CPU core, "
                              f"{shared:.3g} core{'s' if shared != 1 else ''} per trial")
     return plan
 
