@@ -13,44 +13,18 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from cifar_ray import cli
-from cifar_ray.data.augment import Standardize
 from cifar_ray.errors import NO_SPACE, UserError, cli_entry
 from cifar_ray.files import atomic_path, write_bytes, write_json
-from cifar_ray.model import averaged_views
+from cifar_ray.footprint import INPUT, OUTPUT, Deployable, onnx_program
 from cifar_ray.module import LitResNet9, load_module
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
-INPUT, OUTPUT = "images", "probabilities"
-
-
-class Deployable(nn.Module):
-    """ResNet-9 with its normalisation in front, its test-time flips (eval.tta) and
-    probabilities out."""
-
-    def __init__(self, module: LitResNet9):
-        super().__init__()
-        self.standardize = Standardize(module.normalization)
-        self.model = module.model
-        self.image_size = module.image_size
-        self.tta = module.tta
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, s, s) in [0, 1]
-        return averaged_views(self.model, self.standardize(images), self.tta).exp()
 
 
 def export_onnx(model: Deployable, classes: list[str], target: Path) -> None:
-    try:
-        import onnxscript  # noqa: F401  (torch's exporter needs it)
-    except ImportError:
-        raise UserError("--format onnx needs onnx and onnxscript: "
-                        "pip install 'cifar_ray[export]'") from None
-    example = torch.rand(2, 3, model.image_size, model.image_size)
-    program = torch.onnx.export(model, (example,), dynamo=True, input_names=[INPUT],
-                                output_names=[OUTPUT],
-                                dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+    program = onnx_program(model)
     program.model.metadata_props["class_names"] = json.dumps(classes)
     with atomic_path(target) as tmp:
         program.save(str(tmp))
