@@ -19,6 +19,8 @@ PHASES = {
               "to the training function",
     "imports": "torch, Lightning and the rest of the training code in the worker",
     "data": "reading the data set (from Ray's object store) and the split",
+    "footprint": "what the model costs: its parameters, FLOPs and (a latency objective) its "
+                 "ONNX export timed",
     "lightning": "the Lightning Trainer and strategy, the model on its device",
     "first_step": "the data on the device, the optimiser, to the first training step",
 }

@@ -100,6 +100,10 @@ def parse(argv: list[str] | None) -> tuple[SearchConfig, argparse.Namespace]:
     if args.resume and not args.more and (args.warm_start or args.tries):
         raise UserError("--warm-start and --try start a new search (or a --more round); "
                         "--resume alone goes on with the saved one")
+    if len(cfg.objectives()) > 1 and (args.warm_start or args.more):
+        raise UserError("--warm-start and --more seed the search with earlier trials' scores; "
+                        "with several objectives they are not supported yet: start a new search "
+                        "(--try runs given configs first)")
     if flags.get("trainer.devices", 1) != 1:
         raise UserError("--devices does nothing in a search: each trial's workers are "
                         "--workers-per-trial (with --gpus-per-worker each)")

@@ -33,8 +33,8 @@ from tests.processes import files_containing, free_port
 
 pytestmark = pytest.mark.slow
 
-PHASE_COLUMNS = ["trial_s", "controller_s", "worker_s", "imports_s", "data_s", "lightning_s",
-                 "first_step_s"]
+PHASE_COLUMNS = ["trial_s", "controller_s", "worker_s", "imports_s", "data_s", "footprint_s",
+                 "lightning_s", "first_step_s"]
 
 
 def _read_trials(out: Path) -> list[dict]:

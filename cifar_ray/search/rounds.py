@@ -58,7 +58,7 @@ def run_rounds(cfg, out: Path, session: Session, resume: bool, interrupted) -> t
     rows: list[dict[str, Any]] = []
     for k, where in enumerate(known[:-1]):
         rows += marked(summarise_trials(ended(where), list(cfg.search), cfg.trainer.epochs,
-                                        metric=t.metric),
+                                        metric=t.metric, objectives=cfg.objectives()),
                        k, seeds, first_configs(cfg, seeds, rows))
     first = first_configs(cfg, seeds, rows)
     last = Round(known[-1], t.num_samples, t.search_seed, seeds.seeds, first)
@@ -105,7 +105,8 @@ def one_round(cfg, out: Path, session: Session, round_: Round, resume: bool,
                       console, session.verbose, stopper, round_)
     check_stopped(interrupted, round_.where)
     rows = summarise_trials(grid, list(cfg.search), cfg.trainer.epochs,
-                            stopper.stopped if stopper else (), cfg.tune.metric)
+                            stopper.stopped if stopper else (), cfg.tune.metric,
+                            cfg.objectives())
     return console.seconds(), console.sessions, rows
 
 

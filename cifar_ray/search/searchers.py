@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
@@ -17,6 +18,7 @@ from ray.tune.stopper import Stopper
 from cifar_ray.errors import UserError
 from cifar_ray.names import FIRST_STEP_AT, MODE, REPORTED_AT
 from cifar_ray.search.budget import BudgetClock
+from cifar_ray.search.objectives import OBJECTIVES, ParetoRungs, minimised
 from cifar_ray.search.seeds import Seed
 
 
@@ -126,11 +128,54 @@ class SeededASHA(ASHAScheduler):
                         recorded[f"earlier-{key}"] = reached[0] * (1 if MODE == "max" else -1)
 
 
+class ParetoASHA(FIFOScheduler):
+    """Multi-objective ASHA (Schmucker et al. 2021; Syne Tune's MOASHA) as a Ray Tune
+    scheduler: ASHA's rungs, where a trial goes on only if it is among the best
+    1/reduction_factor by Pareto rank, ties by crowding distance
+    (objectives.ParetoRungs); every objective is read from each report."""
+
+    def __init__(self, objectives: list[str], max_t: int, grace_period: int,
+                 reduction_factor: int, time_attr: str = "training_iteration"):
+        super().__init__()
+        self.objectives, self.max_t, self.time_attr = list(objectives), max_t, time_attr
+        self.rungs = ParetoRungs(grace_period, max_t, reduction_factor)
+        self.stopped = 0
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return True  # its objectives are its own; Tune's single metric is left unset
+
+    def vector(self, result: dict[str, Any]) -> list[float] | None:
+        if any(not isinstance(result.get(n), (int, float)) for n in self.objectives):
+            return None
+        return minimised([result], self.objectives)[0].tolist()
+
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict[str, Any]) -> str:
+        vector = self.vector(result)
+        if self.time_attr not in result or vector is None:
+            return TrialScheduler.CONTINUE
+        if result[self.time_attr] >= self.max_t:
+            return TrialScheduler.STOP
+        if self.rungs.on_result(trial.trial_id, result[self.time_attr], vector):
+            return TrialScheduler.CONTINUE
+        self.stopped += 1
+        return TrialScheduler.STOP
+
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict[str, Any]) -> None:
+        vector = self.vector(result or {})
+        if vector is not None and self.time_attr in result:
+            self.rungs.on_result(trial.trial_id, result[self.time_attr], vector)
+
+    def debug_string(self) -> str:
+        return f"Using multi-objective ASHA: num_stopped={self.stopped}"
+
+
 def make_searcher(alg: str, seed: int, samples: int, concurrent: int, clock=None,
-                  seeds: list[Seed] = (), first: list[dict[str, Any]] = ()):
-    """Tune's random generator or Optuna's TPE (random for its first third of the trials, 2 to
-    10, `seeds` counted; constant_liar spreads trials started together), the configs `first`
-    run first; at most `concurrent` at once."""
+                  seeds: list[Seed] = (), first: list[dict[str, Any]] = (),
+                  objectives: list[str] = ()):
+    """Tune's random generator, Optuna's TPE (random for its first third of the trials, 2 to
+    10, `seeds` counted; constant_liar spreads trials started together) or NSGA-II, the
+    configs `first` run first; at most `concurrent` at once. Several `objectives`: Optuna's
+    study has a direction for each."""
     if alg == "random":
         # The limit goes to the generator: Tune ignores max_concurrent_trials beside it.
         generator = ClockedVariants(points_to_evaluate=list(first) or None, random_state=seed,
@@ -142,16 +187,27 @@ def make_searcher(alg: str, seed: int, samples: int, concurrent: int, clock=None
     except ImportError:
         raise UserError("tune.search_alg optuna needs Optuna: pip install optuna") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial
-    sampler = optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=max(2, min(10, samples // 3)), constant_liar=True)
-    limiter = ClockedLimiter(SeededOptuna(sampler=sampler, seeds=seeds, tries=first),
+    if alg == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=seed,
+                                                population_size=max(4, min(50, samples // 3)))
+    else:
+        sampler = optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=max(2, min(10, samples // 3)), constant_liar=True)
+    several = {"metric": list(objectives), "mode": [OBJECTIVES[n][0] for n in objectives]} \
+        if len(objectives) > 1 else {}
+    limiter = ClockedLimiter(SeededOptuna(sampler=sampler, seeds=seeds, tries=first, **several),
                              max_concurrent=concurrent)
     limiter.clock = clock
     return limiter
 
 
 def make_scheduler(max_t: int, grace: int, factor: int,
-                   curves: dict[str, list[tuple[int, float]]] | None = None) -> SeededASHA:
+                   curves: dict[str, list[tuple[int, float]]] | None = None,
+                   objectives: list[str] = ()):
+    """ASHA (its rungs seeded with `curves`, a --more round's), or with several objectives
+    multi-objective ASHA."""
+    if len(objectives) > 1:
+        return ParetoASHA(objectives, max_t, grace, factor)
     scheduler = SeededASHA(time_attr="training_iteration", max_t=max_t, grace_period=grace,
                            reduction_factor=factor)
     if curves:

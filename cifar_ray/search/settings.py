@@ -27,6 +27,7 @@ from cifar_ray.config import (
 from cifar_ray.errors import ConfigError
 from cifar_ray.names import METRIC, METRICS
 from cifar_ray.search.budget import parse_budget
+from cifar_ray.search.objectives import LATENCY, parse_objectives, parse_pick
 
 # Ray Tune's helpers, by name -> the arguments each takes (`search.tune_space` calls them).
 DISTRIBUTIONS = {
@@ -38,7 +39,7 @@ DISTRIBUTIONS = {
     "choice": "[value, ...]",
 }
 FLOAT_ONLY = ("loguniform", "uniform", "qloguniform", "quniform")
-SEARCH_ALGS = ("random", "optuna")  # search.searcher builds each
+SEARCH_ALGS = ("random", "optuna", "nsga2")  # search.searchers builds each
 # tune.name is a folder that --overwrite deletes: a plain name, none of the search's own.
 FOLDER_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}"
 # What a search writes at the top of its output dir (README, "Outputs"), folders and files.
@@ -113,6 +114,12 @@ def parse_space(space: Any, base: Config) -> dict[str, tuple[str, list]]:
                 raise ConfigError(f"{where}: {value!r} does not fit: {exc}") from None
         parsed[key] = (name, list(args))
     return parsed
+
+
+def _installed(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def configure_auth(address: str) -> None:
@@ -219,11 +226,21 @@ class TuneSettings:
                                     "(or tune.storage)")
     search_alg: str = setting("random", "how trials are sampled: optuna is Optuna's TPE, which "
                                         "learns from the finished trials (ASHA still stops the "
-                                        "weak ones)", SEARCH_ALGS)
+                                        "weak ones); nsga2 is Optuna's NSGA-II, for several "
+                                        "objectives", SEARCH_ALGS)
     search_seed: int = setting(0, "seed of the search's sampler")
     metric: str = setting(METRIC, "what ASHA, the trials' checkpoints, the choice of the best "
                                   "trial and the retrain's best epoch go by (balanced_acc or f1 "
                                   "for imbalanced classes)", tuple(METRICS))
+    objectives: str = setting("", "what the search optimises, comma-separated: one validation "
+                                  "score and any of latency_ms (batch 1), batch_latency_ms "
+                                  "(--latency-batch), params, flops, e.g. val/acc,latency_ms; "
+                                  "several: ASHA promotes by Pareto rank (empty: tune.metric "
+                                  "alone)")
+    pick: str = setting("", "with several objectives, which trial is retrained: the most "
+                            "accurate that meets these, e.g. 'latency_ms <= 2, params <= 1e6' "
+                            "(empty: the most accurate)")
+    latency_batch: int = setting(32, "the batch size batch_latency_ms is measured at")
     budget: str = setting("", "the whole run's time (20m, 2h, 1.5h): the search, the retrain, "
                               "test, GradCAM and report end within it; it decides the epochs, "
                               "ASHA's rungs and the retrain's epochs, your values their upper "
@@ -261,6 +278,14 @@ class SearchConfig(Config):
         configure_auth, since it imports Ray."""
         check_samplers(self.space(), self.training_config())
 
+    def objectives(self) -> list[str]:
+        """tune.objectives as names, the validation score first (tune.metric alone if empty)."""
+        names = parse_objectives(self.tune.objectives, self.tune.metric)
+        return sorted(names, key=lambda n: n not in METRICS)
+
+    def constraints(self) -> list:
+        return parse_pick(self.tune.pick, self.objectives())
+
     def largest_image_size(self) -> int:
         """The largest data.image_size a trial may take: the data set is read once, at it."""
         name, sizes = self.space().get("data.image_size", ("choice", [self.data.image_size]))
@@ -297,6 +322,7 @@ class SearchConfig(Config):
         parse_budget(t.budget)
         check(t.metric in METRICS, f"tune.metric must be one of {', '.join(METRICS)}, "
                                    f"got {t.metric!r}")
+        self.check_objectives()
         check("trainer.epochs" not in self.search,
               "search: trainer.epochs cannot be searched: it is ASHA's maximum, which every "
               "trial's epochs are counted against; set it with --epochs (ASHA stops weak trials "
@@ -305,3 +331,21 @@ class SearchConfig(Config):
                f"retrain.init must be checkpoint or scratch, got '{r.init}'")
         check(1 <= r.retrain_epochs <= MAX_EPOCHS,
               f"retrain.retrain_epochs must be in [1, {MAX_EPOCHS}], got {r.retrain_epochs}")
+
+    def check_objectives(self) -> None:
+        """The objectives and the pick; tune.metric becomes the objectives' validation score
+        (a different one given with it is a contradiction)."""
+        t = self.tune
+        score = self.objectives()[0]
+        check(t.metric in (score, METRIC), f"tune.metric {t.metric} and tune.objectives "
+                                            f"{t.objectives} name different scores: give one")
+        t.metric = score
+        check(1 <= t.latency_batch <= 4096,
+              f"tune.latency_batch must be in [1, 4096], got {t.latency_batch}")
+        self.constraints()
+        check(not t.pick or len(self.objectives()) > 1,
+              "tune.pick chooses among several objectives: give them with --objectives")
+        check(not set(LATENCY) & set(self.objectives())
+              or _installed("onnxruntime", "onnxscript", "onnx"),
+              "latency objectives need ONNX Runtime and torch's ONNX exporter: "
+              "pip install 'cifar_ray[export]'")

@@ -25,6 +25,7 @@ from cifar_ray.names import (
     STARTUP,
 )
 from cifar_ray.search.cluster import HEAD_NODE
+from cifar_ray.search.objectives import FOOTPRINT, LATENCY
 from cifar_ray.search.settings import SearchConfig, ray_sampler
 from cifar_ray.search.trial import run_trial
 
@@ -80,7 +81,8 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     trainable = tune.with_parameters(
         run_trial, base=trial_base_config(cfg, scaling["use_gpu"]), metric=t.metric,
         scaling=scaling, storage=str(storage / t.name / "train_runs"), max_failures=t.max_failures,
-        data=[data] if data is not None else None)
+        data=[data] if data is not None else None,
+        latency_batch=t.latency_batch if set(LATENCY) & set(cfg.objectives()) else None)
     # Trial functions and Train controllers only wait: no CPU, on the head node, so a lost
     # worker node costs only its workers (restarted from the last checkpoint).
     trainable = tune.with_resources(trainable, {"CPU": 0, HEAD_NODE: 0.001})
@@ -89,15 +91,18 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
     if resume:
         return restored(round_.where, trainable, console, verbosity, stopper).fit()
     clock = stopper.clock if stopper else None
+    objectives = cfg.objectives()
     tuner = tune.Tuner(
         trainable,
         param_space=tune_space(cfg),
         tune_config=tune.TuneConfig(
-            metric=t.metric, mode=MODE, num_samples=round_.samples,
+            # Several objectives: the scheduler and the searcher each hold them all.
+            **({"metric": t.metric, "mode": MODE} if len(objectives) == 1 else {}),
+            num_samples=round_.samples,
             scheduler=make_scheduler(cfg.trainer.epochs, t.grace_period, t.reduction_factor,
-                                     round_.curves),
+                                     round_.curves, objectives),
             search_alg=make_searcher(t.search_alg, round_.seed, round_.samples, concurrent,
-                                     clock, round_.seeds, round_.first)),
+                                     clock, round_.seeds, round_.first, objectives)),
         run_config=tune.RunConfig(
             name=round_.where.name, storage_path=str(round_.where.parent), callbacks=callbacks,
             verbose=verbosity, stop=stopper,
@@ -146,10 +151,11 @@ STOPPED_BY_BUDGET = "stopped by the budget"
 
 
 def summarise_trials(grid, searched: list[str], max_t: int, budget_stopped=(),
-                     metric: str = METRIC) -> list[dict[str, Any]]:
+                     metric: str = METRIC, objectives=()) -> list[dict[str, Any]]:
     """One row per trial: its sample (a column per searched key), epochs, best score (of
     `metric`, tune.metric) and the checkpoint of that epoch, status (`budget_stopped`: the trials the
-    budget's deadline stopped), start-up seconds, and its curve."""
+    budget's deadline stopped), start-up seconds, its curve and when each point was reported;
+    with several `objectives`, a column for each (the score: the best score)."""
     rows = []
     for result in grid:
         history = result.metrics_dataframe
@@ -168,10 +174,13 @@ def summarise_trials(grid, searched: list[str], max_t: int, budget_stopped=(),
                  for key in (STARTUP, *(f"time/{p}_s" for p in PHASES))}
         spans = training_spans(history)
         epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
-        curve = []  # (epoch, validation accuracy) for every epoch the trial reported
+        curve, curve_at = [], []  # (epoch, score) for every epoch reported, and when
         if history is not None and metric in history and "training_iteration" in history:
-            curve = [(int(epoch), float(acc)) for epoch, acc
-                     in zip(history["training_iteration"], history[metric]) if acc == acc]
+            at = history[REPORTED_AT] if REPORTED_AT in history else [None] * len(history)
+            points = [(int(epoch), float(acc), t) for epoch, acc, t
+                      in zip(history["training_iteration"], history[metric], at) if acc == acc]
+            curve = [(epoch, acc) for epoch, acc, _ in points]
+            curve_at = [t for _, _, t in points]
         status = "error" if result.error else ("completed" if epochs >= max_t else "stopped early")
         if status == "stopped early" and trial_id(result) in budget_stopped:
             status = STOPPED_BY_BUDGET
@@ -183,9 +192,16 @@ def summarise_trials(grid, searched: list[str], max_t: int, budget_stopped=(),
             "checkpoint": best_ckpt, "startup_s": _round(first[STARTUP]),
             **{f"{phase}_s": _round(first[f"time/{phase}_s"]) for phase in PHASES},
             "train_s": _round(sum(end - start for start, end in spans)) if spans else None,
-            "spans": spans, "curve": curve,
+            "spans": spans, "curve": curve, "curve_at": curve_at,
+            **({name: best_acc if name == metric else counted(name, reported(history, name, -1))
+                for name in objectives} if len(objectives) > 1 else {}),
         })
     return rows
+
+
+def counted(name: str, value: float | None) -> float | int | None:
+    """Parameters and FLOPs are counts (Tune's history holds them as floats)."""
+    return int(value) if name in ("params", "flops") and value is not None else value
 
 
 def trial_id(result) -> str:
@@ -233,7 +249,8 @@ def training_seconds(rows: list[dict[str, Any]]) -> float:
 
 def write_trials_csv(rows: list[dict[str, Any]], searched: list[str], target: Path) -> None:
     buffer = io.StringIO()
-    fields = ["trial_id", *searched, "epochs", "best_score", "status", "origin", "round",
+    costs = [name for name in FOOTPRINT if rows and name in rows[0]]
+    fields = ["trial_id", *searched, "epochs", "best_score", *costs, "status", "origin", "round",
               "startup_s",
               *(f"{phase}_s" for phase in PHASES), "train_s"]
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")

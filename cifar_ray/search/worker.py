@@ -13,6 +13,7 @@ import psutil
 import ray.train
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
+from cifar_ray import footprint
 from cifar_ray.config import Config, overlay, plain
 from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.data.datamodule import CifarDataModule
@@ -36,8 +37,9 @@ class EpochReports(pl.Callback):
     trial's start-up phase by phase, from `marks` (each phase's end)."""
 
     def __init__(self, session: str, run_dir: str, marks: dict[str, float],
-                 io: SnapshotCheckpointIO):
+                 io: SnapshotCheckpointIO, footprint: dict[str, float] | None = None):
         self.session, self.run_dir, self.marks, self.io = session, run_dir, marks, io
+        self.footprint = footprint or {}  # what the model costs (footprint.measure)
         self.startup: dict[str, float] = {}
         self.first_step_at: float | None = None
         self.reports: list[dict[str, Any]] = []  # {"session": ..., "metrics": {...}} per epoch
@@ -75,7 +77,7 @@ class EpochReports(pl.Callback):
         folder = Path(self.run_dir) / name
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         metrics.update({"epoch": trainer.current_epoch, "step": trainer.global_step,
-                        **self.startup, FIRST_STEP_AT: self.first_step_at,
+                        **self.footprint, **self.startup, FIRST_STEP_AT: self.first_step_at,
                         REPORTED_AT: time.time(), CHECKPOINT_PATH: str(folder)})
         self.reports.append({"session": self.session, "metrics": metrics})  # saved with it
         # Rank 0 snapshots the state; Ray Train's checkpoint thread writes it in place while
@@ -117,8 +119,12 @@ def train(config: dict[str, Any], entered: float) -> None:
     data.setup()
     marks["data"] = time.time()
     module = LitResNet9.from_config(cfg, data.classes, data.norm)
+    # What the model costs where it will run: its shape decides it, not its weights, so it is
+    # measured once, before training, and goes with every report (multi-objective ASHA's rungs).
+    cost = footprint.measure(module, config.get("latency_batch"))
+    marks["footprint"] = time.time()
     io = SnapshotCheckpointIO()
-    reports = EpochReports(config["session"], cfg.trainer.output_dir, marks, io)
+    reports = EpochReports(config["session"], cfg.trainer.output_dir, marks, io, cost)
     logger = pl.loggers.TensorBoardLogger(cfg.trainer.output_dir, name="tensorboard",
                                           default_hp_metric=False)
     # Rank 0 alone: the HParams dashboard lists the trial, not each of its workers.

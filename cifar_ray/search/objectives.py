@@ -1,0 +1,217 @@
+"""A search's objectives (tune.objectives: a validation score to maximise, and what the model
+costs where it will run, to minimise), the pick's constraints (tune.pick), the Pareto front,
+its hypervolume, and multi-objective ASHA's rungs (Schmucker et al., "Multi-objective
+Asynchronous Successive Halving", 2021): promotion by non-dominated sorting, ties within a
+front broken by crowding distance. No Ray, no torch; moocore sorts and measures volumes."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cifar_ray.errors import ConfigError
+from cifar_ray.names import METRICS
+
+# What a trial can be judged by: name -> (direction, what it is). The footprint ones are what
+# footprint.measure returns; a trial reports them with every epoch.
+FOOTPRINT = {
+    "latency_ms": "milliseconds per image at batch 1: the ONNX export under ONNX Runtime on "
+                  "one CPU thread of the machine that trains it",
+    "batch_latency_ms": "milliseconds per batch of tune.latency_batch images, likewise",
+    "params": "parameters",
+    "flops": "forward FLOPs per image (every test-time view)",
+}
+OBJECTIVES = {**{name: ("max", text) for name, text in METRICS.items()},
+              **{name: ("min", text) for name, text in FOOTPRINT.items()}}
+LATENCY = ("latency_ms", "batch_latency_ms")
+OPERATORS = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b,
+             ">=": lambda a, b: a >= b, ">": lambda a, b: a > b}
+
+
+def parse_objectives(text: str, metric: str) -> list[str]:
+    """`val/acc,latency_ms` -> ['val/acc', 'latency_ms']; empty: [metric]. Exactly one of the
+    validation scores, each name once."""
+    names = [n.strip() for n in str(text).split(",")] if str(text).strip() else [metric]
+    for name in names:
+        if name not in OBJECTIVES:
+            close = difflib.get_close_matches(name, list(OBJECTIVES), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"tune.objectives: unknown objective {name!r} (known: "
+                              f"{', '.join(OBJECTIVES)}){hint}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tune.objectives: {text!r} names an objective twice")
+    scores = [n for n in names if n in METRICS]
+    if len(scores) != 1:
+        raise ConfigError(f"tune.objectives: {text!r} needs exactly one validation score "
+                          f"({', '.join(METRICS)}) beside what the model costs")
+    return names
+
+
+@dataclass(frozen=True)
+class Constraint:
+    name: str
+    op: str
+    bound: float
+
+    def holds(self, value: float | None) -> bool:
+        return value is not None and value == value and OPERATORS[self.op](value, self.bound)
+
+    def excess(self, value: float | None) -> float:
+        """How far `value` is past the bound, relative to it (0 when it holds)."""
+        if self.holds(value):
+            return 0.0
+        if value is None or value != value:
+            return math.inf
+        return abs(value - self.bound) / max(abs(self.bound), 1e-12)
+
+    def text(self) -> str:
+        return f"{self.name} {self.op} {self.bound:g}"
+
+
+def parse_pick(text: str, objectives: list[str]) -> list[Constraint]:
+    """`latency_ms <= 2, params <= 1e6` -> its constraints, each on an objective measured."""
+    constraints = []
+    for part in filter(str.strip, str(text).split(",")):
+        found = re.fullmatch(r"\s*([\w/]+)\s*(<=|>=|<|>)\s*(\S+)\s*", part)
+        if not found:
+            raise ConfigError(f"tune.pick: {part.strip()!r} is not NAME OP NUMBER "
+                              "(e.g. latency_ms <= 2, params <= 1e6)")
+        name, op, number = found.groups()
+        try:
+            bound = float(number)
+        except ValueError:
+            bound = math.nan
+        if not math.isfinite(bound):
+            raise ConfigError(f"tune.pick: {part.strip()!r}: {number!r} is not a finite number")
+        if name not in objectives:
+            why = ("is not an objective" if name not in OBJECTIVES else "is not measured")
+            raise ConfigError(f"tune.pick: {name} {why}: the search measures "
+                              f"{', '.join(objectives)} (add it with --objectives)")
+        constraints.append(Constraint(name, op, bound))
+    return constraints
+
+
+def minimised(rows: list[dict[str, Any]], objectives: list[str]) -> np.ndarray:
+    """(trials, objectives): each row's values, those to maximise negated."""
+    sign = [-1.0 if OBJECTIVES[name][0] == "max" else 1.0 for name in objectives]
+    return np.array([[s * float(row[name]) for s, name in zip(sign, objectives)] for row in rows],
+                    dtype=float).reshape(len(rows), len(objectives))
+
+
+def scored(rows: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, Any]]:
+    """The rows with a finite value of every objective (a trial that failed early has none)."""
+    return [r for r in rows if all(isinstance(r.get(n), (int, float)) and math.isfinite(r[n])
+                                   for n in objectives)]
+
+
+def front(rows: list[dict[str, Any]], objectives: list[str]) -> list[dict[str, Any]]:
+    """The non-dominated rows (of those scored), in the order given."""
+    import moocore
+
+    rows = scored(rows, objectives)
+    if not rows:
+        return []
+    keep = moocore.is_nondominated(minimised(rows, objectives), keep_weakly=True)
+    return [row for row, kept in zip(rows, keep) if kept]
+
+
+def reference(points: np.ndarray, objectives: list[str]) -> np.ndarray:
+    """The hypervolume's reference point for minimised `points`: a score's is 0 (no score is
+    worse), a cost's is its worst value and a tenth of its range past it."""
+    worst, best = points.max(axis=0), points.min(axis=0)
+    past = worst + 0.1 * np.maximum(worst - best, np.abs(worst) * 1e-3 + 1e-12)
+    return np.array([0.0 if OBJECTIVES[n][0] == "max" else past[i]
+                     for i, n in enumerate(objectives)])
+
+
+def hypervolume(points: np.ndarray, ref: np.ndarray, objectives: list[str]) -> float:
+    """The volume dominated by minimised `points` up to `ref`, as a share of the box from the
+    ideal corner (a score of 1, a cost of 0) to `ref`: 0 to 1."""
+    import moocore
+
+    inside = points[(points < ref).all(axis=1)]
+    if not len(inside):
+        return 0.0
+    ideal = np.array([-1.0 if OBJECTIVES[n][0] == "max" else 0.0 for n in objectives])
+    return float(moocore.hypervolume(inside, ref=ref) / np.prod(ref - ideal))
+
+
+def hypervolume_history(rows: list[dict[str, Any]], objectives: list[str],
+                        ref: np.ndarray | None = None) -> list[tuple[int, float]]:
+    """(trial-epochs so far, hypervolume) after each epoch any trial reported, in the order
+    they were reported (a row's `curve` of (epoch, score) and `curve_at`, their unix times),
+    each trial counted with its best score so far; `ref`: by default that of all the rows."""
+    rows = scored(rows, objectives)
+    if not rows:
+        return []
+    score = next(n for n in objectives if OBJECTIVES[n][0] == "max")
+    ref = reference(minimised(rows, objectives), objectives) if ref is None else ref
+    events = sorted((at, i, value) for i, row in enumerate(rows)
+                    for (_, value), at in zip(row.get("curve", []), row.get("curve_at", [])))
+    best: dict[int, float] = {}
+    history = []
+    for at, i, value in events:
+        best[i] = max(best.get(i, -math.inf), value)
+        now = [{**rows[j], score: v} for j, v in best.items()]
+        history.append((len(history) + 1, hypervolume(minimised(now, objectives), ref,
+                                                      objectives)))
+    return history
+
+
+def crowding(points: np.ndarray) -> np.ndarray:
+    """NSGA-II's crowding distance of each point of one front: for each objective, the gap
+    between its neighbours on either side over the front's range; the ends' is infinite."""
+    distance = np.zeros(len(points))
+    for column in points.T:
+        order = np.argsort(column, kind="stable")
+        span = column[order[-1]] - column[order[0]]
+        distance[order[[0, -1]]] = np.inf
+        if span > 0 and len(points) > 2:
+            distance[order[1:-1]] += (column[order[2:]] - column[order[:-2]]) / span
+    return distance
+
+
+def promotion_order(points: np.ndarray) -> list[int]:
+    """Indices of minimised `points`, best first: by Pareto rank (non-dominated sorting), then
+    within a rank by crowding distance (larger first: the ends of a front, then the points
+    farthest from their neighbours), as NSGA-II orders them; then by the first objective
+    (the score: of a front's two ends, the accurate one first)."""
+    import moocore
+
+    if len(points) == 0:
+        return []
+    ranks = moocore.pareto_rank(points)
+    spread = np.zeros(len(points))
+    for rank in np.unique(ranks):
+        members = np.flatnonzero(ranks == rank)
+        spread[members] = crowding(points[members])
+    return sorted(range(len(points)), key=lambda i: (ranks[i], -spread[i], points[i][0], i))
+
+
+class ParetoRungs:
+    """ASHA's rungs (Ray's `_Bracket`: epochs grace * factor^k up to max_t) holding each
+    trial's minimised objective vector as it reached them; a trial goes on past a rung only
+    if it is among the best ceil(n / factor) of the n trials recorded there, itself included,
+    in `promotion_order`."""
+
+    def __init__(self, grace: int, max_t: int, factor: int):
+        self.factor = factor
+        count = int(math.log(max_t / grace) / math.log(factor) + 1 + 1e-9)
+        self.rungs = [(grace * factor ** k, {}) for k in reversed(range(count))]
+
+    def on_result(self, trial_id: str, iteration: int, vector: list[float]) -> bool:
+        """Record `vector` at the highest rung `iteration` has newly reached; False: stop."""
+        for milestone, recorded in self.rungs:
+            if iteration < milestone or trial_id in recorded:
+                continue
+            recorded[trial_id] = list(vector)
+            ids = list(recorded)
+            order = promotion_order(np.array([recorded[i] for i in ids], dtype=float))
+            kept = {ids[i] for i in order[:math.ceil(len(ids) / self.factor)]}
+            return trial_id in kept
+        return True
