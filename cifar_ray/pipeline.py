@@ -51,6 +51,13 @@ from cifar_ray.search.budget import (
     plan_lines,
     sized_from_dict,
 )
+from cifar_ray.search.objectives import (
+    FOOTPRINT,
+    LATENCY,
+    Constraint,
+    front,
+    hypervolume_history,
+)
 from cifar_ray.search.plan import asha_rungs, image_counts, make_plan, space_lines
 from cifar_ray.search.rounds import Session, rounds_of, run_rounds
 from cifar_ray.search.seeds import SAVED_CONFIG, SEEDS_FILE, Seeds, remembered, save_seeds
@@ -310,7 +317,7 @@ def search(cfg: SearchConfig, out: Path, prepared: Prepared, data: list, resume:
     print(startup_summary(rows, seconds))
     best = choose(rows, storage_dir(cfg, out) / cfg.tune.name,
                   "the budget ran out first: give a larger --budget" if clock else "",
-                  cfg.tune.metric)
+                  cfg.tune.metric, cfg.objectives(), cfg.constraints())
     if clock and not more:  # a --more command's retrain: --retrain-epochs
         retrain_in_time_left(cfg, clock, best, prepared.sizes, scaling["use_gpu"])
     print(f"best trial {best['trial_id']}: {cfg.tune.metric}={best['best_score']:.4f} "
@@ -320,12 +327,27 @@ def search(cfg: SearchConfig, out: Path, prepared: Prepared, data: list, resume:
 
 
 def choose(rows: list[dict[str, Any]], experiment: Path, why: str = "",
-           metric: str = METRIC) -> dict[str, Any]:
+           metric: str = METRIC, objectives: list[str] = (),
+           constraints: list[Constraint] = ()) -> dict[str, Any]:
     """The trial of the best score (tune.metric) at any epoch, over every round (the first
-    of equals): its row, and under "config" its sample, in config keys, as Tune drew it."""
+    of equals), among those that meet `constraints` (tune.pick): its row, and under "config"
+    its sample, in config keys, as Tune drew it. None meets them: UserError naming the
+    closest."""
     scored = [r for r in rows if r["best_score"] is not None]
     if not scored:
         raise UserError(f"no trial reported {metric}; {why or 'see the errors in ' + str(experiment)}")
+    if constraints:
+        measured = front(scored, objectives) or scored
+        meeting = [r for r in measured if all(c.holds(r.get(c.name)) for c in constraints)]
+        if not meeting:
+            closest = min(measured, key=lambda r: sum(c.excess(r.get(c.name))
+                                                      for c in constraints))
+            values = ", ".join(f"{n} {format_value(closest.get(n))}" for n in objectives)
+            raise UserError(f"--pick {', '.join(c.text() for c in constraints)}: no trial of the "
+                            f"front meets it; the closest is trial {closest['trial_id']} "
+                            f"({values}); trials.csv has them all; choose again with --resume "
+                            "--pick ...")
+        scored = meeting
     return dict(max(scored, key=lambda r: r["best_score"] * (1 if MODE == "max" else -1)))
 
 
@@ -384,7 +406,25 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
                            line_prefix=CONSOLE_MARK + "retrain ", metric=cfg.tune.metric)
     report = explain.analyse(results["checkpoint"], final.data.data_dir, out / "gradcam",
                              split="test", arrays=arrays)
-    return {"retrain": results, "gradcam": report}
+    return {"retrain": results, "gradcam": report,
+            "footprint": measure_export(cfg, results["checkpoint"], out)}
+
+
+def measure_export(cfg: SearchConfig, checkpoint: str, out: Path) -> dict[str, Any] | None:
+    """With several objectives: the retrained model exported to ONNX (retrain/model.onnx) and
+    what it costs measured again, as the trials measured theirs (footprint.measure)."""
+    objectives = cfg.objectives()
+    if len(objectives) == 1:
+        return None
+    from cifar_ray import export, footprint
+    from cifar_ray.module import load_module
+
+    latency = set(LATENCY) & set(objectives)
+    onnx = export.export(checkpoint, "onnx", out / "retrain" / "model.onnx") if latency else None
+    found = footprint.measure(load_module(checkpoint), cfg.tune.latency_batch if latency else None,
+                              onnx=onnx.read_bytes() if onnx else None)
+    return {**{name: found[name] for name in objectives if name in FOOTPRINT},
+            "onnx": str(onnx) if onnx else None}
 
 
 def summarise(cfg: SearchConfig, out: Path, searched: Searched,
@@ -412,9 +452,39 @@ def summarise(cfg: SearchConfig, out: Path, searched: Searched,
         "rounds": 1 + max((r.get("round", 0) for r in rows), default=0),
         "seeded": seeded_results(searched.seeds),
         "config": cfg.to_dict(),
+        **pareto_results(cfg, rows, best, final.get("footprint")),
     }
     results["config"]["tracking"]["mlflow_uri"] = tracking.redacted(cfg.tracking.mlflow_uri)
     return results
+
+
+def pareto_results(cfg: SearchConfig, rows: list[dict[str, Any]], best: dict[str, Any],
+                   measured: dict[str, Any] | None) -> dict[str, Any]:
+    """With several objectives, results.json's: the objectives, the front (each trial's
+    sample and objectives), its hypervolume, and the pick: the constraints, the trial's
+    values, the retrained export's measured again and whether they still meet them."""
+    objectives = cfg.objectives()
+    if len(objectives) == 1:
+        return {}
+    history = hypervolume_history(rows, objectives)
+    constraints = cfg.constraints()
+    again = {k: v for k, v in (measured or {}).items() if k in FOOTPRINT}
+    return {
+        "objectives": objectives,
+        "front": [{"trial": r["trial_id"], "config": r["config"],
+                   **{n: r.get(n) for n in objectives}} for r in front(rows, objectives)],
+        "hypervolume": history[-1][1] if history else None,
+        "hypervolume_history": history,
+        # Enough to draw another front or hypervolume from (the benchmark compares searches).
+        "trials": [{"trial": r["trial_id"], "epochs": r["epochs"], "curve": r["curve"],
+                    "curve_at": r["curve_at"], **{n: r.get(n) for n in objectives}}
+                   for r in rows],
+        "pick": {"constraints": [c.text() for c in constraints], "trial": best["trial_id"],
+                 "searched": {n: best.get(n) for n in objectives},
+                 "retrained": again, "onnx": (measured or {}).get("onnx"),
+                 "meets": {c.text(): c.holds(again.get(c.name, best.get(c.name)))
+                           for c in constraints}},
+    }
 
 
 def runner_up(rows: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any] | None:
@@ -453,6 +523,16 @@ def report(cfg: SearchConfig, out: Path, results: dict[str, Any], searched: Sear
           f"  results: {out / 'results.json'}\n  summary: {out / 'summary.md'}\n"
           f"  model:   {results['checkpoint']}\n"
           f"  gradcam: {Path(gradcam_report['output_dir']) / 'index.html'}")
+    if pick := results.get("pick"):
+        print(pick_line(pick))
+
+
+def pick_line(pick: dict[str, Any]) -> str:
+    """The pick's constraints against the retrained export's measured values."""
+    again = ", ".join(f"{n} {format_value(v)}" for n, v in pick["retrained"].items())
+    meets = "; ".join(f"{c}: {'met' if ok else 'NOT met'}" for c, ok in pick["meets"].items())
+    return (f"  pick:    trial {pick['trial']}; the retrained model measured again: {again}"
+            + (f"; {meets}" if meets else ""))
 
 
 def median_phases(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -522,6 +602,7 @@ def start_fresh_or_resume(out: Path, cfg: SearchConfig, resume: bool, overwrite:
 
 # What --resume may change: where and how fast it runs, not what its trials train.
 RESUMABLE = ("data.data_dir", "data.num_workers", "trainer.output_dir", "trainer.progress_bar",
+             "tune.pick",
              "tune.address", "tune.storage", "tune.max_concurrent", "tune.cpus_per_worker",
              "tune.gpus_per_worker", "tune.max_failures", "retrain.", "tracking.")
 

@@ -16,6 +16,7 @@ import numpy as np
 from cifar_ray.console import format_duration
 from cifar_ray.files import save_figure, write_text
 from cifar_ray.names import GRADCAM_FIGURES, METRIC, METRICS, shown_name
+from cifar_ray.pareto_report import pareto_section
 from cifar_ray.search.settings import format_value, optuna_distribution
 
 FOLDER = "report"
@@ -167,6 +168,7 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}.note{{
 {outcome_table(results)}
 <h3>The test set, class by class</h3>
 {class_table(results)}
+{pareto_section(folder, FOLDER, results, rows, keys)}
 <h2>Trials</h2>
 {_figure(f"{FOLDER}/curves.png", f"{what.capitalize()} of every trial against epoch; dotted: ASHA's rungs, x: where ASHA stopped a trial; red: the best trial")}
 {figure("parallel_coordinates.png", f"Parallel coordinates: each line a trial, its searched values, coloured by its best {what}")}
