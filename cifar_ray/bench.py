@@ -13,7 +13,7 @@ from cifar_ray.errors import UserError, cli_entry
 from cifar_ray.files import write_json
 
 SECTIONS = ("framework", "compile", "augment", "gradcam", "flops", "train", "search", "budget",
-            "headstart", "recipe", "recipe_cifar", "recipe_search")
+            "headstart", "recipe", "recipe_cifar", "recipe_search", "pareto")
 DEFAULT_SECTIONS = SECTIONS[:7]  # the others train or search for many minutes: asked by name
 
 ROWS = [  # (key, label, format)
@@ -72,6 +72,12 @@ def table(report: dict[str, Any]) -> str:
     for name, row in report.get("recipe_search", {}).items():
         lines.append(f"  search over {name}: test_acc {row['test_acc']:.4f}, balanced "
                      f"{row['test_balanced_acc']:.4f} ({row['wall_s']:.0f} s)")
+    if compared := report.get("pareto", {}).get("compared"):
+        lines.append(f"  pareto: {compared['front_points']} points on the front, latency span "
+                     f"{compared['front_latency_span']}x; hypervolume {compared['hypervolume']}"
+                     f" over trial-epochs {compared['trial_epochs']}; MOASHA reached the "
+                     "no-stopping search's final hypervolume after "
+                     f"{compared['moasha_trial_epochs_to_final_hv_of_no_stopping']}")
     for share, row in report.get("by_share", {}).items():
         lines.append(f"  search at {share} GPU per trial: {row['search_wall_s']:.0f} s wall, "
                      f"{row['trial_epochs_per_s']:.2f} trial-epochs/s, start-up "
@@ -117,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="recipe sections: seeds per trick")
     parser.add_argument("--recipe-size", type=int, default=64,
                         help="recipe sections: the made-up inspection set's image side")
+    parser.add_argument("--pareto-size", type=int, default=32,
+                        help="pareto: the inspection set's image side (the search tries it "
+                             "and half of it)")
     parser.add_argument("--search-shares", type=_floats, default=[0.25],
                         help="GPU share per trial for each search (CUDA), e.g. 1,0.5,0.25")
     return parser
@@ -168,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 1 <= args.recipe_seeds <= 100:
         raise UserError(f"--recipe-seeds must be in [1, 100], got {args.recipe_seeds}")
+    if not (16 <= args.pareto_size <= 256 and args.pareto_size % 16 == 0):
+        raise UserError(f"--pareto-size must be a multiple of 16 from 16 to 256, got "
+                        f"{args.pareto_size}")
     if not (8 <= args.recipe_size <= 256 and args.recipe_size % 8 == 0):
         raise UserError("--recipe-size must be a multiple of 8 from 8 to 256 (as "
                         f"data.image_size), got {args.recipe_size}")

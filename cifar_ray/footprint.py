@@ -4,6 +4,7 @@ then the median of timed runs at batch 1 and at a batch size of the user's."""
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Any
@@ -17,7 +18,9 @@ from cifar_ray.model import averaged_views
 from cifar_ray.module import LitResNet9
 
 INPUT, OUTPUT = "images", "probabilities"
-WARMUP, REPEATS, MAX_SECONDS = 5, 30, 10.0  # timed runs: at most REPEATS, and stop past MAX_SECONDS
+# Timed runs: WARMUP first, then up to REPEATS; past MAX_SECONDS (warm-up included) it stops
+# at the next run (at least one timed run).
+WARMUP, REPEATS, MAX_SECONDS = 5, 30, 10.0
 LATENCIES = {"latency_ms": 1, "batch_latency_ms": None}  # objective -> batch (None: the user's)
 
 
@@ -79,10 +82,14 @@ def onnx_latency_ms(onnx: bytes, size: int, batches: list[int], threads: int = 1
     found = []
     for batch in batches:
         images = np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+        began = time.perf_counter()
         for _ in range(WARMUP):
+            if time.perf_counter() - began > MAX_SECONDS:
+                break
             session.run(None, {INPUT: images})
-        times, began = [], time.perf_counter()
-        while len(times) < REPEATS and time.perf_counter() - began < MAX_SECONDS:
+        times: list[float] = []
+        while not times or (len(times) < REPEATS
+                            and time.perf_counter() - began < MAX_SECONDS):
             start = time.perf_counter()
             session.run(None, {INPUT: images})
             times.append(time.perf_counter() - start)
@@ -94,11 +101,14 @@ def measure(module: LitResNet9, latency_batch: int | None = None, threads: int =
             onnx: bytes | None = None) -> dict[str, Any]:
     """{"params", "flops"} of `module`, and with `latency_batch` (an int) "latency_ms" (batch 1)
     and "batch_latency_ms" (that batch) of its ONNX export (`onnx`, else exported here)."""
-    model = Deployable(module).eval()
-    found: dict[str, Any] = {"params": parameters(model), "flops": flops_per_image(model)}
-    if latency_batch:
-        if onnx is None:
-            onnx = onnx_program(model).model_proto.SerializeToString()
-        one, batch = onnx_latency_ms(onnx, model.image_size, [1, latency_batch], threads)
-        found.update(latency_ms=one, batch_latency_ms=batch)
+    # A copy: eval() on the module itself would leave a trial training with its BatchNorm
+    # frozen (Lightning keeps each module's mode), and the draws here not the trial's.
+    with torch.random.fork_rng(devices=[]):
+        model = Deployable(copy.deepcopy(module).cpu()).eval()
+        found: dict[str, Any] = {"params": parameters(model), "flops": flops_per_image(model)}
+        if latency_batch:
+            if onnx is None:
+                onnx = onnx_program(model).model_proto.SerializeToString()
+            one, batch = onnx_latency_ms(onnx, model.image_size, [1, latency_batch], threads)
+            found.update(latency_ms=one, batch_latency_ms=batch)
     return found

@@ -27,7 +27,7 @@ from cifar_ray.data.augment import augment_batch, normalize, train_transform
 from cifar_ray.data.cifar_files import SPECS
 from cifar_ray.data.datamodule import ImageArrayDataset, available_cpus
 from cifar_ray.data.sources import load_dataset
-from cifar_ray import recipe_bench
+from cifar_ray import pareto_bench, recipe_bench
 from cifar_ray.commands import ROOT, run_command
 from cifar_ray.errors import UserError
 from cifar_ray.files import write_json
@@ -507,6 +507,7 @@ def run(args: argparse.Namespace, sections: list[str]) -> dict[str, Any]:
                                               args.search_epochs or 4, args.section_timeout,
                                               record),
         **recipe_bench.sections(args, width, data_dir, record),
+        **pareto_bench.sections(args, record),
         "search": lambda: bench_search(data_dir, on_gpu, args.search_shares,
                                        args.search_trials or (8 if on_gpu else 2),
                                        args.search_epochs or (4 if on_gpu else 1),

@@ -10,7 +10,7 @@ from typing import Any
 
 from cifar_ray.files import save_figure
 from cifar_ray.names import shown_name
-from cifar_ray.search.objectives import OBJECTIVES, front
+from cifar_ray.search.objectives import OBJECTIVES, front, parse_pick
 from cifar_ray.search.settings import format_value
 
 # Clicking a header sorts the table by that column (numbers as numbers), again: the other way.
@@ -50,12 +50,11 @@ def plot_front(rows: list[dict[str, Any]], objectives: list[str], pick: dict[str
                    label="on the front of all objectives")
         chosen = [p for p in pairs if p[2] == pick["trial"]]
         ax.scatter([p[0] for p in chosen], [p[1] for p in chosen], marker="*", s=300,
-                   color="tab:red", zorder=5, label=f"the pick: {pick['trial']}")
-        for text in pick["constraints"]:
-            name, _, bound = text.split(" ")
-            if name in (cost, score):
-                line = ax.axvline if name == cost else ax.axhline
-                line(float(bound), color="tab:red", linestyle="--", label=text)
+                   color="tab:red", zorder=5, label=f"the pick: {shown_name(pick['trial'])}")
+        for constraint in parse_pick(", ".join(pick["constraints"]), objectives):
+            if constraint.name in (cost, score):
+                line = ax.axvline if constraint.name == cost else ax.axhline
+                line(constraint.bound, color="tab:red", linestyle="--", label=constraint.text())
         ax.set_xscale("log" if cost != "latency_ms" or _spread(pairs) > 4 else "linear")
         ax.set_xlabel(f"{cost} ({OBJECTIVES[cost][1].split(':')[0]}): lower is better")
         ax.set_ylabel(f"{score}: higher is better")
@@ -86,7 +85,8 @@ def sortable_table(rows: list[dict[str, Any]], keys: list[str], objectives: list
                    best_id: str, on_front: set[str]) -> str:
     """Every trial with its searched values and objectives; click a header to sort by it."""
     headers = ["trial", "front", *keys, *objectives, "epochs", "status"]
-    head = "".join(f"<th title='click to sort'>{html.escape(h)} &#8597;</th>" for h in headers)
+    head = "".join(f"<th title='click to sort'>{html.escape(shown_name(h))} &#8597;</th>"
+                   for h in headers)
     body = []
     for r in rows:
         cells = [r["trial_id"], "yes" if r["trial_id"] in on_front else "",
@@ -117,7 +117,7 @@ def pareto_section(folder: Path, link: str, results: dict[str, Any], rows: list[
     return f"""<h2>Objectives: {html.escape(', '.join(objectives))}</h2>
 <p>{len(results['front'])} of {len(rows)} trials are on the Pareto front (no other trial is as
 good in every objective and better in one). Pick: {html.escape(constraints)}; trial
-{html.escape(pick['trial'])} was retrained, its export measured again: {html.escape(again)}
+{html.escape(shown_name(pick['trial']))} was retrained, its export measured again: {html.escape(again)}
 {('(' + html.escape(meets) + ')') if meets else ''}. Hypervolume of the front:
 {format_value(results.get('hypervolume') or 0.0)}.</p>
 <figure><img src="{link}/pareto.png" alt="Pareto front"><figcaption>Every trial's

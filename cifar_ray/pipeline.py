@@ -190,7 +190,8 @@ def retrain_in_time_left(cfg: SearchConfig, clock: BudgetClock, best: dict[str, 
         final = overlay(cfg, best["config"])
         batch = final.trainer.batch_size if use_gpu else min(final.trainer.batch_size, 128)
         per_image = calibrate(final.model.width, batch, final.data.image_size,
-                              "cuda" if use_gpu else "cpu", cfg.tune.cpus_per_worker)
+                              "cuda" if use_gpu else "cpu", cfg.tune.cpus_per_worker,
+                              res_blocks=final.model.res_blocks)
         clock.retrain_epoch_s = per_image * images + RETRAIN_EPOCH_S
     else:
         train, val = image_counts(cfg, sizes) or sizes
@@ -337,14 +338,14 @@ def choose(rows: list[dict[str, Any]], experiment: Path, why: str = "",
     if not scored:
         raise UserError(f"no trial reported {metric}; {why or 'see the errors in ' + str(experiment)}")
     if constraints:
-        measured = front(scored, objectives) or scored
-        meeting = [r for r in measured if all(c.holds(r.get(c.name)) for c in constraints)]
-        if not meeting:
-            closest = min(measured, key=lambda r: sum(c.excess(r.get(c.name))
-                                                      for c in constraints))
+        # The most accurate that meets them is on the front whenever they bound costs above.
+        meeting = [r for r in scored if all(c.holds(r.get(c.name)) for c in constraints)]
+        if not meeting:  # the closest of the front: the nearest trade-offs there are
+            closest = min(front(scored, objectives) or scored,
+                          key=lambda r: sum(c.excess(r.get(c.name)) for c in constraints))
             values = ", ".join(f"{n} {format_value(closest.get(n))}" for n in objectives)
-            raise UserError(f"--pick {', '.join(c.text() for c in constraints)}: no trial of the "
-                            f"front meets it; the closest is trial {closest['trial_id']} "
+            raise UserError(f"--pick {', '.join(c.text() for c in constraints)}: no trial meets "
+                            f"it; the closest is trial {shown_name(closest['trial_id'])} "
                             f"({values}); trials.csv has them all; choose again with --resume "
                             "--pick ...")
         scored = meeting
@@ -601,6 +602,9 @@ def start_fresh_or_resume(out: Path, cfg: SearchConfig, resume: bool, overwrite:
 
 
 # What --resume may change: where and how fast it runs, not what its trials train.
+# Keys added since a search may have started whose defaults are what it ran with (unlike the
+# recipe's, which came with a stratified split: a search from before them is not resumed).
+SAME_AT_DEFAULT = ("model.res_blocks", "tune.objectives", "tune.pick", "tune.latency_batch")
 RESUMABLE = ("data.data_dir", "data.num_workers", "trainer.output_dir", "trainer.progress_bar",
              "tune.pick",
              "tune.address", "tune.storage", "tune.max_concurrent", "tune.cpus_per_worker",
@@ -625,6 +629,7 @@ def check_same_search(experiment: Path, cfg: SearchConfig) -> None:
             if isinstance(value := saved.get(section, {}).get(name), int):
                 setattr(getattr(cfg, section), name, value)
     now = json.loads(json.dumps(cfg.to_dict()))
+    defaults = json.loads(json.dumps(SearchConfig().to_dict()))
     for section in sorted(set(saved) | set(now)):
         old, new = saved.get(section), now.get(section)
         names = set(old) | set(new) if isinstance(old, dict) and isinstance(new, dict) else {""}
@@ -633,7 +638,10 @@ def check_same_search(experiment: Path, cfg: SearchConfig) -> None:
             before = old.get(name) if name else old
             after = new.get(name) if name else new
             if before != after and not key.startswith(RESUMABLE):
-                if isinstance(old, dict) and name not in old or old is None:
+                missing = isinstance(old, dict) and name not in old or old is None
+                if missing and key in SAME_AT_DEFAULT and after == defaults[section][name]:
+                    continue
+                if missing:
                     raise UserError(f"--resume: the search was started by an earlier version "
                                     f"of cifar_ray, without {shown_name(key)}: start again "
                                     "with --overwrite")

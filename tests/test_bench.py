@@ -119,3 +119,44 @@ def test_the_made_up_inspection_set_is_class_folders_of_grayscale_washers(tmp_pa
     good, bad = (washer(np.random.default_rng(5), 64, faulty) for faulty in (False, True))
     changed = (good.astype(int) - bad.astype(int)) != 0
     assert 0 < changed.sum() < 64 * 64 / 20
+
+
+def test_the_pareto_comparison_counts_trial_epochs_to_the_other_searchs_hypervolume():
+    from cifar_ray.pareto_bench import compare
+
+    def trial(name, latency, accs, start):
+        return {"trial": name, "epochs": len(accs), "val/acc": max(accs), "latency_ms": latency,
+                "curve": list(enumerate(accs, 1)),
+                "curve_at": [start + i for i in range(len(accs))]}
+
+    # The same three models; early stopping ended the slow, poor one after one epoch.
+    asha = [trial("a", 4.0, [0.5, 0.9], 0), trial("b", 1.0, [0.6, 0.7], 10),
+            trial("c", 5.0, [0.3], 20)]
+    full = [trial("a", 4.0, [0.5, 0.9], 0), trial("b", 1.0, [0.6, 0.7], 10),
+            trial("c", 5.0, [0.3, 0.4], 20)]
+    front = [{"trial": t, "config": {}, "val/acc": a, "latency_ms": l}
+             for t, a, l in (("a", 0.9, 4.0), ("b", 0.7, 1.0))]
+    compared = compare({"trials": asha, "front": front}, {"trials": full, "front": front})
+    assert compared["trial_epochs"] == {"moasha": 5, "no_stopping": 6}
+    assert compared["hypervolume"]["moasha"] == compared["hypervolume"]["no_stopping"]
+    # The front is complete after the fourth epoch reported (b's second).
+    assert compared["moasha_trial_epochs_to_final_hv_of_no_stopping"] == 4
+    assert compared["front_points"] == 2 and compared["front_latency_span"] == 4.0
+
+
+def test_the_gratings_cost_accuracy_at_half_the_size(tmp_path):
+    import numpy as np
+
+    from cifar_ray.data.image_folders import read_folders
+    from cifar_ray.pareto_bench import grating, write_gratings
+
+    arrays = read_folders(write_gratings(tmp_path, 32, n_train=100, n_test=20), quiet=True,
+                          size=32)
+    assert len(arrays.classes) == 10 and arrays.train_images.shape == (100, 32, 32, 3)
+    # A fine grating's period is under 2 pixels at half the size: resampling flattens it
+    # more than a coarse one.
+    def contrast_kept(label):
+        image = grating(np.random.default_rng(1), 32, label).astype(np.float32).mean(axis=2)
+        half = image.reshape(16, 2, 16, 2).mean(axis=(1, 3))
+        return half.std() / image.std()
+    assert contrast_kept(0) < contrast_kept(5)

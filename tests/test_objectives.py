@@ -132,6 +132,7 @@ def _rows():
     ("latency_ms <= 2", "mid"),
     ("latency_ms < 1.5", "small"),
     ("latency_ms <= 3, val/acc >= 0.92", "big"),
+    ("latency_ms >= 3.5", "slow_and_worse"),  # a lower bound: off the front
 ])
 def test_the_pick_retrains_the_most_accurate_that_meets_it(pick, chosen, tmp_path):
     from cifar_ray.pipeline import choose
@@ -146,7 +147,7 @@ def test_a_pick_nothing_meets_names_the_closest_before_the_retrain(tmp_path):
     with pytest.raises(UserError) as raised:
         choose(_rows(), tmp_path, "", "val/acc", TWO, parse_pick("latency_ms <= 0.3", TWO))
     message = str(raised.value)
-    assert "\n" not in message and "no trial of the front meets it" in message
+    assert "\n" not in message and "no trial meets it" in message
     assert "the closest is trial small" in message and "latency_ms 0.4" in message
 
 
@@ -166,8 +167,13 @@ def test_a_trial_measures_latency_at_both_batch_sizes_parameters_and_flops():
     from cifar_ray.footprint import measure
     from cifar_ray.search.plan import training_gflop_per_image
 
-    module = _module(model={"width": 8, "res_blocks": 2}, data={"image_size": 16})
+    module = _module(model={"width": 8, "res_blocks": 2}, data={"image_size": 16}).train()
+    rng = torch.get_rng_state()
     found = measure(module, latency_batch=8)
+    # A trial measures before it trains: its model left training (BatchNorm's batch
+    # statistics), its random draws its own.
+    assert all(m.training for m in module.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
     assert set(found) == {"params", "flops", "latency_ms", "batch_latency_ms"}
     assert found["params"] == sum(p.numel() for p in module.model.parameters())
     assert 0 < found["latency_ms"] < found["batch_latency_ms"] < 1000
@@ -232,7 +238,9 @@ def test_the_plan_costs_the_searched_shapes(tmp_path):
      "is not NAME OP NUMBER"),
     (["--pick", "params <= 1e6"], "params is not measured"),
     (["--objectives", "val/acc,latency_ms", "--metric", "val/f1"], "name different scores"),
-    (["--objectives", "val/acc,params", "--warm-start", "x"], "not supported yet"),
+    (["--objectives", "val/acc,params", "--search", "model.width=choice:8,16", "--warm-start",
+      "x"], "not supported yet"),
+    (["--objectives", "val/acc,latency_ms"], "every trial's model would cost the same"),
     (["--res-blocks", "9"], "model.res_blocks must be in [0, 8]"),
 ])
 def test_bad_objectives_and_picks_are_one_line_exit_2(tmp_path, flags, words):

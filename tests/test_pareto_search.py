@@ -83,7 +83,7 @@ def test_a_search_of_accuracy_against_latency_picks_under_a_constraint(noisy_dat
                           env=search_env(sys_tmp), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     error = proc.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(r"error: --pick params <= 10: no trial of the front meets it; the "
+    assert re.fullmatch(r"error: --pick params <= 10: no trial meets it; the "
                         r"closest is trial \w+ \(val/acc [\d.]+, latency_ms [\d.]+, params "
                         r"\d+\); .*", error), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "retrain epoch" not in proc.stdout

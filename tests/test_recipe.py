@@ -216,3 +216,10 @@ def test_what_an_earlier_version_wrote_is_not_resumed_onto_another_split(tmp_pat
     with pytest.raises(UserError, match="started by an earlier version of cifar_ray, without "
                                         "data.balance"):
         check_same_search(tmp_path, SearchConfig())
+    # Keys added after the split changed, at their defaults, are what such a search ran with.
+    saved = SearchConfig().to_dict()
+    del saved["model"]["res_blocks"], saved["tune"]["objectives"], saved["tune"]["pick"]
+    (tmp_path / "cifar_ray_config.json").write_text(json.dumps(saved))
+    check_same_search(tmp_path, SearchConfig())
+    with pytest.raises(UserError, match="without model.res_blocks"):
+        check_same_search(tmp_path, SearchConfig.from_dict({"model": {"res_blocks": 2}}))

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from cifar_ray.console import format_duration
 from cifar_ray.errors import ConfigError, UserError
 from cifar_ray.files import write_json
-from cifar_ray.search.plan import asha_rungs, expected_epochs
+from cifar_ray.search.plan import (
+    asha_rungs,
+    expected_epochs,
+    mean_gflop_per_image,
+    training_gflop_per_image,
+)
 
 UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 MAX_BUDGET_S = 30 * 86400
@@ -228,7 +233,7 @@ class BudgetClock:
 
 
 def calibrate(width: int, batch: int, size: int, device: str, threads: int,
-              steps: int = 6) -> float:
+              steps: int = 6, res_blocks: int = 1) -> float:
     """Seconds per training image of ResNet-9 here: the median of `steps` Adam steps on random
     images after one untimed, on `threads` CPU threads as a trial's worker."""
     import torch
@@ -239,7 +244,8 @@ def calibrate(width: int, batch: int, size: int, device: str, threads: int,
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
-        return _median_step(ResNet9(10, width).to(device).train(), batch, size, device, steps)
+        return _median_step(ResNet9(10, width, res_blocks).to(device).train(), batch, size,
+                            device, steps)
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"timing the network at batch {batch} ran out of GPU memory: give "
                         "--plan-epoch-seconds S (one trial-epoch's seconds)") from None
@@ -287,9 +293,13 @@ def estimate_costs(cfg, images: tuple[int, int], concurrent: int, gpus_per_worke
         # The smallest batch searched: the slowest per image (on a CPU, 128 is as slow).
         name, batches = cfg.space().get("trainer.batch_size", ("choice", [cfg.trainer.batch_size]))
         batch = min(batches) if name == "choice" else cfg.trainer.batch_size
-        per_image = calibrate(cfg.model.width, batch if on_gpu else min(batch, 128),
-                              cfg.largest_image_size(), "cuda" if on_gpu else "cpu",
-                              t.cpus_per_worker) / t.workers_per_trial
+        size, m = cfg.largest_image_size(), cfg.model
+        per_image = calibrate(m.width, batch if on_gpu else min(batch, 128), size,
+                              "cuda" if on_gpu else "cpu", t.cpus_per_worker,
+                              res_blocks=m.res_blocks) / t.workers_per_trial
+        # Searched shapes: their mean FLOPs against the network timed.
+        per_image *= mean_gflop_per_image(cfg) / training_gflop_per_image(m.width, size,
+                                                                           m.res_blocks)
         # Trials at once share the machine: the cores they ask past those there are, or a GPU.
         shared = (min(concurrent, 1 / gpus_per_worker) if on_gpu
                   else max(1.0, concurrent * t.workers_per_trial * t.cpus_per_worker / cores))

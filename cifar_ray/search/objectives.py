@@ -29,6 +29,8 @@ FOOTPRINT = {
 OBJECTIVES = {**{name: ("max", text) for name, text in METRICS.items()},
               **{name: ("min", text) for name, text in FOOTPRINT.items()}}
 LATENCY = ("latency_ms", "batch_latency_ms")
+# The config keys that change what a model costs (a search of costs must search one of them).
+COST_KEYS = ("model.width", "model.res_blocks", "data.image_size", "eval.tta")
 OPERATORS = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b,
              ">=": lambda a, b: a >= b, ">": lambda a, b: a > b}
 
@@ -70,7 +72,7 @@ class Constraint:
         return abs(value - self.bound) / max(abs(self.bound), 1e-12)
 
     def text(self) -> str:
-        return f"{self.name} {self.op} {self.bound:g}"
+        return f"{self.name} {self.op} {self.bound:.12g}"
 
 
 def parse_pick(text: str, objectives: list[str]) -> list[Constraint]:
@@ -152,7 +154,8 @@ def hypervolume_history(rows: list[dict[str, Any]], objectives: list[str],
     score = next(n for n in objectives if OBJECTIVES[n][0] == "max")
     ref = reference(minimised(rows, objectives), objectives) if ref is None else ref
     events = sorted((at, i, value) for i, row in enumerate(rows)
-                    for (_, value), at in zip(row.get("curve", []), row.get("curve_at", [])))
+                    for (_, value), at in zip(row.get("curve", []), row.get("curve_at", []))
+                    if at is not None and value == value)
     best: dict[int, float] = {}
     history = []
     for at, i, value in events:

@@ -184,8 +184,9 @@ class SearchPlan:
         lines = [
             "plan:",
             f"  trials       {self.trials}, {self.concurrent} at a time, each on {workers}{on}",
-            f"  metric       {self.metric} ({METRICS[self.metric]}): ASHA, the checkpoints and "
-            "the choice of the best go by it",
+            f"  metric       {self.metric} ({METRICS[self.metric]}): "
+            + ("the checkpoints go by it; the pick is the front's best by it" if self.objectives
+               else "ASHA, the checkpoints and the choice of the best go by it"),
             *self.objective_lines(),
             f"  ASHA         compares trials at epochs {rungs} of {self.max_t}; each rung keeps "
             f"the best 1/{self.reduction_factor}"

@@ -5,6 +5,7 @@ a head start (search/seeds.py). Imports Ray."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from ray.tune.experiment import Trial
@@ -145,8 +146,9 @@ class ParetoASHA(FIFOScheduler):
         return True  # its objectives are its own; Tune's single metric is left unset
 
     def vector(self, result: dict[str, Any]) -> list[float] | None:
-        if any(not isinstance(result.get(n), (int, float)) for n in self.objectives):
-            return None
+        if any(not isinstance(result.get(n), (int, float)) or not math.isfinite(result[n])
+               for n in self.objectives):
+            return None  # no decision on a result that lacks one (as Ray's ASHA skips NaN)
         return minimised([result], self.objectives)[0].tolist()
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict[str, Any]) -> str:
@@ -185,7 +187,7 @@ def make_searcher(alg: str, seed: int, samples: int, concurrent: int, clock=None
     try:
         import optuna
     except ImportError:
-        raise UserError("tune.search_alg optuna needs Optuna: pip install optuna") from None
+        raise UserError(f"tune.search_alg {alg} needs Optuna: pip install optuna") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial
     if alg == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=seed,

@@ -27,7 +27,7 @@ from cifar_ray.config import (
 from cifar_ray.errors import ConfigError
 from cifar_ray.names import METRIC, METRICS
 from cifar_ray.search.budget import parse_budget
-from cifar_ray.search.objectives import LATENCY, parse_objectives, parse_pick
+from cifar_ray.search.objectives import COST_KEYS, LATENCY, parse_objectives, parse_pick
 
 # Ray Tune's helpers, by name -> the arguments each takes (`search.tune_space` calls them).
 DISTRIBUTIONS = {
@@ -340,8 +340,10 @@ class SearchConfig(Config):
         check(t.metric in (score, METRIC), f"tune.metric {t.metric} and tune.objectives "
                                             f"{t.objectives} name different scores: give one")
         t.metric = score
-        check(1 <= t.latency_batch <= 4096,
-              f"tune.latency_batch must be in [1, 4096], got {t.latency_batch}")
+        if len(self.objectives()) > 1:  # one spelling: a resumed search compares it as text
+            t.objectives = ",".join(self.objectives())
+        check(1 <= t.latency_batch <= 1024,
+              f"tune.latency_batch must be in [1, 1024], got {t.latency_batch}")
         self.constraints()
         check(not t.pick or len(self.objectives()) > 1,
               "tune.pick chooses among several objectives: give them with --objectives")
@@ -349,3 +351,10 @@ class SearchConfig(Config):
               or _installed("onnxruntime", "onnxscript", "onnx"),
               "latency objectives need ONNX Runtime and torch's ONNX exporter: "
               "pip install 'cifar_ray[export]'")
+
+    def check_costs_vary(self) -> None:
+        """Costs as objectives need a search of what changes them (the space whole: after
+        the command's --search flags)."""
+        check(len(self.objectives()) == 1 or set(COST_KEYS) & set(self.search),
+              f"tune.objectives {self.tune.objectives}: every trial's model would cost the "
+              f"same; search what changes it ({', '.join(COST_KEYS)})")

@@ -29,11 +29,12 @@ def train_worker(config: dict[str, Any]) -> None:
 
 def run_trial(sample: dict[str, Any], base: dict[str, Any], scaling: dict[str, Any],
               storage: str, max_failures: int, data: list | None = None,
-              metric: str = METRIC, latency_batch: int | None = None) -> None:
+              metric: str = METRIC, costs: bool = False,
+              latency_batch: int | None = None) -> None:
     """The trial function: `sample` is Tune's draw from the search space, in config keys;
     `data`: [an object reference to the search's ImageArrays] (a list: Ray passes it on);
-    `metric`: tune.metric, by which its best checkpoint is kept; `latency_batch`: measure the
-    model's latency (footprint.measure) at batch 1 and this one."""
+    `metric`: tune.metric, by which its best checkpoint is kept; `costs`: measure what the
+    model costs (footprint.measure), its latency too at batch 1 and `latency_batch`."""
     trial_started = time.time()
     import ray.tune
     from ray.train import (
@@ -59,7 +60,8 @@ def run_trial(sample: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
         # of the trial function (see worker.EpochReports).
         train_loop_config={"base": base, "sample": sample, "data": data,
                            "output_dir": str(Path(storage) / f"train-{trial_id}"),
-                           "session": uuid.uuid4().hex, "latency_batch": latency_batch,
+                           "session": uuid.uuid4().hex, "costs": costs,
+                           "latency_batch": latency_batch,
                            "trial_started": trial_started, "launched": time.time()},
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(

@@ -82,6 +82,7 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
         run_trial, base=trial_base_config(cfg, scaling["use_gpu"]), metric=t.metric,
         scaling=scaling, storage=str(storage / t.name / "train_runs"), max_failures=t.max_failures,
         data=[data] if data is not None else None,
+        costs=len(cfg.objectives()) > 1,
         latency_batch=t.latency_batch if set(LATENCY) & set(cfg.objectives()) else None)
     # Trial functions and Train controllers only wait: no CPU, on the head node, so a lost
     # worker node costs only its workers (restarted from the last checkpoint).

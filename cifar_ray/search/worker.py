@@ -119,9 +119,11 @@ def train(config: dict[str, Any], entered: float) -> None:
     data.setup()
     marks["data"] = time.time()
     module = LitResNet9.from_config(cfg, data.classes, data.norm)
-    # What the model costs where it will run: its shape decides it, not its weights, so it is
-    # measured once, before training, and goes with every report (multi-objective ASHA's rungs).
-    cost = footprint.measure(module, config.get("latency_batch"))
+    # With several objectives, what the model costs: its shape decides it, not its weights, so
+    # it is measured once, before training, and goes with every report (multi-objective ASHA).
+    cost = {}  # rank 0's: Ray keeps its reports
+    if config.get("costs") and ray.train.get_context().get_world_rank() == 0:
+        cost = footprint.measure(module, config.get("latency_batch"))
     marks["footprint"] = time.time()
     io = SnapshotCheckpointIO()
     reports = EpochReports(config["session"], cfg.trainer.output_dir, marks, io, cost)
