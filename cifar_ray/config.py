@@ -229,6 +229,12 @@ def keys(cfg: Config) -> dict[str, type]:
             for f in dataclasses.fields(sec)}
 
 
+def flat(cfg: Config) -> dict[str, Any]:
+    """Every leaf of a training config by its dotted name -> its value."""
+    return {f"{name}.{key}": value for name, sec in sections(cfg.training_config()).items()
+            for key, value in dataclasses.asdict(sec).items()}
+
+
 def plain(value: Any) -> Any:
     """A Python value for a numpy scalar that Tune sampled (JSON and the checks take no numpy)."""
     return value.item() if hasattr(value, "item") else value

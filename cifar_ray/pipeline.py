@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cifar_ray import tracking
-from cifar_ray.config import overlay
+from cifar_ray.config import flat, overlay
 from cifar_ray.console import CONSOLE_MARK, format_duration
 from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.sources import load_dataset
@@ -57,6 +57,7 @@ from cifar_ray.search.objectives import (
     Constraint,
     front,
     hypervolume_history,
+    read_latency_table,
 )
 from cifar_ray.search.plan import asha_rungs, image_counts, make_plan, space_lines
 from cifar_ray.search.rounds import Session, rounds_of, run_rounds
@@ -408,10 +409,11 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
     report = explain.analyse(results["checkpoint"], final.data.data_dir, out / "gradcam",
                              split="test", arrays=arrays)
     return {"retrain": results, "gradcam": report,
-            "footprint": measure_export(cfg, results["checkpoint"], out)}
+            "footprint": measure_export(cfg, results["checkpoint"], out, best["config"])}
 
 
-def measure_export(cfg: SearchConfig, checkpoint: str, out: Path) -> dict[str, Any] | None:
+def measure_export(cfg: SearchConfig, checkpoint: str, out: Path,
+                   best_config: dict[str, Any]) -> dict[str, Any] | None:
     """With several objectives: the retrained model exported to ONNX (retrain/model.onnx) and
     what it costs measured again, as the trials measured theirs (footprint.measure)."""
     objectives = cfg.objectives()
@@ -422,8 +424,12 @@ def measure_export(cfg: SearchConfig, checkpoint: str, out: Path) -> dict[str, A
 
     latency = set(LATENCY) & set(objectives)
     onnx = export.export(checkpoint, "onnx", out / "retrain" / "model.onnx") if latency else None
-    found = footprint.measure(load_module(checkpoint), cfg.tune.latency_batch if latency else None,
+    table = cfg.tune.latency_table
+    found = footprint.measure(load_module(checkpoint),
+                              cfg.tune.latency_batch if latency and not table else None,
                               onnx=onnx.read_bytes() if onnx else None)
+    if table:  # the device's own figures for the retrained shape
+        found.update(read_latency_table(table).lookup(flat(overlay(cfg, best_config))) or {})
     return {**{name: found[name] for name in objectives if name in FOOTPRINT},
             "onnx": str(onnx) if onnx else None}
 

@@ -84,7 +84,7 @@ def parse(argv: list[str] | None) -> tuple[SearchConfig, argparse.Namespace]:
         key, spec = search_flag(text)
         cfg.search[key] = spec
     cfg.validate()  # the space again, with what --search changed
-    cfg.check_costs_vary()
+    cfg.check_costs()
     flags = {dest: value for dest, value in vars(args).items()
              if "." in dest and value is not None}
     for key in cfg.search:

@@ -248,3 +248,60 @@ def test_bad_objectives_and_picks_are_one_line_exit_2(tmp_path, flags, words):
     assert proc.returncode == 2 and words in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+TABLE = "model.width,model.res_blocks,latency_ms,batch_latency_ms\n" \
+        "8,0,0.5,4\n8,1,0.9,7\n16,0,1.2,9\n16.0,1,2.5,20\n"
+
+
+def test_a_latency_table_gives_each_shape_its_device_latency(tmp_path):
+    from cifar_ray.config import Config, flat
+    from cifar_ray.search.objectives import LatencyTable, read_latency_table
+
+    (tmp_path / "phone.csv").write_text(TABLE)
+    table = read_latency_table(str(tmp_path / "phone.csv"))
+    assert table.keys == ["model.width", "model.res_blocks"]
+    # As a trial looks it up: its whole config, after the trip to the worker.
+    cfg = Config.from_dict({"model": {"width": 16, "res_blocks": 1}})
+    found = LatencyTable.from_dict(table.to_dict()).lookup(flat(cfg))
+    assert found == {"latency_ms": 2.5, "batch_latency_ms": 20.0}
+    assert table.lookup({"model.width": 32, "model.res_blocks": 1}) is None
+
+
+@pytest.mark.parametrize("text, words", [
+    ("model.width,speed\n8,1\n", "expected the columns"),
+    ("model.width\n8\n", "expected the columns"),
+    ("model.width,latency_ms\n8,-1\n", "line 2: a shape seen before, or a latency that is not"),
+    ("model.width,latency_ms\n8,abc\n", "line 2"),
+    ("model.width,latency_ms\n8,1\n8,2\n", "line 3: a shape seen before"),
+    ("model.width,latency_ms\n8,1,5\n", "line 2: 3 cells, not 2"),
+    ("model.width,latency_ms\n8,nan\n", "line 2"),
+])
+def test_a_bad_latency_table_is_one_line(tmp_path, text, words):
+    from cifar_ray.errors import ConfigError
+    from cifar_ray.search.objectives import read_latency_table
+
+    (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        read_latency_table(str(tmp_path / "t.csv"))
+    assert words in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--search", "model.width=choice:8,16,32"], "no latency_ms for model.width=32"),
+    (["--search", "model.width=randint:8,17"], "the search a choice"),
+    (["--search", "model.width=choice:8,16", "--search", "data.image_size=choice:16,32"],
+     "varies data.image_size"),
+])
+def test_a_latency_table_must_cover_every_shape_the_search_draws(tmp_path, extra, words):
+    (tmp_path / "phone.csv").write_text(TABLE)
+    proc = run_cli("cifar_ray.tune", "--output-dir", str(tmp_path / "out"), "--plan",
+                   "--objectives", "val/acc,latency_ms", "--latency-table",
+                   str(tmp_path / "phone.csv"), *extra)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("cifar_ray.tune", "--output-dir", str(tmp_path / "out"), "--plan",
+                   "--objectives", "val/acc,latency_ms", "--latency-table",
+                   str(tmp_path / "phone.csv"), "--search", "model.width=choice:8,16",
+                   "--search", "model.res_blocks=choice:0,1")
+    assert proc.returncode == 0 and "(latencies: " in proc.stdout, proc.stderr

@@ -6,16 +6,21 @@ front broken by crowding distance. No Ray, no torch; moocore sorts and measures 
 
 from __future__ import annotations
 
+import csv
 import difflib
+import io
+import itertools
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cifar_ray.errors import ConfigError
-from cifar_ray.names import METRICS
+from cifar_ray.files import read_inside
+from cifar_ray.names import METRICS, shown_name
 
 # What a trial can be judged by: name -> (direction, what it is). The footprint ones are what
 # footprint.measure returns; a trial reports them with every epoch.
@@ -96,6 +101,93 @@ def parse_pick(text: str, objectives: list[str]) -> list[Constraint]:
                               f"{', '.join(objectives)} (add it with --objectives)")
         constraints.append(Constraint(name, op, bound))
     return constraints
+
+
+MAX_TABLE_BYTES = 1_000_000
+
+
+def _cell(text: Any) -> str:
+    """A shape value as the table and a config agree on it: '16', '16.0' and 16 are '16'."""
+    text = str(text).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
+
+
+@dataclass
+class LatencyTable:
+    """Latencies measured on the device the model will run on (tune.latency_table): a row per
+    shape, `keys` its columns of COST_KEYS; trials look theirs up instead of timing here."""
+
+    keys: list[str]
+    rows: dict[tuple, dict[str, float]]
+
+    def lookup(self, values: dict[str, Any]) -> dict[str, float] | None:
+        return self.rows.get(tuple(_cell(values[k]) for k in self.keys))
+
+    def to_dict(self) -> dict[str, Any]:  # for the trials: plain values, whatever node
+        return {"keys": self.keys, "rows": [[*k, v] for k, v in self.rows.items()]}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "LatencyTable":
+        return cls(raw["keys"], {tuple(r[:-1]): r[-1] for r in raw["rows"]})
+
+
+def read_latency_table(path: str) -> LatencyTable:
+    """tune.latency_table's CSV: a column per shape key it varies (of COST_KEYS), then
+    latency_ms and/or batch_latency_ms (positive numbers); ConfigError (one line) otherwise."""
+    where = Path(path).expanduser()
+    try:
+        text = read_inside(where.parent, where.name, MAX_TABLE_BYTES).decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"tune.latency_table {shown_name(path)}: not UTF-8 text") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in reader.fieldnames or []]
+    other = [h for h in header if h not in (*COST_KEYS, *LATENCY)]
+    if other or not set(header) & set(LATENCY) or len(set(header)) != len(header):
+        raise ConfigError(f"tune.latency_table {shown_name(path)}: expected the columns "
+                          f"{', '.join(COST_KEYS)} (those it varies) and latency_ms and/or "
+                          f"batch_latency_ms, each once; found {shown_name(', '.join(header))}")
+    keys = [h for h in header if h in COST_KEYS]
+    rows: dict[tuple, dict[str, float]] = {}
+    for line, raw in enumerate(csv.reader(io.StringIO(text)), 1):
+        if line == 1 or not raw:
+            continue
+        if len(raw) != len(header):
+            raise ConfigError(f"tune.latency_table {shown_name(path)}, line {line}: "
+                              f"{len(raw)} cells, not {len(header)}")
+        row = dict(zip(header, raw))
+        shape = tuple(_cell(row[k]) for k in keys)
+        try:
+            costs = {n: float(row[n]) for n in header if n in LATENCY}
+        except ValueError:
+            costs = {}
+        if not costs or not all(math.isfinite(v) and v > 0 for v in costs.values()) \
+                or shape in rows:
+            raise ConfigError(f"tune.latency_table {shown_name(path)}, line {line}: a shape "
+                              "seen before, or a latency that is not a positive number")
+        rows[shape] = costs
+    return LatencyTable(keys, rows)
+
+
+def check_table_covers(table: LatencyTable, path: str, space: dict[str, tuple[str, list]],
+                       fixed: dict[str, Any], names: list[str]) -> None:
+    """Every shape the search can draw has a row with every latency objective in `names`."""
+    varied = [k for k in COST_KEYS if k in space]
+    for key in varied:
+        if key not in table.keys or space[key][0] != "choice":
+            raise ConfigError(f"tune.latency_table {shown_name(path)}: the search varies {key}: "
+                              f"the table needs a column for it, and the search a choice: [...]")
+    values = [space[k][1] if k in space else [fixed[k]] for k in table.keys]
+    for shape in itertools.product(*values):
+        found = table.lookup(dict(zip(table.keys, shape)))
+        missing = [n for n in names if n in LATENCY and n not in (found or {})]
+        if found is None or missing:
+            what = ", ".join(f"{k}={v}" for k, v in zip(table.keys, shape))
+            raise ConfigError(f"tune.latency_table {shown_name(path)}: no "
+                              f"{' and '.join(missing) or 'row'} for {what}")
 
 
 def minimised(rows: list[dict[str, Any]], objectives: list[str]) -> np.ndarray:

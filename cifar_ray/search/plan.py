@@ -12,7 +12,7 @@ from pathlib import Path
 from cifar_ray.config import range_text
 from cifar_ray.data.arrays import val_count
 from cifar_ray.console import format_duration
-from cifar_ray.names import METRIC, METRICS
+from cifar_ray.names import METRIC, METRICS, shown_name
 from cifar_ray.search.objectives import OBJECTIVES
 
 # CIFAR-10 and CIFAR-100 both have 50,000 training images (cifar_files.py reads them).
@@ -118,6 +118,7 @@ class SearchPlan:
     metric: str = METRIC  # tune.metric
     objectives: tuple = ()  # tune.objectives, when several
     pick: str = ""  # tune.pick
+    latency_table: str = ""  # tune.latency_table
     test_held: bool = False  # class folders without test/: a fifth of train/ held out
 
     @property
@@ -170,7 +171,9 @@ class SearchPlan:
         if not self.objectives:
             return []
         lines = ["  objectives   " + ", ".join(f"{n} ({OBJECTIVES[n][0]})" for n in self.objectives)
-                 + ": each trial measures what its model costs before it trains"]
+                 + ": each trial measures what its model costs before it trains"
+                 + (f" (latencies: {shown_name(self.latency_table)})" if self.latency_table
+                    else "")]
         return lines + [f"  pick         the most accurate trial with {self.pick}"] if self.pick \
             else lines
 
@@ -233,6 +236,7 @@ def make_plan(cfg, concurrent: int, gpus_per_worker: float, epoch_seconds: float
         retrain_epochs=cfg.retrain.retrain_epochs, images=image_counts(cfg, sizes),
         epoch_seconds=epoch_seconds, epoch_source=epoch_source, metric=t.metric,
         objectives=tuple(cfg.objectives()) if len(cfg.objectives()) > 1 else (), pick=t.pick,
+        latency_table=t.latency_table,
         test_held=d.dataset == "folder" and not (Path(d.data_dir).expanduser() / "test").is_dir())
     if epoch_seconds is None and not gpus_per_worker and plan.images:
         train, val = plan.images

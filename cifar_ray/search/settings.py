@@ -27,7 +27,14 @@ from cifar_ray.config import (
 from cifar_ray.errors import ConfigError
 from cifar_ray.names import METRIC, METRICS
 from cifar_ray.search.budget import parse_budget
-from cifar_ray.search.objectives import COST_KEYS, LATENCY, parse_objectives, parse_pick
+from cifar_ray.search.objectives import (
+    COST_KEYS,
+    LATENCY,
+    check_table_covers,
+    parse_objectives,
+    parse_pick,
+    read_latency_table,
+)
 
 # Ray Tune's helpers, by name -> the arguments each takes (`search.tune_space` calls them).
 DISTRIBUTIONS = {
@@ -241,6 +248,11 @@ class TuneSettings:
                             "accurate that meets these, e.g. 'latency_ms <= 2, params <= 1e6' "
                             "(empty: the most accurate)")
     latency_batch: int = setting(32, "the batch size batch_latency_ms is measured at")
+    latency_table: str = setting("", "a CSV of latencies measured on the device the model "
+                                     "will run on: a column per shape key it varies "
+                                     "(model.width, model.res_blocks, data.image_size, "
+                                     "eval.tta), then latency_ms and/or batch_latency_ms; "
+                                     "trials look theirs up instead of timing here")
     budget: str = setting("", "the whole run's time (20m, 2h, 1.5h): the search, the retrain, "
                               "test, GradCAM and report end within it; it decides the epochs, "
                               "ASHA's rungs and the retrain's epochs, your values their upper "
@@ -352,9 +364,16 @@ class SearchConfig(Config):
               "latency objectives need ONNX Runtime and torch's ONNX exporter: "
               "pip install 'cifar_ray[export]'")
 
-    def check_costs_vary(self) -> None:
-        """Costs as objectives need a search of what changes them (the space whole: after
-        the command's --search flags)."""
+    def check_costs(self) -> None:
+        """Costs as objectives need a search of what changes them, and a latency table a
+        row for every shape it can draw (the space whole: after the command's --search)."""
         check(len(self.objectives()) == 1 or set(COST_KEYS) & set(self.search),
               f"tune.objectives {self.tune.objectives}: every trial's model would cost the "
               f"same; search what changes it ({', '.join(COST_KEYS)})")
+        if self.tune.latency_table:
+            check(bool(set(LATENCY) & set(self.objectives())),
+                  "tune.latency_table gives latencies: add latency_ms to --objectives")
+            fixed = {k: getattr(getattr(self, k.split(".")[0]), k.split(".")[1])
+                     for k in COST_KEYS}
+            check_table_covers(read_latency_table(self.tune.latency_table),
+                               self.tune.latency_table, self.space(), fixed, self.objectives())

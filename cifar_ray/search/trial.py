@@ -30,11 +30,12 @@ def train_worker(config: dict[str, Any]) -> None:
 def run_trial(sample: dict[str, Any], base: dict[str, Any], scaling: dict[str, Any],
               storage: str, max_failures: int, data: list | None = None,
               metric: str = METRIC, costs: bool = False,
-              latency_batch: int | None = None) -> None:
+              latency_batch: int | None = None, latency_table: dict | None = None) -> None:
     """The trial function: `sample` is Tune's draw from the search space, in config keys;
     `data`: [an object reference to the search's ImageArrays] (a list: Ray passes it on);
     `metric`: tune.metric, by which its best checkpoint is kept; `costs`: measure what the
-    model costs (footprint.measure), its latency too at batch 1 and `latency_batch`."""
+    model costs (footprint.measure), its latency too at batch 1 and `latency_batch`, or from
+    `latency_table` (objectives.LatencyTable's)."""
     trial_started = time.time()
     import ray.tune
     from ray.train import (
@@ -61,7 +62,7 @@ def run_trial(sample: dict[str, Any], base: dict[str, Any], scaling: dict[str, A
         train_loop_config={"base": base, "sample": sample, "data": data,
                            "output_dir": str(Path(storage) / f"train-{trial_id}"),
                            "session": uuid.uuid4().hex, "costs": costs,
-                           "latency_batch": latency_batch,
+                           "latency_batch": latency_batch, "latency_table": latency_table,
                            "trial_started": trial_started, "launched": time.time()},
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(

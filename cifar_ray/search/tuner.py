@@ -25,7 +25,7 @@ from cifar_ray.names import (
     STARTUP,
 )
 from cifar_ray.search.cluster import HEAD_NODE
-from cifar_ray.search.objectives import FOOTPRINT, LATENCY
+from cifar_ray.search.objectives import FOOTPRINT, LATENCY, read_latency_table
 from cifar_ray.search.settings import SearchConfig, ray_sampler
 from cifar_ray.search.trial import run_trial
 
@@ -83,7 +83,8 @@ def run_search(cfg: SearchConfig, out: Path, resume: bool, concurrent: int,
         scaling=scaling, storage=str(storage / t.name / "train_runs"), max_failures=t.max_failures,
         data=[data] if data is not None else None,
         costs=len(cfg.objectives()) > 1,
-        latency_batch=t.latency_batch if set(LATENCY) & set(cfg.objectives()) else None)
+        latency_batch=t.latency_batch if set(LATENCY) & set(cfg.objectives()) else None,
+        latency_table=read_latency_table(t.latency_table).to_dict() if t.latency_table else None)
     # Trial functions and Train controllers only wait: no CPU, on the head node, so a lost
     # worker node costs only its workers (restarted from the last checkpoint).
     trainable = tune.with_resources(trainable, {"CPU": 0, HEAD_NODE: 0.001})

@@ -14,7 +14,7 @@ import ray.train
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
 from cifar_ray import footprint
-from cifar_ray.config import Config, overlay, plain
+from cifar_ray.config import Config, flat, overlay, plain
 from cifar_ray.console import CONSOLE_MARK
 from cifar_ray.data.datamodule import CifarDataModule
 from cifar_ray.errors import CheckpointError
@@ -28,6 +28,7 @@ from cifar_ray.names import (
 )
 from cifar_ray.pl import pl
 from cifar_ray.runtime import SnapshotCheckpointIO, build_trainer
+from cifar_ray.search.objectives import LatencyTable
 from cifar_ray.tracking import tensorboard_hparams
 
 
@@ -123,7 +124,10 @@ def train(config: dict[str, Any], entered: float) -> None:
     # it is measured once, before training, and goes with every report (multi-objective ASHA).
     cost = {}  # rank 0's: Ray keeps its reports
     if config.get("costs") and ray.train.get_context().get_world_rank() == 0:
-        cost = footprint.measure(module, config.get("latency_batch"))
+        table = config.get("latency_table")
+        cost = footprint.measure(module, None if table else config.get("latency_batch"))
+        if table:  # measured on the device it will run on, for this shape
+            cost.update(LatencyTable.from_dict(table).lookup(flat(cfg)) or {})
     marks["footprint"] = time.time()
     io = SnapshotCheckpointIO()
     reports = EpochReports(config["session"], cfg.trainer.output_dir, marks, io, cost)
