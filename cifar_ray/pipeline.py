@@ -693,12 +693,21 @@ def summary_markdown(results: dict[str, Any]) -> str:
 - best {results['metric']} during the search: {results['best_score']:.4f}
 - retrained for {results['retrain_epochs']} epochs on train + validation (init: {results['retrain_init']})
 - **test accuracy: {results['test_acc']:.4f}** (balanced {results['test_balanced_acc']:.4f}, macro F1 {results['test_f1']:.4f}, test loss {results['test_loss']:.4f})
-- search time: {results['search_seconds']:.0f} s, total: {results['total_seconds']:.0f} s{resumed(results)}{budget_line(results)}
+- search time: {results['search_seconds']:.0f} s, total: {results['total_seconds']:.0f} s{resumed(results)}{budget_line(results)}{pareto_lines(results)}
 
 The whole run on one page: `report.html`. Files: `trials.csv`, `retrain/` (checkpoint
 `{Path(results['checkpoint']).name}`, TensorBoard logs, `curves.png`), `gradcam/index.html`
 (misclassified images and their GradCAMs).
 """
+
+
+def pareto_lines(results: dict[str, Any]) -> str:
+    if not results.get("objectives"):
+        return ""
+    pick = results["pick"]
+    return (f"\n- objectives: {', '.join(results['objectives'])}; {len(results['front'])} trials "
+            f"on the Pareto front, hypervolume {format_value(results['hypervolume'] or 0.0)}"
+            f"\n- {pick_line(pick).strip()}")
 
 
 def budget_line(results: dict[str, Any]) -> str:
