@@ -30,11 +30,13 @@ def plot_front(rows: list[dict[str, Any]], objectives: list[str], pick: dict[str
                target: Path) -> None:
     """A panel per cost: every trial's score against it, the front's steps, the pick, and
     each constraint of the pick on that axis as a dashed line."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     from cifar_ray.plots import plt  # configured there
 
     score, costs = objectives[0], objectives[1:]
     on_front = {r["trial_id"] for r in front(rows, objectives)}
-    fig, axes = plt.subplots(1, len(costs), figsize=(6.5 * len(costs), 5), layout="constrained",
+    fig, axes = plt.subplots(1, len(costs), figsize=(6.5 * len(costs), 5.8), layout="constrained",
                              squeeze=False)
     for ax, cost in zip(axes[0], costs):
         pairs = [(r[cost], r[score], r["trial_id"]) for r in rows
@@ -55,11 +57,14 @@ def plot_front(rows: list[dict[str, Any]], objectives: list[str], pick: dict[str
             if constraint.name in (cost, score):
                 line = ax.axvline if constraint.name == cost else ax.axhline
                 line(constraint.bound, color="tab:red", linestyle="--", label=constraint.text())
-        ax.set_xscale("log" if cost != "latency_ms" or _spread(pairs) > 4 else "linear")
+        if _spread(pairs) > 4:  # plain numbers on the ticks (no math text: plots.py)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"{cost} ({OBJECTIVES[cost][1].split(':')[0]}): lower is better")
         ax.set_ylabel(f"{score}: higher is better")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     fig.suptitle(f"{len(rows)} trials: {score} against what each model costs")
     save_figure(fig, target, dpi=100)
 
