@@ -22,7 +22,8 @@ SEARCH = [*SMOKE, "--objectives", "val/acc,latency_ms,params", "--pick", "params
 
 
 def test_a_search_of_accuracy_against_latency_picks_under_a_constraint(noisy_data, tmp_path,
-                                                                        sys_tmp, no_leftover_ray):
+                                                                        sys_tmp, no_leftover_ray,
+                                                                        browser):
     import onnxruntime as ort
 
     out = tmp_path / "search"
@@ -76,6 +77,7 @@ def test_a_search_of_accuracy_against_latency_picks_under_a_constraint(noisy_dat
     assert 'src="report/pareto.png"' in page and 'src="report/hypervolume.png"' in page
     assert "<table class=sortable>" in page and page.count("<tr") >= 4
     assert (out / "report" / "pareto.png").stat().st_size > 10_000
+    _sorts_by_a_click(browser, out / "report.html", "latency_ms")
 
     # Another pick of the same trials, on --resume: nothing meets it.
     before = (out / "results.json").read_bytes()
@@ -88,3 +90,23 @@ def test_a_search_of_accuracy_against_latency_picks_under_a_constraint(noisy_dat
                         r"\d+\); .*", error), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "retrain epoch" not in proc.stdout
     assert (out / "results.json").read_bytes() == before
+
+
+def _sorts_by_a_click(browser, page_file, column: str) -> None:
+    """In a browser, a click on the objective's header sorts the table by it, a second the
+    other way."""
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(page_file.as_uri())
+    table = page.locator("table.sortable")
+    headers = table.locator("th").all_inner_texts()
+    index = next(i for i, h in enumerate(headers) if h.startswith(column + " "))
+    cell = f"tbody tr td:nth-child({index + 1})"
+    for order in (sorted, lambda v: sorted(v, reverse=True)):
+        table.locator("th").nth(index).click()
+        values = [float(v) for v in table.locator(cell).evaluate_all(
+            "cells => cells.map(c => c.dataset.value)")]
+        assert values == order(values), values
+    assert not errors, errors
+    page.close()
