@@ -73,8 +73,10 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"  search over {name}: test_acc {row['test_acc']:.4f}, balanced "
                      f"{row['test_balanced_acc']:.4f} ({row['wall_s']:.0f} s)")
     if compared := report.get("pareto", {}).get("compared"):
-        lines.append(f"  pareto: {compared['front_points']} points on the front, latency span "
-                     f"{compared['front_latency_span']}x; hypervolume {compared['hypervolume']}"
+        fronts = {k: f"{v['points']} points, {v['latency_span']}x"
+                  for k, v in compared["fronts"].items()}
+        lines.append(f"  pareto: fronts (points, latency span) {fronts}; hypervolume "
+                     f"{compared['hypervolume']}"
                      f" over trial-epochs {compared['trial_epochs']}; MOASHA reached the "
                      "no-stopping search's final hypervolume after "
                      f"{compared['moasha_trial_epochs_to_final_hv_of_no_stopping']}")

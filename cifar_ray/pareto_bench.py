@@ -70,18 +70,22 @@ def compare(asha: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
     if not all(histories.values()):
         return {"error": "a search has no trial with every objective"}
     target = histories["no_stopping"][-1][1]
-    front = asha["front"]
-    latencies = [f["latency_ms"] for f in front]
+
+    def spread(search: dict[str, Any]) -> dict[str, Any]:
+        latencies = [f["latency_ms"] for f in search["front"]]
+        return {"points": len(latencies), "latency_span": round(max(latencies) / min(latencies), 2)
+                if latencies else None,
+                "front": [{k: f[k] for k in ("trial", "config", *OBJECTIVES)}
+                          for f in search["front"]]}
     return {
         "reference": [round(float(v), 4) for v in ref],
         "hypervolume": {name: round(h[-1][1], 4) for name, h in histories.items()},
         "trial_epochs": {name: h[-1][0] for name, h in histories.items()},
         "moasha_trial_epochs_to_final_hv_of_no_stopping":
             epochs_to_reach(histories["moasha"], target),
-        "front_points": len(front),
-        "front_latency_span": round(max(latencies) / min(latencies), 2) if latencies else None,
-        "front": [{k: f[k] for k in ("trial", "config", *OBJECTIVES)} for f in front],
+        "fronts": {"moasha": spread(asha), "no_stopping": spread(full)},
     }
+
 
 def bench_pareto(size: int, epochs: int, trials: int, timeout: float,
                  record: Callable[[dict[str, Any]], None]) -> dict[str, Any]:

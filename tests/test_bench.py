@@ -141,7 +141,8 @@ def test_the_pareto_comparison_counts_trial_epochs_to_the_other_searchs_hypervol
     assert compared["hypervolume"]["moasha"] == compared["hypervolume"]["no_stopping"]
     # The front is complete after the fourth epoch reported (b's second).
     assert compared["moasha_trial_epochs_to_final_hv_of_no_stopping"] == 4
-    assert compared["front_points"] == 2 and compared["front_latency_span"] == 4.0
+    assert compared["fronts"]["moasha"]["points"] == 2
+    assert compared["fronts"]["no_stopping"]["latency_span"] == 4.0
 
 
 def test_the_gratings_cost_accuracy_at_half_the_size(tmp_path):
