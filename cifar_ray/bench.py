@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="recipe sections: seeds per trick")
     parser.add_argument("--recipe-size", type=int, default=64,
                         help="recipe sections: the made-up inspection set's image side")
+    parser.add_argument("--pareto-grace", type=int, default=1,
+                        help="pareto: multi-objective ASHA's grace period (epochs before a "
+                             "trial may be stopped)")
     parser.add_argument("--pareto-size", type=int, default=32,
                         help="pareto: the inspection set's image side (the search tries it "
                              "and half of it)")
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 1 <= args.recipe_seeds <= 100:
         raise UserError(f"--recipe-seeds must be in [1, 100], got {args.recipe_seeds}")
+    if args.pareto_grace < 1:
+        raise UserError(f"--pareto-grace must be >= 1, got {args.pareto_grace}")
     if not (16 <= args.pareto_size <= 256 and args.pareto_size % 16 == 0):
         raise UserError(f"--pareto-size must be a multiple of 16 from 16 to 256, got "
                         f"{args.pareto_size}")

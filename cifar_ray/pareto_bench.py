@@ -88,7 +88,7 @@ def compare(asha: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_pareto(size: int, epochs: int, trials: int, timeout: float,
-                 record: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+                 record: Callable[[dict[str, Any]], None], grace: int = 1) -> dict[str, Any]:
     out: dict[str, Any] = {"pareto": {}}
     with tempfile.TemporaryDirectory(prefix="pareto-", dir="/tmp") as tmp:
         data_dir = write_gratings(Path(tmp) / "gratings", size)
@@ -101,8 +101,8 @@ def bench_pareto(size: int, epochs: int, trials: int, timeout: float,
                   "--search-alg", "random", "--max-concurrent", "2", "--cpus-per-worker", "1",
                   "--num-workers", "0", "--reduction-factor", "3"]
         runs = {}
-        for name, grace in (("moasha", 1), ("no_stopping", epochs)):
-            runs[name] = search(data_dir, [*common, "--grace-period", str(grace)], tmp, timeout)
+        for name, rung in (("moasha", min(grace, epochs)), ("no_stopping", epochs)):
+            runs[name] = search(data_dir, [*common, "--grace-period", str(rung)], tmp, timeout)
             out["pareto"][name] = {k: runs[name][k] for k in ("wall_s", "hypervolume", "pick",
                                                              "test_balanced_acc")}
             record(out)
@@ -112,4 +112,4 @@ def bench_pareto(size: int, epochs: int, trials: int, timeout: float,
 def sections(args, record: Callable[[dict[str, Any]], None]) -> dict[str, Callable[[], dict]]:
     return {"pareto": lambda: bench_pareto(args.pareto_size, args.search_epochs or 4,
                                            args.search_trials or 12, args.section_timeout,
-                                           record)}
+                                           record, args.pareto_grace)}
