@@ -305,3 +305,17 @@ def test_a_latency_table_must_cover_every_shape_the_search_draws(tmp_path, extra
                    str(tmp_path / "phone.csv"), "--search", "model.width=choice:8,16",
                    "--search", "model.res_blocks=choice:0,1")
     assert proc.returncode == 0 and "(latencies: " in proc.stdout, proc.stderr
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_any_objectives_or_pick_text_is_read_or_refused_in_one_short_line(text):
+    from cifar_ray.errors import ConfigError
+    from cifar_ray.search.objectives import parse_objectives
+
+    for parse in (lambda t: parse_objectives(t, "val/acc"), lambda t: parse_pick(t, TWO)):
+        try:
+            parse(text)
+        except ConfigError as exc:
+            message = str(exc)
+            assert "\n" not in message and message.isprintable() and len(message) < 400

@@ -11,6 +11,7 @@ import difflib
 import io
 import itertools
 import math
+import operator
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,7 @@ OBJECTIVES = {**{name: ("max", text) for name, text in METRICS.items()},
 LATENCY = ("latency_ms", "batch_latency_ms")
 # The config keys that change what a model costs (a search of costs must search one of them).
 COST_KEYS = ("model.width", "model.res_blocks", "data.image_size", "eval.tta")
-OPERATORS = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b,
-             ">=": lambda a, b: a >= b, ">": lambda a, b: a > b}
+OPERATORS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
 
 
 def parse_objectives(text: str, metric: str) -> list[str]:
@@ -48,13 +48,13 @@ def parse_objectives(text: str, metric: str) -> list[str]:
         if name not in OBJECTIVES:
             close = difflib.get_close_matches(name, list(OBJECTIVES), n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"tune.objectives: unknown objective {name!r} (known: "
+            raise ConfigError(f"tune.objectives: unknown objective '{shown_name(name)}' (known: "
                               f"{', '.join(OBJECTIVES)}){hint}")
     if len(set(names)) != len(names):
-        raise ConfigError(f"tune.objectives: {text!r} names an objective twice")
+        raise ConfigError(f"tune.objectives: '{shown_name(text)}' names an objective twice")
     scores = [n for n in names if n in METRICS]
     if len(scores) != 1:
-        raise ConfigError(f"tune.objectives: {text!r} needs exactly one validation score "
+        raise ConfigError(f"tune.objectives: '{shown_name(text)}' needs exactly one validation score "
                           f"({', '.join(METRICS)}) beside what the model costs")
     return names
 
@@ -86,7 +86,7 @@ def parse_pick(text: str, objectives: list[str]) -> list[Constraint]:
     for part in filter(str.strip, str(text).split(",")):
         found = re.fullmatch(r"\s*([\w/]+)\s*(<=|>=|<|>)\s*(\S+)\s*", part)
         if not found:
-            raise ConfigError(f"tune.pick: {part.strip()!r} is not NAME OP NUMBER "
+            raise ConfigError(f"tune.pick: '{shown_name(part.strip())}' is not NAME OP NUMBER "
                               "(e.g. latency_ms <= 2, params <= 1e6)")
         name, op, number = found.groups()
         try:
@@ -94,10 +94,11 @@ def parse_pick(text: str, objectives: list[str]) -> list[Constraint]:
         except ValueError:
             bound = math.nan
         if not math.isfinite(bound):
-            raise ConfigError(f"tune.pick: {part.strip()!r}: {number!r} is not a finite number")
+            raise ConfigError(f"tune.pick: '{shown_name(part.strip())}': '{shown_name(number)}' is "
+                              "not a finite number")
         if name not in objectives:
             why = ("is not an objective" if name not in OBJECTIVES else "is not measured")
-            raise ConfigError(f"tune.pick: {name} {why}: the search measures "
+            raise ConfigError(f"tune.pick: {shown_name(name)} {why}: the search measures "
                               f"{', '.join(objectives)} (add it with --objectives)")
         constraints.append(Constraint(name, op, bound))
     return constraints

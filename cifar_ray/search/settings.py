@@ -25,7 +25,7 @@ from cifar_ray.config import (
     validate,
 )
 from cifar_ray.errors import ConfigError
-from cifar_ray.names import METRIC, METRICS
+from cifar_ray.names import METRIC, METRICS, shown_name
 from cifar_ray.search.budget import parse_budget
 from cifar_ray.search.objectives import (
     COST_KEYS,
@@ -350,7 +350,8 @@ class SearchConfig(Config):
         t = self.tune
         score = self.objectives()[0]
         check(t.metric in (score, METRIC), f"tune.metric {t.metric} and tune.objectives "
-                                            f"{t.objectives} name different scores: give one")
+                                            f"{shown_name(t.objectives)} name different scores: "
+                                            "give one")
         t.metric = score
         if len(self.objectives()) > 1:  # one spelling: a resumed search compares it as text
             t.objectives = ",".join(self.objectives())
