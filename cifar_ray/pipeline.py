@@ -538,7 +538,8 @@ def pick_line(pick: dict[str, Any]) -> str:
     """The pick's constraints against the retrained export's measured values."""
     again = ", ".join(f"{n} {format_value(v)}" for n, v in pick["retrained"].items())
     meets = "; ".join(f"{c}: {'met' if ok else 'NOT met'}" for c, ok in pick["meets"].items())
-    return (f"  pick:    trial {pick['trial']}; the retrained model measured again: {again}"
+    return (f"  pick:    trial {shown_name(pick['trial'])}; the retrained model measured again: "
+            f"{again}"
             + (f"; {meets}" if meets else ""))
 
 
@@ -610,7 +611,8 @@ def start_fresh_or_resume(out: Path, cfg: SearchConfig, resume: bool, overwrite:
 # What --resume may change: where and how fast it runs, not what its trials train.
 # Keys added since a search may have started whose defaults are what it ran with (unlike the
 # recipe's, which came with a stratified split: a search from before them is not resumed).
-SAME_AT_DEFAULT = ("model.res_blocks", "tune.objectives", "tune.pick", "tune.latency_batch")
+SAME_AT_DEFAULT = ("model.res_blocks", "tune.objectives", "tune.pick", "tune.latency_batch",
+                   "tune.latency_table")
 RESUMABLE = ("data.data_dir", "data.num_workers", "trainer.output_dir", "trainer.progress_bar",
              "tune.pick",
              "tune.address", "tune.storage", "tune.max_concurrent", "tune.cpus_per_worker",

@@ -252,7 +252,10 @@ def hypervolume_history(rows: list[dict[str, Any]], objectives: list[str],
     best: dict[int, float] = {}
     history = []
     for at, i, value in events:
-        best[i] = max(best.get(i, -math.inf), value)
+        if history and value <= best.get(i, -math.inf):  # nothing new: the same volume
+            history.append((len(history) + 1, history[-1][1]))
+            continue
+        best[i] = value
         now = [{**rows[j], score: v} for j, v in best.items()]
         history.append((len(history) + 1, hypervolume(minimised(now, objectives), ref,
                                                       objectives)))
