@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from cifar_ray import tracking
-from cifar_ray.config import flat, overlay
+from cifar_ray import pick, tracking
+from cifar_ray.config import overlay
 from cifar_ray.console import CONSOLE_MARK, format_duration
 from cifar_ray.data.arrays import ImageArrays
 from cifar_ray.data.sources import load_dataset
@@ -51,14 +51,7 @@ from cifar_ray.search.budget import (
     plan_lines,
     sized_from_dict,
 )
-from cifar_ray.search.objectives import (
-    FOOTPRINT,
-    LATENCY,
-    Constraint,
-    front,
-    hypervolume_history,
-    read_latency_table,
-)
+from cifar_ray.search.objectives import Constraint, front
 from cifar_ray.search.plan import asha_rungs, image_counts, make_plan, space_lines
 from cifar_ray.search.rounds import Session, rounds_of, run_rounds
 from cifar_ray.search.seeds import SAVED_CONFIG, SEEDS_FILE, Seeds, remembered, save_seeds
@@ -409,29 +402,7 @@ def retrain_and_analyse(cfg: SearchConfig, best: dict[str, Any], out: Path,
     report = explain.analyse(results["checkpoint"], final.data.data_dir, out / "gradcam",
                              split="test", arrays=arrays)
     return {"retrain": results, "gradcam": report,
-            "footprint": measure_export(cfg, results["checkpoint"], out, best["config"])}
-
-
-def measure_export(cfg: SearchConfig, checkpoint: str, out: Path,
-                   best_config: dict[str, Any]) -> dict[str, Any] | None:
-    """With several objectives: the retrained model exported to ONNX (retrain/model.onnx) and
-    what it costs measured again, as the trials measured theirs (footprint.measure)."""
-    objectives = cfg.objectives()
-    if len(objectives) == 1:
-        return None
-    from cifar_ray import export, footprint
-    from cifar_ray.module import load_module
-
-    latency = set(LATENCY) & set(objectives)
-    onnx = export.export(checkpoint, "onnx", out / "retrain" / "model.onnx") if latency else None
-    table = cfg.tune.latency_table
-    found = footprint.measure(load_module(checkpoint),
-                              cfg.tune.latency_batch if latency and not table else None,
-                              onnx=onnx.read_bytes() if onnx else None)
-    if table:  # the device's own figures for the retrained shape
-        found.update(read_latency_table(table).lookup(flat(overlay(cfg, best_config))) or {})
-    return {**{name: found[name] for name in objectives if name in FOOTPRINT},
-            "onnx": str(onnx) if onnx else None}
+            "footprint": pick.measure_export(cfg, results["checkpoint"], out, best["config"])}
 
 
 def summarise(cfg: SearchConfig, out: Path, searched: Searched,
@@ -459,39 +430,10 @@ def summarise(cfg: SearchConfig, out: Path, searched: Searched,
         "rounds": 1 + max((r.get("round", 0) for r in rows), default=0),
         "seeded": seeded_results(searched.seeds),
         "config": cfg.to_dict(),
-        **pareto_results(cfg, rows, best, final.get("footprint")),
+        **pick.pareto_results(cfg, rows, best, final.get("footprint")),
     }
     results["config"]["tracking"]["mlflow_uri"] = tracking.redacted(cfg.tracking.mlflow_uri)
     return results
-
-
-def pareto_results(cfg: SearchConfig, rows: list[dict[str, Any]], best: dict[str, Any],
-                   measured: dict[str, Any] | None) -> dict[str, Any]:
-    """With several objectives, results.json's: the objectives, the front (each trial's
-    sample and objectives), its hypervolume, and the pick: the constraints, the trial's
-    values, the retrained export's measured again and whether they still meet them."""
-    objectives = cfg.objectives()
-    if len(objectives) == 1:
-        return {}
-    history = hypervolume_history(rows, objectives)
-    constraints = cfg.constraints()
-    again = {k: v for k, v in (measured or {}).items() if k in FOOTPRINT}
-    return {
-        "objectives": objectives,
-        "front": [{"trial": r["trial_id"], "config": r["config"],
-                   **{n: r.get(n) for n in objectives}} for r in front(rows, objectives)],
-        "hypervolume": history[-1][1] if history else None,
-        "hypervolume_history": history,
-        # Enough to draw another front or hypervolume from (the benchmark compares searches).
-        "trials": [{"trial": r["trial_id"], "epochs": r["epochs"], "curve": r["curve"],
-                    "curve_at": r["curve_at"], **{n: r.get(n) for n in objectives}}
-                   for r in rows],
-        "pick": {"constraints": [c.text() for c in constraints], "trial": best["trial_id"],
-                 "searched": {n: best.get(n) for n in objectives},
-                 "retrained": again, "onnx": (measured or {}).get("onnx"),
-                 "meets": {c.text(): c.holds(again.get(c.name, best.get(c.name)))
-                           for c in constraints}},
-    }
 
 
 def runner_up(rows: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any] | None:
@@ -530,17 +472,8 @@ def report(cfg: SearchConfig, out: Path, results: dict[str, Any], searched: Sear
           f"  results: {out / 'results.json'}\n  summary: {out / 'summary.md'}\n"
           f"  model:   {results['checkpoint']}\n"
           f"  gradcam: {Path(gradcam_report['output_dir']) / 'index.html'}")
-    if pick := results.get("pick"):
-        print(pick_line(pick))
-
-
-def pick_line(pick: dict[str, Any]) -> str:
-    """The pick's constraints against the retrained export's measured values."""
-    again = ", ".join(f"{n} {format_value(v)}" for n, v in pick["retrained"].items())
-    meets = "; ".join(f"{c}: {'met' if ok else 'NOT met'}" for c, ok in pick["meets"].items())
-    return (f"  pick:    trial {shown_name(pick['trial'])}; the retrained model measured again: "
-            f"{again}"
-            + (f"; {meets}" if meets else ""))
+    if results.get("pick"):
+        print(pick.pick_line(results["pick"]))
 
 
 def median_phases(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -695,21 +628,12 @@ def summary_markdown(results: dict[str, Any]) -> str:
 - best {results['metric']} during the search: {results['best_score']:.4f}
 - retrained for {results['retrain_epochs']} epochs on train + validation (init: {results['retrain_init']})
 - **test accuracy: {results['test_acc']:.4f}** (balanced {results['test_balanced_acc']:.4f}, macro F1 {results['test_f1']:.4f}, test loss {results['test_loss']:.4f})
-- search time: {results['search_seconds']:.0f} s, total: {results['total_seconds']:.0f} s{resumed(results)}{budget_line(results)}{pareto_lines(results)}
+- search time: {results['search_seconds']:.0f} s, total: {results['total_seconds']:.0f} s{resumed(results)}{budget_line(results)}{pick.pareto_lines(results)}
 
 The whole run on one page: `report.html`. Files: `trials.csv`, `retrain/` (checkpoint
 `{Path(results['checkpoint']).name}`, TensorBoard logs, `curves.png`), `gradcam/index.html`
 (misclassified images and their GradCAMs).
 """
-
-
-def pareto_lines(results: dict[str, Any]) -> str:
-    if not results.get("objectives"):
-        return ""
-    pick = results["pick"]
-    return (f"\n- objectives: {', '.join(results['objectives'])}; {len(results['front'])} trials "
-            f"on the Pareto front, hypervolume {format_value(results['hypervolume'] or 0.0)}"
-            f"\n- {pick_line(pick).strip()}")
 
 
 def budget_line(results: dict[str, Any]) -> str:
