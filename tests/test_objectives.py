@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cifar_ray.errors import UserError
@@ -309,6 +309,9 @@ def test_a_latency_table_must_cover_every_shape_the_search_draws(tmp_path, extra
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=300))
+@example("x" * 1000)
+@example("val/acc,\x1b[2J\u202e" * 40)
+@example("latency_ms <= " + "9" * 1000)
 def test_any_objectives_or_pick_text_is_read_or_refused_in_one_short_line(text):
     from cifar_ray.errors import ConfigError
     from cifar_ray.search.objectives import parse_objectives
