@@ -21,7 +21,6 @@ INPUT, OUTPUT = "images", "probabilities"
 # Timed runs: WARMUP first, then up to REPEATS; past MAX_SECONDS (warm-up included) it stops
 # at the next run (at least one timed run).
 WARMUP, REPEATS, MAX_SECONDS = 5, 30, 10.0
-LATENCIES = {"latency_ms": 1, "batch_latency_ms": None}  # objective -> batch (None: the user's)
 
 
 class Deployable(nn.Module):

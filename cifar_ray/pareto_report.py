@@ -26,6 +26,14 @@ document.querySelectorAll("table.sortable th").forEach((th, col) => th.addEventL
 </script>"""
 
 
+def measured_again(pick: dict[str, Any]) -> tuple[str, str]:
+    """results.json's pick in words: the retrained export's values, and each constraint met
+    or not (the report's, the console's and summary.md's)."""
+    again = ", ".join(f"{n} {format_value(v)}" for n, v in pick["retrained"].items())
+    meets = "; ".join(f"{c}: {'met' if ok else 'NOT met'}" for c, ok in pick["meets"].items())
+    return again, meets
+
+
 def plot_front(rows: list[dict[str, Any]], objectives: list[str], pick: dict[str, Any],
                target: Path) -> None:
     """A panel per cost: every trial's score against it, the front's steps, the pick, and
@@ -116,8 +124,7 @@ def pareto_section(folder: Path, link: str, results: dict[str, Any], rows: list[
     plot_front(rows, objectives, pick, folder / "pareto.png")
     history = results.get("hypervolume_history") or []
     plot_hypervolume(history, folder / "hypervolume.png")
-    again = ", ".join(f"{n} {format_value(v)}" for n, v in pick["retrained"].items())
-    meets = "; ".join(f"{c}: {'met' if ok else 'NOT met'}" for c, ok in pick["meets"].items())
+    again, meets = measured_again(pick)
     constraints = ", ".join(pick["constraints"]) or "none: the most accurate of the front"
     return f"""<h2>Objectives: {html.escape(', '.join(objectives))}</h2>
 <p>{len(results['front'])} of {len(rows)} trials are on the Pareto front (no other trial is as

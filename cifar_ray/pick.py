@@ -9,6 +9,7 @@ from typing import Any
 
 from cifar_ray.config import flat, overlay
 from cifar_ray.names import shown_name
+from cifar_ray.pareto_report import measured_again
 from cifar_ray.search.objectives import (
     FOOTPRINT,
     LATENCY,
@@ -72,8 +73,7 @@ def pareto_results(cfg: SearchConfig, rows: list[dict[str, Any]], best: dict[str
 
 def pick_line(pick: dict[str, Any]) -> str:
     """The pick's constraints against the retrained export's measured values."""
-    again = ", ".join(f"{n} {format_value(v)}" for n, v in pick["retrained"].items())
-    meets = "; ".join(f"{c}: {'met' if ok else 'NOT met'}" for c, ok in pick["meets"].items())
+    again, meets = measured_again(pick)
     return (f"  pick:    trial {shown_name(pick['trial'])}; the retrained model measured again: "
             f"{again}"
             + (f"; {meets}" if meets else ""))
